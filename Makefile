@@ -1,0 +1,42 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+SAMPLES := $(VENV)/share/medfound-samples
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	@mkdir -p $(SAMPLES)
+	@# Sample data that ships as a source archive (pyradiomics' NRRD cases): fetched at install time.
+	@test -f $(SAMPLES)/pyradiomics_bhklab-3.1.4.tar.gz || \
+	  $(PIP) download -q --no-deps pyradiomics-bhklab==3.1.4 -d $(SAMPLES)
+	@# Colin27 + AAL from Debian's mricron-data, where apt is available (optional).
+	@if [ ! -d /usr/share/mricron/templates ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \
+	  ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mricron-data >/dev/null) \
+	    || echo "note: mricron-data not installed; Colin27 sample datasets will be skipped"; \
+	fi
+	@$(PY) -c "import torch, medfound; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@if $(PY) -c "import torchvision" 2>/dev/null; then echo "torchvision must not be installed" && exit 1; fi
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/medfound demo --out demo
+
+test: install
+	$(PY) -m pytest -q -n 2 --timeout 900
+
+test-slow: install
+	$(PY) -m pytest -q -m slow --timeout 3600
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

@@ -1,0 +1,3 @@
+from medfound.cli import main
+
+main()

@@ -1,0 +1,191 @@
+"""``medfound``: one Typer app; each command is a thin call into the library.
+
+Exit codes: 0 success; 2 bad input (one line on stderr naming the file and the problem); 1 a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medfound.errors import InputError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Segmentation foundation models for medical images.")
+data_app = typer.Typer(no_args_is_help=True, help="Read, inspect, ingest and materialise data.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="Image file (NIfTI, MGZ, NRRD, MHA, DICOM, PNG, JPEG, TIFF) or DICOM folder.")],
+    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID, when a DICOM folder holds several.")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="Modality to assume (ct, mr, pet, xray, us) if the file has none.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Print what medfound reads from an image: shape, spacing, orientation, modality, range."""
+    from medfound.io import read_image
+
+    if path.is_dir() and series is None:
+        from medfound.io.dicom import find_series
+
+        found, _ = find_series([f for f in sorted(path.rglob("*")) if f.is_file()])
+        if len(found) > 1:
+            rows = [{"series_uid": s.uid, "modality": s.modality, "files": len(s.files), "description": s.description}
+                    for s in found]
+            if as_json:
+                print(json.dumps({"path": str(path), "series": rows}, indent=1))
+            else:
+                print(f"{path}: {len(rows)} DICOM series (choose one with --series UID)")
+                for r in rows:
+                    print(f"  {r['series_uid']}  {r['modality']:3s} {r['files']:5d} files  {r['description']}")
+            return
+    image = read_image(path, modality=modality, series_uid=series)
+    info = image.summary()
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(path), show_header=False)
+    for k, v in info.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+    Console().print(table)
+
+
+@data_app.command("ingest")
+def data_ingest(
+    sources: Annotated[list[str], typer.Argument(help="Pool folders or files; prefix with a modality to declare it: ct:/data/ct.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: manifest.json + shards/.")],
+    modality: Annotated[Optional[list[str]], typer.Option(help="Modality per source, in order (or one for all).")] = None,
+    size: Annotated[int, typer.Option(help="Square slice size in pixels.")] = 224,
+    axis: Annotated[int, typer.Option(help="Slice axis of 3D volumes after reorientation to RAS (2 = axial).")] = 2,
+    stride: Annotated[int, typer.Option(help="Keep every N-th slice.")] = 1,
+    ct_window: Annotated[str, typer.Option(help="CT window preset: wide, soft_tissue, lung, bone, brain, ...")] = "wide",
+    shard_size: Annotated[int, typer.Option(help="Slices per shard.")] = 5000,
+    workers: Annotated[int, typer.Option(help="Reader processes.")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Scan unlabeled pools of mixed formats into a manifest and normalised 2D slice shards."""
+    from medfound.data.ingest import IngestOptions, ingest
+    from medfound.data.normalize import CT_WINDOWS
+    from medfound.data.sources import Source
+    from medfound.io.image import canonical_modality, is_known_modality
+
+    parsed = [Source.parse(s) for s in sources]
+    if modality:
+        if len(modality) not in (1, len(parsed)):
+            raise InputError(None, f"--modality given {len(modality)} times for {len(parsed)} sources; give one, or one per source")
+        for m in modality:
+            if not is_known_modality(m):
+                raise InputError(None, f"unknown modality {m!r} (use ct, mr, pet, nm, xray, us)")
+        mods = modality * len(parsed) if len(modality) == 1 else modality
+        parsed = [Source(s.path, canonical_modality(m)) for s, m in zip(parsed, mods)]
+    if ct_window not in CT_WINDOWS:
+        raise InputError(None, f"unknown --ct-window {ct_window!r}; choose from {', '.join(CT_WINDOWS)}")
+    if size < 16 or stride < 1 or axis not in (0, 1, 2) or shard_size < 1:
+        raise InputError(None, "--size must be >= 16, --stride >= 1, --axis 0/1/2, --shard-size >= 1")
+    manifest = ingest(parsed, out, IngestOptions(size=size, axis=axis, stride=stride, ct_window=ct_window,
+                                                 shard_size=shard_size), workers=workers, overwrite=overwrite)
+    print(f"{out}: {manifest['num_images']} images, {manifest['num_slices']} slices "
+          f"({', '.join(f'{k} {v}' for k, v in manifest['slices_per_modality'].items())}) in "
+          f"{len(manifest['shards'])} shard(s); {len(manifest['errors'])} file(s) skipped")
+
+
+@data_app.command("samples")
+def data_samples(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the sample datasets and pool.")],
+    only: Annotated[Optional[str], typer.Option(help="Comma-separated parts: tissue,lesions,atlases,colin27,phantoms,pool.")] = None,
+) -> None:
+    """Materialise real sample images from installed packages as nnU-Net datasets and a DICOM pool."""
+    from medfound.data.samples import PARTS, materialise_samples
+
+    parts = tuple(p.strip() for p in only.split(",")) if only else PARTS
+    made = materialise_samples(out, parts)
+    for part, folders in made.items():
+        print(f"{part}: {', '.join(folders) or '(skipped)'}")
+
+
+@data_app.command("phantoms")
+def data_phantoms(
+    out: Annotated[Path, typer.Option("--out", help="nnU-Net dataset folder to write.")],
+    modalities: Annotated[str, typer.Option(help="Comma-separated: CT,MR,PT,XR,US.")] = "CT,MR,PT,XR,US",
+    cases: Annotated[int, typer.Option(help="Cases per modality.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write synthetic multi-structure phantoms as an nnU-Net dataset."""
+    from medfound.data.phantoms import PHANTOM_MODALITIES, write_phantom_dataset
+    from medfound.io.image import canonical_modality
+
+    mods = tuple(canonical_modality(m) for m in modalities.split(","))
+    bad = [m for m, c in zip(modalities.split(","), mods) if c not in PHANTOM_MODALITIES]
+    if bad or cases < 1:
+        raise InputError(None, f"phantom modalities are {', '.join(PHANTOM_MODALITIES)} and --cases >= 1 (got {', '.join(bad) or cases})")
+    ds = write_phantom_dataset(out, mods, cases, seed)
+    print(f"{out}: {len(ds.cases())} phantom cases")
+
+
+@data_app.command("check")
+def data_check(dataset: Annotated[Path, typer.Argument(help="nnU-Net v2 raw dataset folder.")]) -> None:
+    """Validate an nnU-Net dataset: every image readable, every label on its image's grid."""
+    from medfound.data.nnunet import NnUNetDataset
+
+    ds = NnUNetDataset.open(dataset)
+    cases = ds.cases()
+    if not cases:
+        raise InputError(dataset / "imagesTr", f"no images named CASE_0000{ds.file_ending}")
+    for case in cases:
+        ds.read_case(case)
+    for case in ds.cases("Ts"):
+        ds.read_case(case, "Ts")
+    print(f"{dataset}: {len(cases)} training case(s), {len(ds.cases('Ts'))} test case(s), "
+          f"{len(ds.labels) - 1} label(s), held out: {', '.join(ds.heldout) or 'none'}: OK")
+
+
+@data_app.command("convert-msd")
+def data_convert_msd(
+    task: Annotated[Path, typer.Argument(help="Medical Segmentation Decathlon task folder (TaskXX_Name).")],
+    out: Annotated[Path, typer.Option("--out", help="nnU-Net v2 raw dataset folder to write.")],
+) -> None:
+    """Convert a Decathlon task folder to an nnU-Net v2 raw dataset."""
+    from medfound.data.nnunet import convert_msd
+
+    ds = convert_msd(task, out)
+    print(f"{out}: {len(ds.cases())} training case(s)")
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for data, shards and report/.")] = Path("demo"),
+) -> None:
+    """Run the main job end to end on the real sample data and write a report."""
+    from medfound.demo import run_demo
+
+    run_demo(out)
+
+
+def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", module="pydicom")  # odd-but-readable tags: not the user's concern
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        app()
+    except InputError as e:
+        print(f"medfound: error: {e.message}", file=sys.stderr)
+        sys.exit(2)
+    except FileExistsError as e:
+        print(f"medfound: error: {e}: exists", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("medfound: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Reorient images to the closest canonical RAS+ layout (and back), through nibabel.orientations.
+
+Slicing a canonical volume along its third axis always gives axial slices with the same in-plane
+layout, whatever order the scanner stored them in; predictions are mapped back with the inverse.
+"""
+
+from __future__ import annotations
+
+import nibabel.orientations as nio
+import numpy as np
+
+from medfound.io.image import MedImage
+
+
+def to_canonical(image: MedImage) -> tuple[MedImage, np.ndarray]:
+    """Image with axes permuted/flipped to closest RAS+, and the transform to undo it."""
+    if image.ndim != 3:
+        return image, nio.io_orientation(image.affine)[:2]
+    ornt = nio.io_orientation(image.affine)
+    arr = nio.apply_orientation(image.array, ornt)
+    affine = image.affine @ nio.inv_ornt_aff(ornt, image.shape)
+    out = MedImage(array=np.ascontiguousarray(arr), affine=affine, modality=image.modality,
+                   source=image.source, format=image.format, meta=dict(image.meta))
+    return out, ornt
+
+
+def from_canonical(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Undo :func:`to_canonical` on an array (e.g. a predicted mask) of the canonical shape."""
+    if array.ndim != 3:
+        return array
+    return np.ascontiguousarray(nio.apply_orientation(array, nio.ornt_transform(nio.axcodes2ornt("RAS"), ornt)))

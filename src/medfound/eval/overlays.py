@@ -1,0 +1,60 @@
+"""Pictures a person checks a segmentation by: a slice with its labels outlined and filled."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medfound.io.atomic import atomic_file  # noqa: E402
+
+
+def display(slice2d: np.ndarray) -> np.ndarray:
+    """An (i, j) slice as a picture: rows = j from top (anterior/superior up after canonical RAS)."""
+    return np.asarray(slice2d).T[::-1]
+
+
+def label_colours(n: int) -> np.ndarray:
+    cmap = plt.get_cmap("tab20", max(n, 1))
+    return np.array([cmap(i % 20)[:3] for i in range(n)])
+
+
+def overlay(ax, image2d: np.ndarray, label2d: np.ndarray | None = None, alpha: float = 0.4,
+            title: str | None = None, vmin: float | None = None, vmax: float | None = None) -> None:
+    """Draw ``image2d`` in grey with ``label2d`` (integer labels) as coloured fill and contours."""
+    img = display(image2d).astype(np.float32)
+    lo, hi = (np.percentile(img, [0.5, 99.5]) if vmin is None else (vmin, vmax))
+    ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+    if label2d is not None and np.any(label2d):
+        lab = display(label2d).astype(np.int64)
+        values = [v for v in np.unique(lab) if v]
+        colours = label_colours(max(values) + 1)
+        rgba = np.zeros((*lab.shape, 4), np.float32)
+        for v in values:
+            rgba[lab == v, :3] = colours[v]
+            rgba[lab == v, 3] = alpha
+            ax.contour(lab == v, levels=[0.5], colors=[colours[v]], linewidths=0.6)
+        ax.imshow(rgba, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def best_slice(label: np.ndarray, axis: int = 2) -> int:
+    """The slice along ``axis`` with the most labeled voxels (the middle one if none)."""
+    if label.ndim == 2:
+        return 0
+    counts = np.count_nonzero(label, axis=tuple(d for d in range(3) if d != axis))
+    return int(np.argmax(counts)) if counts.max() > 0 else label.shape[axis] // 2

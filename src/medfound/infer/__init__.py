@@ -1,0 +1,1 @@
+"""medfound.infer"""

@@ -1,0 +1,83 @@
+"""DICOM-SEG output through highdicom, referencing the source series so PACS and viewers overlay it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medfound.io.atomic import atomic_file
+from medfound.io.image import MedImage
+
+
+def write_dicom_seg(mask: np.ndarray, reference: MedImage, path: str | os.PathLike,
+                    labels: dict[int, str] | None = None, algorithm: str = "medfound") -> Path:
+    """Write a label map (values 0..N on the grid of ``reference``) as one DICOM-SEG object.
+
+    ``reference`` must have been read from DICOM (its files are the SEG's source images). Each label
+    value becomes a segment; ``labels`` names them (default ``label_<n>``).
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    import medfound
+
+    files = reference.meta.get("dicom_files")
+    if reference.format != "dicom" or not files:
+        raise ValueError("DICOM-SEG needs an image read from DICOM")
+    mask = np.asarray(mask)
+    if mask.shape != reference.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {reference.shape}")
+    values = sorted(int(v) for v in np.unique(mask) if v != 0)
+    if labels:
+        values = sorted(set(values) | {int(k) for k in labels if int(k) != 0})
+    if not values:
+        values = [1]  # an empty mask is still a valid one-segment SEG
+    # Segment numbers must run 1..N: remap label values in order.
+    remap = np.zeros(int(max(values, default=0)) + 1, dtype=np.uint16)
+    for n, v in enumerate(values, start=1):
+        remap[v] = n
+    seg = remap[np.clip(mask.astype(np.int64), 0, len(remap) - 1)]
+    sources = [pydicom.dcmread(f) for f in files]
+    if seg.ndim == 2:
+        frames = seg.T[None]  # (1, rows, cols)
+    elif len(sources) == 1:  # multi-frame source: back to the stored frame order
+        order = reference.meta.get("frame_order", list(range(seg.shape[2])))
+        frames = np.empty((seg.shape[2], seg.shape[1], seg.shape[0]), dtype=seg.dtype)
+        for k_sorted, k_orig in enumerate(order):
+            frames[k_orig] = seg[:, :, k_sorted].T
+    else:
+        frames = seg.transpose(2, 1, 0)  # (slices, rows, cols), slices in ``files`` order
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=(labels or {}).get(v, f"label_{v}"),
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name=algorithm, version=medfound.__version__, family=codes.cid7162.ArtificialIntelligence),
+        )
+        for n, v in enumerate(values, start=1)
+    ]
+    out = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames.astype(np.uint16 if len(values) > 255 else np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medfound",
+        manufacturer_model_name=algorithm,
+        software_versions=medfound.__version__,
+        device_serial_number="0",
+        omit_empty_frames=False,
+    )
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        out.save_as(str(tmp))
+    return path

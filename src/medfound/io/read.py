@@ -1,0 +1,71 @@
+"""``read_image``: any supported file or DICOM folder -> :class:`MedImage`, with clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medfound.errors import InputError
+from medfound.io.formats import sniff_format
+from medfound.io.image import MedImage, canonical_modality
+
+
+def read_image(path: str | os.PathLike, modality: str | None = None, series_uid: str | None = None,
+               check_finite: bool = True) -> MedImage:
+    """Read an image with its geometry.
+
+    ``path`` is a NIfTI/MGZ/NRRD/MHA/DICOM/PNG/JPEG/TIFF file or a folder of DICOM files (one
+    series, or the one named by ``series_uid``). ``modality`` overrides what the file says (needed
+    for formats that do not record it). Raises :class:`InputError` for anything unusable.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(path, "no such file or folder")
+    if p.is_dir():
+        from medfound.io.dicom import read_dicom
+
+        try:
+            image = read_dicom(p, series_uid=series_uid)
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(path, f"malformed DICOM series: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    else:
+        if p.stat().st_size == 0:
+            raise InputError(path, "file is empty")
+        fmt = sniff_format(p)
+        if fmt is None:
+            raise InputError(path, "not an image file medfound can read (NIfTI, MGZ, NRRD, MHA, DICOM, PNG, JPEG, TIFF)")
+        try:
+            image = _read_file(p, fmt, series_uid)
+        except InputError:
+            raise
+        except Exception as e:  # a malformed file that a library choked on is the file's problem
+            raise InputError(path, f"malformed {fmt.upper()} file: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    if modality:
+        image.modality = canonical_modality(modality)
+    if check_finite and image.array.dtype.kind in "fc":
+        bad = int(np.size(image.array) - np.count_nonzero(np.isfinite(image.array)))
+        if bad:
+            raise InputError(path, f"{bad} voxel(s) are NaN or infinite")
+    return image
+
+
+def _read_file(p: Path, fmt: str, series_uid: str | None) -> MedImage:
+    if fmt in ("nifti", "mgz"):
+        from medfound.io.nifti import read_nibabel
+
+        return read_nibabel(p, fmt)
+    if fmt in ("nrrd", "mha"):
+        from medfound.io.itk import read_itk
+
+        return read_itk(p, fmt)
+    if fmt == "dicom":
+        from medfound.io.dicom import read_dicom
+
+        return read_dicom(p, series_uid=series_uid)
+    from medfound.io.raster import read_raster
+
+    return read_raster(p, fmt)

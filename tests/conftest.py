@@ -1,0 +1,55 @@
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory) -> Path:
+    """Real sample data materialised once per test worker (all parts but the big atlas sets)."""
+    from medfound.data.samples import materialise_samples
+
+    out = tmp_path_factory.mktemp("samples")
+    materialise_samples(out, ("tissue", "lesions", "phantoms", "pool"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pydicom_files() -> dict[str, Path]:
+    """Name -> path of pydicom's and pydicom-data's real test files."""
+    import importlib.util
+
+    roots = []
+    for mod in ("pydicom", "data_store"):
+        spec = importlib.util.find_spec(mod)
+        base = Path(list(spec.submodule_search_locations)[0])
+        roots.append(base / ("data/test_files" if mod == "pydicom" else "data"))
+    return {f.name: f for r in roots for f in r.iterdir() if f.suffix == ".dcm"}
+
+
+@pytest.fixture
+def oblique_ct():
+    from medfound.data.phantoms import make_phantom
+
+    image, label = make_phantom("CT", shape=(40, 36, 12), seed=3, oblique=True)
+    return image, label
+
+
+def run_cli(*args: str, cwd=None):
+    """Run ``medfound ARGS`` in a subprocess, as a user would."""
+    import subprocess
+
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "medfound", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
