@@ -159,6 +159,51 @@ def data_convert_msd(
     print(f"{out}: {len(ds.cases())} training case(s)")
 
 
+@app.command("pretrain")
+def pretrain(
+    data: Annotated[list[str], typer.Option("--data", help="Ingested shard folder or raw image tree ([mod:]PATH); repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, logs/, previews/, encoder.safetensors, config.json.")],
+    model: Annotated[str, typer.Option(help="vit-tiny, vit-small, vit-base (vit-micro for tests).")] = "vit-tiny",
+    image_size: Annotated[int, typer.Option(help="Training image size (multiple of 16, 96-1024).")] = 224,
+    mask_ratio: Annotated[float, typer.Option(help="Fraction of patches masked.")] = 0.75,
+    norm_pix_loss: Annotated[bool, typer.Option(help="Per-patch normalised targets.")] = True,
+    decoder_depth: Annotated[int, typer.Option(help="MAE decoder blocks.")] = 4,
+    decoder_width: Annotated[int, typer.Option(help="MAE decoder width.")] = 192,
+    batch_size: Annotated[int, typer.Option(help="Images per device per step.")] = 32,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (one epoch = as many slices as the pool holds).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1.5e-4 x global batch / 256, batch floored at 512).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (default 10% of training, at most 1000).")] = None,
+    precision: Annotated[str, typer.Option(help="bf16 or 32.")] = "bf16",
+    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Devices per node (number or auto).")] = "auto",
+    num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun or SLURM sets the rest).")] = 1,
+    strategy: Annotated[str, typer.Option(help="auto, ddp, ddp_spawn, fsdp ...")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="Data-loader workers per device.")] = 2,
+    modality_alpha: Annotated[float, typer.Option(help="Modality sampling weight = count**alpha (0 equal, 1 natural).")] = 0.5,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 100,
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+) -> None:
+    """Self-supervised MAE pretraining of a ViT encoder on unlabeled images."""
+    from medfound.train.pretrain import PretrainConfig, run_pretrain
+
+    if batch_size < 1 or (max_steps is not None and max_steps < 1) or (epochs is not None and epochs < 1):
+        raise InputError(None, "--batch-size, --max-steps and --epochs must be positive")
+    dev = int(devices) if devices.isdigit() else devices
+    cfg = PretrainConfig(model=model, image_size=image_size, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
+                         decoder_depth=decoder_depth, decoder_width=decoder_width, batch_size=batch_size,
+                         max_steps=max_steps, epochs=epochs, lr=lr, warmup_steps=warmup_steps, precision=precision,
+                         accelerator=accelerator, devices=dev, num_nodes=num_nodes, strategy=strategy,
+                         num_workers=num_workers, alpha=modality_alpha, checkpoint_every=checkpoint_every,
+                         compile=compile, seed=seed)
+    config = run_pretrain(data, out, cfg, resume=resume)
+    if config:
+        t = config["training"]
+        print(f"{out}: {t['steps']} steps, final loss {t['final_loss']:.4f}; encoder -> {out / 'encoder.safetensors'}")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, shards and report/.")] = Path("demo"),

@@ -20,7 +20,7 @@ from medfound.data.orientation import to_canonical
 from medfound.data.samples import materialise_samples
 from medfound.data.shards import ShardSliceDataset
 from medfound.data.sources import Source
-from medfound.eval.overlays import best_slice, overlay, save_figure
+from medfound.io.figures import best_slice, overlay, save_figure
 from medfound.eval.report import Report
 
 #: Datasets whose images are distinct (the MNI152 atlases share one T1): the demo's pool.

@@ -22,26 +22,35 @@ from medfound.errors import InputError
 
 
 class ShardWriter:
-    """Write samples (a float16 slice + JSON metadata) into numbered tar shards of ``maxcount``."""
+    """Write samples (a float16 slice + JSON metadata) into tar shards of at most ``maxcount``,
+    one series of shards per modality (``shard-CT-000000.tar``) so that training can balance
+    modalities by choosing which stream to read next."""
 
     def __init__(self, folder: str | os.PathLike, maxcount: int = 5000):
-        import webdataset as wds
-
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._writer = wds.ShardWriter(str(self.folder / "shard-%06d.tar"), maxcount=maxcount, verbose=0)
-        self.counts: dict[str, int] = {}
+        self.maxcount = maxcount
+        self._writers: dict[str, object] = {}
+        self.counts: dict[str, tuple[str, int]] = {}
 
     def write(self, key: str, slice2d: np.ndarray, meta: dict) -> None:
+        import webdataset as wds
+
+        group = str(meta.get("modality", "OT"))
+        if group not in self._writers:
+            self._writers[group] = wds.ShardWriter(str(self.folder / f"shard-{group}-%06d.tar"),
+                                                   maxcount=self.maxcount, verbose=0)
+        writer = self._writers[group]
         buf = io.BytesIO()
         np.save(buf, np.asarray(slice2d, dtype=np.float16))
-        self._writer.write({"__key__": key, "npy": buf.getvalue(), "json": json.dumps(meta).encode()})
-        name = Path(self._writer.fname).name
-        self.counts[name] = self.counts.get(name, 0) + 1
+        writer.write({"__key__": key, "npy": buf.getvalue(), "json": json.dumps(meta).encode()})
+        name = Path(writer.fname).name
+        self.counts[name] = (group, self.counts.get(name, (group, 0))[1] + 1)
 
     def close(self) -> list[dict]:
-        self._writer.close()
-        return [{"file": name, "count": n} for name, n in sorted(self.counts.items())]
+        for w in self._writers.values():
+            w.close()
+        return [{"file": name, "modality": g, "count": n} for name, (g, n) in sorted(self.counts.items())]
 
 
 def rank_and_world() -> tuple[int, int]:

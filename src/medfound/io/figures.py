@@ -1,4 +1,4 @@
-"""Pictures a person checks a segmentation by: a slice with its labels outlined and filled."""
+"""Figures a person checks images by (slices with labels, grids), saved atomically as PNG."""
 
 from __future__ import annotations
 
