@@ -63,12 +63,13 @@ def test_phantoms_have_all_structures(modality):
 def test_demo_end_to_end(tmp_path):
     from conftest import run_cli
 
-    r = run_cli("demo", "--out", tmp_path / "demo")
+    r = run_cli("demo", "--out", tmp_path / "demo", "--pretrain-steps", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     report = tmp_path / "demo" / "report"
     html = (report / "index.html").read_text()
     assert "Unlabeled pool ingested" in html and "Dataset002_Lesions" in html
-    for img in ("img/Dataset002_Lesions.png", "img/shards_by_modality.png"):
+    assert "MAE pretraining" in html and (tmp_path / "demo" / "pretrain" / "encoder.safetensors").is_file()
+    for img in ("img/Dataset002_Lesions.png", "img/shards_by_modality.png", "img/pretrain_loss.png"):
         assert (report / img).stat().st_size > 10_000
     m = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert m["num_slices"] > 200 and {"CT", "MR", "PT", "US", "XR"} <= set(m["slices_per_modality"])

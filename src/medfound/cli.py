@@ -207,11 +207,14 @@ def pretrain(
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, shards and report/.")] = Path("demo"),
+    pretrain_steps: Annotated[int, typer.Option(help="MAE pretraining steps in the demo.")] = 300,
 ) -> None:
     """Run the main job end to end on the real sample data and write a report."""
     from medfound.demo import run_demo
 
-    run_demo(out)
+    if pretrain_steps < 1:
+        raise InputError(None, "--pretrain-steps must be >= 1")
+    run_demo(out, pretrain_steps=pretrain_steps)
 
 
 def main() -> None:
