@@ -2,8 +2,8 @@
 
 In the style of facebookresearch/mae: patch embedding, a class token, fixed 2D sin-cos position
 embeddings, pre-norm transformer blocks. Attention goes through ``scaled_dot_product_attention`` so
-PyTorch picks the fused kernel for the device and dtype (flash / memory-efficient on GPU, a fused
-CPU kernel under bf16). Position embeddings are computed for any grid, so one encoder runs at any
+PyTorch picks the fused kernel for the device and dtype (flash / memory-efficient on GPU); on CPU
+the explicit softmax(QK^T)V product measured faster for ViT shapes and is used instead. Position embeddings are computed for any grid, so one encoder runs at any
 image size that is a multiple of the patch size.
 """
 
@@ -78,7 +78,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, N, D/heads)
+        if x.device.type == "cpu":
+            # Measured on CPU (bf16, head dim 64, 50-200 tokens): the explicit product runs 3x faster
+            # forward+backward than SDPA's fused CPU kernel, whose backward dominated the MAE step.
+            x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 

@@ -1,0 +1,18 @@
+"""The benchmarks run and print the JSON they promise (numbers are reported, never asserted)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_pretrain_bench_prints_json():
+    r = subprocess.run([sys.executable, "-m", "medfound.bench.pretrain", "--model", "vit-micro", "--image-size", "64",
+                        "--batch-size", "2", "--steps", "1", "--warmup", "0", "--no-compile", "--loader-workers", "0"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("images_per_s", "gflop_per_step", "gflops", "peak_fp32_gflops", "peak_bf16_gflops",
+                "fraction_of_bf16_peak", "speedup_vs_reference", "reference", "loader"):
+        assert key in out
+    assert out["reference"]["images_per_s"] > 0 and out["gflop_per_step"] > 0
+    assert out["loader"]["slices_per_s"] > 0
