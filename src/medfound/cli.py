@@ -204,6 +204,83 @@ def pretrain(
         print(f"{out}: {t['steps']} steps, final loss {t['final_loss']:.4f}; encoder -> {out / 'encoder.safetensors'}")
 
 
+@app.command("finetune")
+def finetune(
+    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: model.safetensors, config.json, checkpoints/, logs/.")],
+    encoder: Annotated[str, typer.Option(help="An exported MAE run folder, or scratch (scratch:vit-small ...).")] = "scratch",
+    mode: Annotated[str, typer.Option(help="full, linear (frozen encoder) or lora.")] = "full",
+    rank: Annotated[int, typer.Option(help="LoRA rank (--mode lora).")] = 4,
+    label_fraction: Annotated[float, typer.Option(help="Fraction of the non-validation cases whose labels are used.")] = 1.0,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of cases held back for validation (by case).")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed (case split, initialisation, augmentation).")] = 0,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the decoder.")] = 1e-3,
+    encoder_lr_scale: Annotated[float, typer.Option(help="Encoder lr = lr x this (--mode full).")] = 0.3,
+    image_size: Annotated[Optional[int], typer.Option(help="Slice size (default: the encoder's pretraining size, else 224).")] = None,
+    val_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 100,
+    precision: Annotated[str, typer.Option(help="bf16 or 32.")] = "bf16",
+    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Devices per node.")] = "1",
+    num_nodes: Annotated[int, typer.Option(help="Nodes.")] = 1,
+    strategy: Annotated[str, typer.Option(help="auto, ddp ...")] = "auto",
+) -> None:
+    """Fine-tune a segmenter (ViT-UNETR) on labeled cases, from a pretrained encoder or from scratch."""
+    from medfound.train.finetune import FinetuneConfig, run_finetune
+
+    if max_steps < 1 or batch_size < 1 or rank < 1 or not 0 < val_fraction < 1:
+        raise InputError(None, "--max-steps, --batch-size, --rank must be positive and --val-fraction in (0, 1)")
+    dev = int(devices) if devices.isdigit() else devices
+    cfg = FinetuneConfig(mode=mode, rank=rank, label_fraction=label_fraction, val_fraction=val_fraction, seed=seed,
+                         max_steps=max_steps, batch_size=batch_size, lr=lr, encoder_lr_scale=encoder_lr_scale,
+                         image_size=image_size, val_every=val_every, precision=precision, accelerator=accelerator,
+                         devices=dev, num_nodes=num_nodes, strategy=strategy)
+    config = run_finetune(dataset, out, encoder, cfg)
+    t = config["training"]
+    print(f"{out}: {t['steps']} steps, best validation Dice {t['best_val_dice']:.3f} "
+          f"({len(config['data']['train_cases'])} labeled case(s), {t['trainable_parameters']:,} trainable parameters)")
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[Path, typer.Option("--model", help="Fine-tuned run folder (model.safetensors + config.json).")],
+    input: Annotated[Path, typer.Option("--input", help="Image file, DICOM series folder, or folder of images.")],
+    output: Annotated[Path, typer.Option("--output", help="Folder for the masks (CASE.nii.gz, in the input's geometry).")],
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
+    dicom_seg: Annotated[bool, typer.Option(help="Also write DICOM-SEG for DICOM inputs.")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (faster on CPUs with bf16 support and on GPUs).")] = False,
+    modality: Annotated[Optional[str], typer.Option(help="Modality of inputs that do not record one (default: the model's).")] = None,
+) -> None:
+    """Segment 2D images and 3D volumes (slice by slice, in batches) with a fine-tuned model."""
+    from medfound.infer.predict import predict_path
+    from medfound.io.image import is_known_modality
+
+    if batch_size < 1:
+        raise InputError(None, "--batch-size must be >= 1")
+    if modality and not is_known_modality(modality):
+        raise InputError(None, f"unknown modality {modality!r} (use ct, mr, pet, nm, xray, us)")
+    for p in predict_path(model, input, output, batch_size, dicom_seg, bf16, modality=modality):
+        print(p)
+
+
+@app.command("evaluate")
+def evaluate(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted label maps (CASE.nii.gz ...).")],
+    truth: Annotated[Path, typer.Option("--truth", help="Folder of reference label maps (e.g. labelsTs).")],
+    out: Annotated[Path, typer.Option("--out", help="CSV: case,label,dice,iou,hd95,nsd (summary JSON beside it).")],
+    nsd_tolerance: Annotated[float, typer.Option("--nsd-tolerance", help="NSD tolerance in mm.")] = 1.0,
+) -> None:
+    """Dice, IoU, HD95 and NSD in mm per case and label (through MONAI), with means and 95 % CIs."""
+    from medfound.eval.evaluate import evaluate_folders, format_summary
+
+    if nsd_tolerance < 0:
+        raise InputError(None, "--nsd-tolerance must be >= 0")
+    summary = evaluate_folders(pred, truth, out, nsd_tolerance)
+    print(format_summary(summary))
+    print(f"{out} ({summary['cases']} case(s)); summary: {out.with_name(out.stem + '_summary.json')}")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, shards and report/.")] = Path("demo"),
@@ -222,6 +299,7 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", module="pydicom")  # odd-but-readable tags: not the user's concern
     warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes
     try:
         app()
     except InputError as e:

@@ -97,3 +97,12 @@ def sniff_format(path: str | os.PathLike) -> str | None:
 def _looks_like_raw_dicom(body: bytes) -> bool:
     # Preamble-less DICOM starts with a group 0x0008 (or 0x0002) little-endian tag.
     return len(body) > 8 and body[:2] in (b"\x08\x00", b"\x02\x00") and body[2:4] < b"\xff\xff"
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """A file's case name as nnU-Net uses it: the name without its (possibly double) extension."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem

@@ -152,12 +152,12 @@ class ViTEncoder(nn.Module):
         (1-based block indices) for multi-scale decoders."""
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
-        hidden = []
+        kept = {}
         for i, blk in enumerate(self.blocks, start=1):
             x = blk(x)
             if i in return_layers:
-                hidden.append(x)
-        return self.norm(x), hidden
+                kept[i] = x
+        return self.norm(x), [kept[i] for i in return_layers]  # in the order asked, repeats allowed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.embed(x))[0]

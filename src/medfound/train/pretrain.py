@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from medfound.data.shards import read_manifest
+from medfound.train.checkpoint import AtomicCheckpointIO
 from medfound.data.stream import PretrainStream, StepAwareLoader, preview_slices
 from medfound.errors import InputError
 from medfound.io.atomic import write_text
@@ -58,16 +58,6 @@ class PretrainConfig:
     compile: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file and rename it: a kill never leaves a torn .ckpt."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
 
 
 class MAEModule(L.LightningModule):

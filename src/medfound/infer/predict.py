@@ -1,0 +1,113 @@
+"""``medfound predict``: a fine-tuned segmenter on 2D images and 3D volumes, in their geometry.
+
+Volumes are reoriented to canonical RAS (as in training), cut into slices along the trained axis,
+and pushed through the network in batches; each batch's class scores are mapped back onto the
+slice's own pixels and only the label map is kept, so memory stays flat in the number of slices.
+The mask is reoriented back and written on the input's exact grid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medfound.data.normalize import normalize
+from medfound.data.orientation import from_canonical, to_canonical
+from medfound.data.slicing import from_square, iter_slices, to_square
+from medfound.errors import InputError
+from medfound.io import MedImage, mask_extension, read_image, write_mask
+from medfound.io.formats import case_name, sniff_format
+from medfound.models.segmenter import load_segmenter, predict_square
+
+
+def _batches(image: MedImage, axis: int, size: int, batch: int) -> Iterator[list[tuple[int, np.ndarray, object]]]:
+    buf = []
+    for k, sl, spacing in iter_slices(image, axis):
+        sq, geom = to_square(sl, spacing, size)
+        buf.append((k, sq, geom))
+        if len(buf) == batch:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def predict_image(model: torch.nn.Module, cfg: dict, image: MedImage, batch_size: int = 16,
+                  bf16: bool = False, modality: str | None = None) -> np.ndarray:
+    """Label map (dataset label values) on ``image``'s grid."""
+    # Files that do not record a modality (NIfTI, PNG) are taken to be of the training modality.
+    mod = modality or (image.modality if image.modality != "OT" else None) or cfg.get("modality") or "OT"
+    norm = image.with_array(normalize(image.array, mod))
+    ornt = None
+    if norm.ndim == 3 and not norm.meta.get("frames_are_time"):
+        norm, ornt = to_canonical(norm)
+    axis = cfg.get("axis", 2) if norm.ndim == 3 else 2
+    out = np.zeros(norm.shape, dtype=np.uint8)
+    lut = np.zeros(cfg["n_classes"], dtype=np.uint16)
+    for c, info in cfg["classes"].items():
+        lut[int(c)] = int(info["label"])
+    device = next(model.parameters()).device
+    for items in _batches(norm, axis, int(cfg["image_size"]), batch_size):
+        x = torch.from_numpy(np.stack([sq for _, sq, _ in items])[:, None]).to(device)
+        probs = predict_square(model, x, autocast=bf16).cpu()
+        for (k, _, geom), pr in zip(items, probs):
+            labels = from_square(pr, geom).argmax(axis=0)
+            if norm.ndim == 2:
+                out[:] = labels
+            else:
+                idx = [slice(None)] * 3
+                idx[axis] = k
+                out[tuple(idx)] = labels
+    if ornt is not None:
+        out = from_canonical(out, ornt)
+    return lut[out]
+
+
+def inputs_of(path: Path) -> list[tuple[str, Path]]:
+    """(case name, path) of each image to segment: a file, a DICOM series folder, or a folder of
+    images (nnU-Net ``_0000`` suffixes dropped from the case names)."""
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_file():
+        return [(_strip_channel(case_name(path)), path)]
+    files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    kinds = {f: sniff_format(f) for f in files}
+    if files and all(k == "dicom" for k in kinds.values() if k):
+        return [(path.name, path)]
+    items = [(_strip_channel(case_name(f)), f) for f, k in kinds.items() if k and k != "dicom"]
+    if not items:
+        raise InputError(path, "folder holds no images")
+    return items
+
+
+def _strip_channel(case: str) -> str:
+    return case[:-5] if len(case) > 5 and case[-5] == "_" and case[-4:].isdigit() else case
+
+
+def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,
+                 batch_size: int = 16, dicom_seg: bool = False, bf16: bool = False, progress: bool = True,
+                 modality: str | None = None) -> list[Path]:
+    from rich.progress import Progress
+
+    model, cfg = load_segmenter(model_run)
+    output = Path(output)
+    written = []
+    items = inputs_of(Path(input_path))
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("predict", total=len(items))
+        for case, path in items:
+            image = read_image(path)
+            mask = predict_image(model, cfg, image, batch_size, bf16, modality)
+            ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
+            written.append(write_mask(mask, image, output / f"{case}{ext}"))
+            if dicom_seg and image.format == "dicom":
+                from medfound.io.dicomseg import write_dicom_seg
+
+                names = {int(i["label"]): i["name"] for i in cfg["classes"].values()}
+                written.append(write_dicom_seg(mask, image, output / f"{case}_seg.dcm", labels=names))
+            bar.advance(task)
+    return written

@@ -1,0 +1,76 @@
+"""Build, save and load fine-tuned segmenters: ``RUN/model.safetensors`` + ``RUN/config.json``.
+
+The config records everything needed to rebuild the network and to use it the way it was trained
+(image size, slice axis, normalisation, class -> dataset label mapping) — no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medfound.errors import InputError
+from medfound.io.atomic import atomic_file, write_text
+from medfound.models.lora import add_lora
+from medfound.models.unetr import ViTUNETR
+from medfound.models.vit import VIT_CONFIGS, ViTConfig, ViTEncoder
+
+MODEL_FILE = "model.safetensors"
+
+
+def build_segmenter(arch: dict, n_classes: int, mode: str = "full", rank: int = 4, feature_size: int = 16) -> ViTUNETR:
+    encoder = ViTEncoder(ViTConfig(**{k: v for k, v in arch.items() if k != "type"}))
+    if mode == "lora":
+        encoder = add_lora(encoder, rank=rank)
+    return ViTUNETR(encoder, n_classes, feature_size=feature_size)
+
+
+def encoder_for(name_or_run: str) -> tuple[ViTEncoder, dict]:
+    """``scratch`` / ``scratch:vit-small`` -> a fresh encoder; anything else -> an exported MAE run."""
+    from medfound.models.export import load_encoder
+
+    if name_or_run.startswith("scratch"):
+        size = name_or_run.partition(":")[2] or "vit-tiny"
+        if size not in VIT_CONFIGS:
+            raise InputError(None, f"unknown encoder size {size!r}; choose from {', '.join(VIT_CONFIGS)}")
+        torch.manual_seed(0)
+        return ViTEncoder(VIT_CONFIGS[size]), {"kind": "scratch", "image_size": 224}
+    return load_encoder(name_or_run)
+
+
+def save_segmenter(model: ViTUNETR, run: str | os.PathLike, config: dict) -> Path:
+    run = Path(run)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_file(run / MODEL_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"producer": "medfound", "kind": "segmenter"})
+    write_text(run / "config.json", json.dumps(config, indent=2))
+    return run / MODEL_FILE
+
+
+def load_segmenter(run: str | os.PathLike) -> tuple[ViTUNETR, dict]:
+    run = Path(run)
+    cfg_path, w_path = run / "config.json", run / MODEL_FILE
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise InputError(p, "missing: not a fine-tuned medfound model run")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("kind") != "segmenter":
+        raise InputError(cfg_path, f"not a segmenter config (kind={cfg.get('kind')!r})")
+    model = build_segmenter(cfg["architecture"], cfg["n_classes"], cfg["mode"], cfg.get("lora_rank", 4),
+                            cfg.get("feature_size", 16))
+    missing, unexpected = model.load_state_dict(load_file(str(w_path)), strict=False)
+    if missing or unexpected:
+        raise InputError(w_path, f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def predict_square(model: torch.nn.Module, batch: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+    """Class probabilities (B, C, S, S) for a batch of square slices (B, 1, S, S)."""
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(batch)
+    return logits.float().softmax(dim=1)

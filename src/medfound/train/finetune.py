@@ -1,0 +1,199 @@
+"""Fine-tuning a (pretrained or scratch) ViT-UNETR on a labeled nnU-Net dataset with few labels.
+
+Modes: ``full`` (everything trains; the encoder at ``encoder_lr_scale`` x the decoder's rate, after
+``encoder_warmup`` steps frozen), ``linear`` (encoder frozen: the decoder alone) and ``lora`` (rank-r
+adapters on the encoder's attention, the decoder trains). Validation Dice on held-back *cases* picks
+the exported weights; test data never enters this function.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from monai.losses import DiceCELoss
+from torch.utils.data import DataLoader
+
+from medfound.data.labeled import SliceDataset, case_slices, label_lut, split_cases, training_classes
+from medfound.data.nnunet import NnUNetDataset
+from medfound.errors import InputError
+from medfound.models.lora import add_lora, count_parameters
+from medfound.models.segmenter import encoder_for, save_segmenter
+from medfound.models.unetr import ViTUNETR
+from medfound.train.checkpoint import AtomicCheckpointIO
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "full"
+    rank: int = 4
+    label_fraction: float = 1.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    max_steps: int = 500
+    batch_size: int = 8
+    lr: float = 1e-3
+    encoder_lr_scale: float = 0.3
+    encoder_warmup: int = 0
+    weight_decay: float = 1e-4
+    image_size: int | None = None
+    axis: int = 2
+    val_every: int = 100
+    precision: str = "bf16"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    num_workers: int = 1
+    progress: bool = True
+
+
+class SegModule(L.LightningModule):
+    def __init__(self, model: ViTUNETR, cfg: FinetuneConfig, n_classes: int):
+        super().__init__()
+        self.model, self.cfg, self.n_classes = model, cfg, n_classes
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x):
+        return self.model(x)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.cfg.mode == "full" and self.cfg.encoder_warmup:
+            frozen = self.global_step < self.cfg.encoder_warmup
+            for p in self.model.encoder.parameters():
+                p.requires_grad = not frozen
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self._val.append((self.model(x).argmax(1).cpu(), y[:, 0].cpu()))
+
+    def on_validation_epoch_end(self):
+        pred = torch.cat([p for p, _ in self._val])
+        true = torch.cat([t for _, t in self._val])
+        self._val.clear()
+        dices = []
+        for c in range(1, self.n_classes):
+            p, t = pred == c, true == c
+            if t.any() or p.any():
+                dices.append(float(2 * (p & t).sum() / (p.sum() + t.sum())))
+        self.log("val/dice", float(np.mean(dices)) if dices else 0.0, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        enc = [p for n, p in self.model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
+        dec = [p for n, p in self.model.named_parameters() if not n.startswith("encoder.")]
+        scale = 1.0 if self.cfg.mode == "lora" else self.cfg.encoder_lr_scale
+        groups = [{"params": dec, "lr": self.cfg.lr}]
+        if enc:
+            groups.append({"params": enc, "lr": self.cfg.lr * scale})
+        opt = torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+        total, warm = self.cfg.max_steps, max(1, self.cfg.max_steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm)))))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tuple[ViTUNETR, dict]:
+    encoder, enc_cfg = encoder_for(encoder_spec)
+    if cfg.mode == "linear":
+        for p in encoder.parameters():
+            p.requires_grad = False
+    elif cfg.mode == "lora":
+        encoder = add_lora(encoder, rank=cfg.rank)
+    elif cfg.mode != "full":
+        raise InputError(None, f"--mode must be full, linear or lora, got {cfg.mode!r}")
+    torch.manual_seed(cfg.seed)
+    return ViTUNETR(encoder, n_classes), enc_cfg
+
+
+def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: str, cfg: FinetuneConfig) -> dict:
+    """Fine-tune and export ``OUT/model.safetensors`` + ``OUT/config.json``; returns the config."""
+    out = Path(out)
+    ds = NnUNetDataset.open(dataset)
+    classes = training_classes(ds)
+    lut = label_lut(ds, classes)
+    train_cases, val_cases = split_cases(ds.cases(), cfg.label_fraction, cfg.val_fraction, cfg.seed)
+    model, enc_cfg = prepare_model(encoder, len(classes) + 1, cfg)
+    size = cfg.image_size or int(enc_cfg.get("image_size", 224))
+    p = model.encoder.config.patch_size
+    if size % (p * 1) or size < 2 * p:
+        raise InputError(None, f"--image-size {size} must be a multiple of {p}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    rng = np.random.default_rng(cfg.seed)
+    train = [case_slices(ds, c, size, lut, cfg.axis, rng=rng) for c in train_cases]
+    val = [case_slices(ds, c, size, lut, cfg.axis, keep_empty=0.25, rng=np.random.default_rng(0)) for c in val_cases]
+    train_dl = DataLoader(SliceDataset(train, augment=True, seed=cfg.seed), batch_size=cfg.batch_size, shuffle=True,
+                          drop_last=len(SliceDataset(train, augment=False)) > cfg.batch_size,
+                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    val_dl = DataLoader(SliceDataset(val, augment=False), batch_size=cfg.batch_size * 2, num_workers=0)
+    module = SegModule(model, cfg, len(classes) + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/dice", mode="max",
+                           save_top_k=1, save_last=True)
+    precision = {"bf16": "bf16-mixed", "32": "32-true"}.get(str(cfg.precision))
+    if precision is None:
+        raise InputError(None, f"--precision must be bf16 or 32, got {cfg.precision!r}")
+    trainer = L.Trainer(max_steps=cfg.max_steps, val_check_interval=min(cfg.val_every, cfg.max_steps),
+                        check_val_every_n_epoch=None, accelerator=cfg.accelerator, devices=cfg.devices,
+                        num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=precision,
+                        callbacks=[best], logger=CSVLogger(str(out), name="logs", version=""),
+                        plugins=[AtomicCheckpointIO()], enable_progress_bar=cfg.progress,
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1)
+    t0 = time.time()
+    trainer.fit(module, train_dl, val_dl)
+    if best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    trainable, total = count_parameters(model)
+    enc_trainable, enc_total = count_parameters(model.encoder)
+    config = {
+        "kind": "segmenter",
+        "architecture": {"type": "vit", **model.encoder.config.as_dict()},
+        "feature_size": 16,
+        "n_classes": len(classes) + 1,
+        "classes": {str(c): {"label": v, "name": n} for c, (v, n) in enumerate(sorted(classes.items()), start=1)},
+        "mode": cfg.mode,
+        "lora_rank": cfg.rank if cfg.mode == "lora" else None,
+        "image_size": size,
+        "axis": cfg.axis,
+        "normalisation": "medfound.data.normalize by modality",
+        "modality": _dataset_modality(ds),
+        "encoder": {"source": encoder, "kind": enc_cfg.get("kind", "mae-encoder")},
+        "data": {"dataset": str(ds.root), "train_cases": train_cases, "val_cases": val_cases,
+                 "label_fraction": cfg.label_fraction, "train_slices": int(sum(len(c.images) for c in train)),
+                 "heldout_labels_excluded": ds.heldout},
+        "training": {"steps": int(trainer.global_step), "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                     "best_val_dice": float(best.best_model_score) if best.best_model_score is not None else None,
+                     "trainable_parameters": trainable, "total_parameters": total,
+                     "encoder_trainable_parameters": enc_trainable, "encoder_parameters": enc_total,
+                     "seconds": round(time.time() - t0, 1)},
+    }
+    if trainer.is_global_zero:
+        save_segmenter(model, out, config)
+    return config
+
+
+def _dataset_modality(ds: NnUNetDataset) -> str | None:
+    """The modality the model was trained on, when all its cases share one (not 'mixed')."""
+    from medfound.io.image import canonical_modality, is_known_modality
+
+    mods = {ds.case_modality(c) for c in ds.cases()}
+    if len(mods) != 1:
+        return None
+    m = mods.pop()
+    return canonical_modality(m) if is_known_modality(m) else None

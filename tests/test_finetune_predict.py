@@ -1,0 +1,111 @@
+"""Fine-tuning (full / linear / LoRA), prediction in the input's geometry, and the case split."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from helpers import write_dicom_series
+from medfound.data.labeled import split_cases
+from medfound.data.nnunet import write_dataset
+from medfound.data.phantoms import PHANTOM_LABELS, make_phantom
+from medfound.errors import InputError
+from medfound.io import read_image
+from medfound.models.segmenter import load_segmenter
+
+FT = ["--encoder", "scratch:vit-micro", "--image-size", "48", "--max-steps", "6", "--val-every", "3",
+      "--batch-size", "4", "--precision", "32"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft") / "Dataset600_Phantom"
+    cases = []
+    for i in range(5):
+        img, lab = make_phantom("CT", shape=(40, 36, 10), seed=i, oblique=i % 2 == 1)
+        img.format = "nifti"
+        lab = lab.copy()
+        lab[lab == 3] = 5  # give the lesion a held-out name and value: it must not be trained
+        cases.append((f"case{i}", img, lab))
+    labels = {"background": 0, "organ": 1, "kidney": 2, "bone": 4, "Left_Thalamus": 5}
+    write_dataset(root, cases, labels, {"0": "CT"})
+    return root
+
+
+@pytest.mark.parametrize("mode", ["full", "linear", "lora"])
+def test_finetune_modes_export_and_reload(dataset, tmp_path, mode):
+    run = tmp_path / mode
+    r = run_cli("finetune", "--dataset", dataset, "--out", run, *FT, "--mode", mode, "--label-fraction", "0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["mode"] == mode and cfg["n_classes"] == 4  # organ, kidney, bone (+ background)
+    assert {c["name"] for c in cfg["classes"].values()} == {"organ", "kidney", "bone"}
+    assert "Left_Thalamus" in cfg["data"]["heldout_labels_excluded"]
+    assert not set(cfg["data"]["train_cases"]) & set(cfg["data"]["val_cases"])
+    assert len(cfg["data"]["train_cases"]) == 2  # half of the 4 non-validation cases
+    t = cfg["training"]
+    if mode == "lora":
+        assert 0 < t["encoder_trainable_parameters"] < 0.2 * t["encoder_parameters"]
+    elif mode == "linear":
+        assert t["encoder_trainable_parameters"] == 0
+    else:
+        assert t["encoder_trainable_parameters"] == t["encoder_parameters"]
+    model, _ = load_segmenter(run)
+    assert model(torch.rand(1, 1, 48, 48)).shape == (1, 4, 48, 48)
+
+
+def test_predict_nifti_and_dicom_keep_geometry(dataset, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("finetune", "--dataset", dataset, "--out", run, *FT).returncode == 0
+    # 3D NIfTI with an oblique affine
+    src = dataset / "imagesTr" / "case1_0000.nii.gz"
+    r = run_cli("predict", "--model", run, "--input", src, "--output", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "out" / "case1.nii.gz"
+    a, b = nib.load(str(src)), nib.load(str(out))
+    assert a.shape == b.shape and np.array_equal(a.affine, b.affine)
+    assert set(np.unique(np.asarray(b.dataobj)).tolist()) <= {0, 1, 2, 4}  # dataset values, never held-out 5
+    # DICOM series in, NIfTI + DICOM-SEG out, on the series' grid
+    image = read_image(src)
+    write_dicom_series(image.with_array(np.clip(image.array, -1024, 3000).astype(np.int16)), tmp_path / "dcm")
+    r = run_cli("predict", "--model", run, "--input", tmp_path / "dcm", "--output", tmp_path / "out2", "--dicom-seg")
+    assert r.returncode == 0, r.stderr[-2000:]
+    series = read_image(tmp_path / "dcm")
+    mask = read_image(tmp_path / "out2" / "dcm.nii.gz")
+    assert mask.shape == series.shape and np.abs(mask.affine - series.affine).max() < 1e-5
+    assert (tmp_path / "out2" / "dcm_seg.dcm").is_file()
+
+
+def test_predict_2d_png(tmp_path, dataset):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    assert run_cli("finetune", "--dataset", dataset, "--out", run, *FT).returncode == 0
+    Image.fromarray((np.random.default_rng(0).random((50, 70)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    r = run_cli("predict", "--model", run, "--input", tmp_path / "x.png", "--output", tmp_path / "o")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.asarray(Image.open(tmp_path / "o" / "x.png")).shape == (50, 70)
+
+
+def test_split_by_case():
+    cases = [f"c{i}" for i in range(10)]
+    train, val = split_cases(cases, 0.25, 0.2, seed=3)
+    assert len(val) == 2 and len(train) == 2 and not set(train) & set(val)
+    assert split_cases(cases, 0.25, 0.2, seed=3) == (train, val)
+    with pytest.raises(InputError):
+        split_cases(["only"], 1.0, 0.2, 0)
+
+
+def test_finetune_bad_input(tmp_path):
+    img, lab = make_phantom("CT", shape=(20, 20, 4))
+    img.format = "nifti"
+    write_dataset(tmp_path / "one", [("a", img, lab)], PHANTOM_LABELS, {"0": "CT"})
+    r = run_cli("finetune", "--dataset", tmp_path / "one", "--out", tmp_path / "r", *FT)
+    assert r.returncode == 2 and "at least 2" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("finetune", "--dataset", tmp_path / "one", "--out", tmp_path / "r", *FT[:2], "--mode", "weird")
+    assert r.returncode == 2
+    r = run_cli("predict", "--model", tmp_path / "nope", "--input", tmp_path, "--output", tmp_path / "o")
+    assert r.returncode == 2 and "nope" in r.stderr
