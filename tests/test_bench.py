@@ -16,3 +16,12 @@ def test_pretrain_bench_prints_json():
         assert key in out
     assert out["reference"]["images_per_s"] > 0 and out["gflop_per_step"] > 0
     assert out["loader"]["slices_per_s"] > 0
+
+
+def test_predict_bench_prints_json():
+    r = subprocess.run([sys.executable, "-m", "medfound.bench.predict", "--slices", "8", "--batch-size", "4",
+                        "--image-size", "64"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["volume"] == [512, 512, 8] and out["slices_per_s"] > 0 and out["peak_rss_mb"] > 0
+    assert "quarter_volume" in out and "working_memory_growth_mb" in out

@@ -54,21 +54,39 @@ def spec_for(modality: str, ct_window: str = "wide") -> NormalizeSpec:
     return NormalizeSpec(m, "percentile", 0.5, 99.5)
 
 
-def normalize(array: np.ndarray, modality: str, ct_window: str = "wide") -> np.ndarray:
-    """Map intensities to float32 in [0, 1] by the modality's rule (see :func:`spec_for`)."""
+def _sample(a: np.ndarray, limit: int = 2_000_000) -> np.ndarray:
+    """A strided view of at most ~``limit`` voxels: percentiles of a 500 MB volume need no copy of it."""
+    if a.size <= limit:
+        return a
+    step = int(np.ceil((a.size / limit) ** (1.0 / a.ndim)))
+    return a[(slice(None, None, step),) * a.ndim]
+
+
+def intensity_bounds(array: np.ndarray, modality: str, ct_window: str = "wide") -> tuple[float, float]:
+    """The (low, high) intensities that map to 0 and 1 for this image (see :func:`spec_for`)."""
     spec = spec_for(modality, ct_window)
-    a = np.asarray(array, dtype=np.float32)
     if spec.method == "window":
-        lo, hi = spec.low, spec.high
-    else:
-        values = a
-        if spec.foreground_only:
-            # MR/PET background is air at ~0; percentiles of the whole field of view would be
-            # dominated by it, so take them over the voxels above the lowest 1 %.
-            floor = np.percentile(a, 1.0)
-            fg = a[a > floor]
-            values = fg if fg.size > 0.05 * a.size else a
-        lo, hi = (float(v) for v in np.percentile(values, [spec.low, spec.high]))
+        return spec.low, spec.high
+    values = np.asarray(_sample(array), dtype=np.float32)
+    if spec.foreground_only:
+        # MR/PET background is air at ~0; percentiles of the whole field of view would be
+        # dominated by it, so take them over the voxels above the lowest 1 %.
+        floor = np.percentile(values, 1.0)
+        fg = values[values > floor]
+        values = fg if fg.size > 0.05 * values.size else values
+    lo, hi = (float(v) for v in np.percentile(values, [spec.low, spec.high]))
+    return lo, hi
+
+
+def apply_bounds(array: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """Scale ``array`` (a whole image or one slice of it) to float32 in [0, 1] by ``bounds``."""
+    lo, hi = bounds
+    a = np.asarray(array, dtype=np.float32)
     if hi <= lo:
         return np.zeros_like(a)
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+
+
+def normalize(array: np.ndarray, modality: str, ct_window: str = "wide") -> np.ndarray:
+    """Map intensities to float32 in [0, 1] by the modality's rule (see :func:`spec_for`)."""
+    return apply_bounds(array, intensity_bounds(array, modality, ct_window))

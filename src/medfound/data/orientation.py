@@ -19,7 +19,7 @@ def to_canonical(image: MedImage) -> tuple[MedImage, np.ndarray]:
     ornt = nio.io_orientation(image.affine)
     arr = nio.apply_orientation(image.array, ornt)
     affine = image.affine @ nio.inv_ornt_aff(ornt, image.shape)
-    out = MedImage(array=np.ascontiguousarray(arr), affine=affine, modality=image.modality,
+    out = MedImage(array=arr, affine=affine,  # a view when only flips/transposes are needed modality=image.modality,
                    source=image.source, format=image.format, meta=dict(image.meta))
     return out, ornt
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfound.data.normalize import normalize
+from medfound.data.normalize import apply_bounds, intensity_bounds
 from medfound.data.orientation import from_canonical, to_canonical
 from medfound.data.slicing import from_square, iter_slices, to_square
 from medfound.errors import InputError
@@ -24,10 +24,11 @@ from medfound.io.formats import case_name, sniff_format
 from medfound.models.segmenter import load_segmenter, predict_square
 
 
-def _batches(image: MedImage, axis: int, size: int, batch: int) -> Iterator[list[tuple[int, np.ndarray, object]]]:
+def _batches(image: MedImage, axis: int, size: int, batch: int,
+             bounds: tuple[float, float]) -> Iterator[list[tuple[int, np.ndarray, object]]]:
     buf = []
     for k, sl, spacing in iter_slices(image, axis):
-        sq, geom = to_square(sl, spacing, size)
+        sq, geom = to_square(apply_bounds(sl, bounds), spacing, size)
         buf.append((k, sq, geom))
         if len(buf) == batch:
             yield buf
@@ -41,22 +42,22 @@ def predict_image(model: torch.nn.Module, cfg: dict, image: MedImage, batch_size
     """Label map (dataset label values) on ``image``'s grid."""
     # Files that do not record a modality (NIfTI, PNG) are taken to be of the training modality.
     mod = modality or (image.modality if image.modality != "OT" else None) or cfg.get("modality") or "OT"
-    norm = image.with_array(normalize(image.array, mod))
-    ornt = None
-    if norm.ndim == 3 and not norm.meta.get("frames_are_time"):
-        norm, ornt = to_canonical(norm)
-    axis = cfg.get("axis", 2) if norm.ndim == 3 else 2
-    out = np.zeros(norm.shape, dtype=np.uint8)
+    bounds = intensity_bounds(image.array, mod)  # once per volume; applied slice by slice below
+    view, ornt = image, None
+    if image.ndim == 3 and not image.meta.get("frames_are_time"):
+        view, ornt = to_canonical(image)  # a view of the stored voxels, not a copy
+    axis = cfg.get("axis", 2) if view.ndim == 3 else 2
+    out = np.zeros(view.shape, dtype=np.uint8)
     lut = np.zeros(cfg["n_classes"], dtype=np.uint16)
     for c, info in cfg["classes"].items():
         lut[int(c)] = int(info["label"])
     device = next(model.parameters()).device
-    for items in _batches(norm, axis, int(cfg["image_size"]), batch_size):
+    for items in _batches(view, axis, int(cfg["image_size"]), batch_size, bounds):
         x = torch.from_numpy(np.stack([sq for _, sq, _ in items])[:, None]).to(device)
         probs = predict_square(model, x, autocast=bf16).cpu()
         for (k, _, geom), pr in zip(items, probs):
             labels = from_square(pr, geom).argmax(axis=0)
-            if norm.ndim == 2:
+            if view.ndim == 2:
                 out[:] = labels
             else:
                 idx = [slice(None)] * 3
