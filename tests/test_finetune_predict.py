@@ -55,6 +55,9 @@ def test_finetune_modes_export_and_reload(dataset, tmp_path, mode):
         assert t["encoder_trainable_parameters"] == t["encoder_parameters"]
     model, _ = load_segmenter(run)
     assert model(torch.rand(1, 1, 48, 48)).shape == (1, 4, 48, 48)
+    card = (run / "model_card.md").read_text()
+    assert "## Metrics on 1 validation" in card and "| organ |" in card and "Intended use" in card
+    assert list(run.glob("failure_*.png"))
 
 
 def test_predict_nifti_and_dicom_keep_geometry(dataset, tmp_path):

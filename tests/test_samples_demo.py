@@ -15,6 +15,10 @@ def test_tissue_and_lesion_datasets(samples):
     tissue = NnUNetDataset.open(samples / "Dataset001_BrainTissue")
     image, label = tissue.read_case("icbm152_2009a")
     assert image.shape == (197, 233, 189) and set(np.unique(label.array)) == {0, 1, 2}
+    assert len(tissue.cases()) >= 3  # ICBM 2009a/2009c, MNI152 (+ Colin27 with mricron-data)
+    _, gmm = tissue.read_case("mni152_fsl")
+    frac = np.bincount(gmm.array.ravel(), minlength=3) / gmm.array.size
+    assert 0.05 < frac[1] < 0.3 and 0.05 < frac[2] < 0.3  # plausible GM and WM volumes
     lesions = NnUNetDataset.open(samples / "Dataset002_Lesions")
     assert lesions.cases() == ["brain1", "brain2", "breast1", "lung1", "lung2"]
     assert lesions.case_modality("lung1") == "CT" and lesions.case_modality("brain1") == "MR"
@@ -63,11 +67,12 @@ def test_phantoms_have_all_structures(modality):
 def test_demo_end_to_end(tmp_path):
     from conftest import run_cli
 
-    r = run_cli("demo", "--out", tmp_path / "demo", "--pretrain-steps", "4")
+    r = run_cli("demo", "--out", tmp_path / "demo", "--pretrain-steps", "4", "--finetune-steps", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     report = tmp_path / "demo" / "report"
     html = (report / "index.html").read_text()
     assert "Unlabeled pool ingested" in html and "Dataset002_Lesions" in html
+    assert "Adaptation with few labels" in html and (report / "img/label_efficiency.png").is_file()
     assert "MAE pretraining" in html and (tmp_path / "demo" / "pretrain" / "encoder.safetensors").is_file()
     for img in ("img/Dataset002_Lesions.png", "img/shards_by_modality.png", "img/pretrain_loss.png"):
         assert (report / img).stat().st_size > 10_000

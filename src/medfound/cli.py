@@ -18,6 +18,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Segmentation foundation models for medical images.")
 data_app = typer.Typer(no_args_is_help=True, help="Read, inspect, ingest and materialise data.")
 app.add_typer(data_app, name="data")
+classify_app = typer.Typer(no_args_is_help=True, help="Image classification heads on the same encoders.")
+app.add_typer(classify_app, name="classify")
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: label efficiency, out-of-domain.")
+app.add_typer(experiment_app, name="experiment")
 
 
 @data_app.command("inspect")
@@ -237,6 +241,9 @@ def finetune(
                          image_size=image_size, val_every=val_every, precision=precision, accelerator=accelerator,
                          devices=dev, num_nodes=num_nodes, strategy=strategy)
     config = run_finetune(dataset, out, encoder, cfg)
+    from medfound.eval.model_card import write_model_card
+
+    write_model_card(out, dataset, config["data"]["val_cases"])
     t = config["training"]
     print(f"{out}: {t['steps']} steps, best validation Dice {t['best_val_dice']:.3f} "
           f"({len(config['data']['train_cases'])} labeled case(s), {t['trainable_parameters']:,} trainable parameters)")
@@ -281,17 +288,108 @@ def evaluate(
     print(f"{out} ({summary['cases']} case(s)); summary: {out.with_name(out.stem + '_summary.json')}")
 
 
+@classify_app.command("train")
+def classify_train(
+    csv_path: Annotated[Path, typer.Option("--csv", help="CSV with columns image,label (paths relative to the CSV).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: model.safetensors + config.json.")],
+    encoder: Annotated[str, typer.Option(help="Exported MAE run, or scratch.")] = "scratch",
+    mode: Annotated[str, typer.Option(help="linear (probe, frozen encoder) or full.")] = "linear",
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    val_fraction: Annotated[float, typer.Option(help="Share of each class held out for validation.")] = 0.2,
+    image_size: Annotated[Optional[int], typer.Option(help="Image size (default: the encoder's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Train a linear probe or fine-tune a classifier from an image,label CSV."""
+    from medfound.train.classify import ClassifyConfig, run_classify
+
+    if max_steps < 1 or batch_size < 1 or not 0 < val_fraction < 1:
+        raise InputError(None, "--max-steps, --batch-size >= 1 and --val-fraction in (0, 1)")
+    cfg = run_classify(csv_path, out, encoder, ClassifyConfig(mode=mode, max_steps=max_steps, batch_size=batch_size,
+                                                              lr=lr, val_fraction=val_fraction, image_size=image_size,
+                                                              seed=seed))
+    v = cfg["validation"]
+    print(f"{out}: validation accuracy {v['accuracy']:.3f}, balanced accuracy {v['balanced_accuracy']:.3f} "
+          f"({cfg['data']['val_images']} images)")
+
+
+@classify_app.command("predict")
+def classify_predict(
+    model: Annotated[Path, typer.Option("--model", help="Classifier run folder.")],
+    input: Annotated[Path, typer.Option("--input", help="Image file or folder of images.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV: image,label,probability.")],
+) -> None:
+    """Classify images with a trained classifier; writes image,label,probability."""
+    import csv as _csv
+    import io
+
+    from medfound.io.atomic import write_text
+    from medfound.io.formats import sniff_format
+    from medfound.train.classify import classify_paths
+
+    if not input.exists():
+        raise InputError(input, "no such file or folder")
+    paths = [input] if input.is_file() else [f for f in sorted(input.iterdir()) if f.is_file() and sniff_format(f)]
+    if not paths:
+        raise InputError(input, "no images found")
+    buf = io.StringIO()
+    w = _csv.writer(buf)
+    w.writerow(["image", "label", "probability"])
+    for p, label, prob in classify_paths(model, paths):
+        w.writerow([str(p), label, f"{prob:.4f}"])
+    write_text(out, buf.getvalue())
+    print(f"{out}: {len(paths)} image(s)")
+
+
+@experiment_app.command("label-efficiency")
+def experiment_label_efficiency(
+    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset (imagesTs/labelsTs are the test set if present).")],
+    encoder: Annotated[str, typer.Option("--encoder", help="Exported MAE run to compare against scratch.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder: results.csv, summary.csv, label_efficiency.png, runs/.")],
+    fractions: Annotated[str, typer.Option(help="Comma-separated label fractions.")] = "0.05,0.1,0.25,0.5,1",
+    seeds: Annotated[int, typer.Option(help="Seeds per fraction and arm.")] = 3,
+    modes: Annotated[str, typer.Option(help="Pretrained arms: comma-separated of full, linear, lora (scratch-full is always added with full).")] = "full",
+    max_steps: Annotated[int, typer.Option(help="Fine-tuning steps per run.")] = 300,
+    ood_dataset: Annotated[Optional[Path], typer.Option("--ood-dataset", help="Second dataset for an out-of-domain table (labels matched by name).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Slice size (default: the encoder's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Decoder learning rate.")] = 1e-3,
+) -> None:
+    """Dice vs label fraction, pretrained vs scratch (and LoRA vs full), with seeds and CIs."""
+    from medfound.eval.experiments import label_efficiency
+    from medfound.train.finetune import FinetuneConfig
+
+    try:
+        fr = [float(f) for f in fractions.split(",")]
+    except ValueError:
+        raise InputError(None, f"--fractions must be numbers, got {fractions!r}") from None
+    if not fr or any(not 0 < f <= 1 for f in fr) or seeds < 1 or max_steps < 1:
+        raise InputError(None, "--fractions in (0, 1], --seeds and --max-steps >= 1")
+    mode_list = [m.strip() for m in modes.split(",")]
+    if any(m not in ("full", "linear", "lora") for m in mode_list):
+        raise InputError(None, f"--modes takes full, linear, lora; got {modes!r}")
+    base = FinetuneConfig(image_size=image_size, batch_size=batch_size, lr=lr)
+    summary = label_efficiency(dataset, encoder, fr, seeds, out, mode_list, max_steps, ood_dataset, base)
+    for r in summary:
+        extra = f"  OOD {r['ood_dice_mean']:.3f}" if "ood_dice_mean" in r else ""
+        print(f"{r['arm']:18s} fraction {r['fraction']:<5g} ({r['labeled_cases']} cases): Dice "
+              f"{r['test_dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] over {r['seeds']} seed(s){extra}")
+    print(f"{out / 'summary.csv'}, {out / 'label_efficiency.png'}")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, shards and report/.")] = Path("demo"),
     pretrain_steps: Annotated[int, typer.Option(help="MAE pretraining steps in the demo.")] = 300,
+    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per run in the demo.")] = 150,
 ) -> None:
     """Run the main job end to end on the real sample data and write a report."""
     from medfound.demo import run_demo
 
-    if pretrain_steps < 1:
-        raise InputError(None, "--pretrain-steps must be >= 1")
-    run_demo(out, pretrain_steps=pretrain_steps)
+    if pretrain_steps < 1 or finetune_steps < 1:
+        raise InputError(None, "--pretrain-steps and --finetune-steps must be >= 1")
+    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps)
 
 
 def main() -> None:

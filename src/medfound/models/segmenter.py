@@ -30,11 +30,17 @@ def build_segmenter(arch: dict, n_classes: int, mode: str = "full", rank: int = 
 
 
 def encoder_for(name_or_run: str) -> tuple[ViTEncoder, dict]:
-    """``scratch`` / ``scratch:vit-small`` -> a fresh encoder; anything else -> an exported MAE run."""
+    """``scratch`` / ``scratch:vit-small`` / ``scratch:RUN`` -> a fresh encoder (RUN's shape); anything
+    else -> an exported MAE run."""
     from medfound.models.export import load_encoder
 
     if name_or_run.startswith("scratch"):
         size = name_or_run.partition(":")[2] or "vit-tiny"
+        if (Path(size) / "config.json").is_file():  # scratch:RUN = a fresh encoder shaped like RUN's
+            arch = json.loads((Path(size) / "config.json").read_text())["architecture"]
+            torch.manual_seed(0)
+            cfg = {"kind": "scratch", "image_size": json.loads((Path(size) / "config.json").read_text()).get("image_size", 224)}
+            return ViTEncoder(ViTConfig(**{k: v for k, v in arch.items() if k != "type"})), cfg
         if size not in VIT_CONFIGS:
             raise InputError(None, f"unknown encoder size {size!r}; choose from {', '.join(VIT_CONFIGS)}")
         torch.manual_seed(0)

@@ -121,13 +121,16 @@ def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tup
     return ViTUNETR(encoder, n_classes), enc_cfg
 
 
-def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: str, cfg: FinetuneConfig) -> dict:
-    """Fine-tune and export ``OUT/model.safetensors`` + ``OUT/config.json``; returns the config."""
+def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: str, cfg: FinetuneConfig,
+                 cases: list[str] | None = None) -> dict:
+    """Fine-tune and export ``OUT/model.safetensors`` + ``OUT/config.json``; returns the config.
+    ``cases`` restricts the training cases the split draws from (an experiment's test cases stay out)."""
     out = Path(out)
     ds = NnUNetDataset.open(dataset)
     classes = training_classes(ds)
     lut = label_lut(ds, classes)
-    train_cases, val_cases = split_cases(ds.cases(), cfg.label_fraction, cfg.val_fraction, cfg.seed)
+    train_cases, val_cases = split_cases(cases if cases is not None else ds.cases(), cfg.label_fraction,
+                                         cfg.val_fraction, cfg.seed)
     model, enc_cfg = prepare_model(encoder, len(classes) + 1, cfg)
     size = cfg.image_size or int(enc_cfg.get("image_size", 224))
     p = model.encoder.config.patch_size

@@ -1,0 +1,162 @@
+"""Label-efficiency and out-of-domain experiments: pretrained vs scratch (and LoRA vs full).
+
+Test cases are fixed before anything trains — the dataset's ``imagesTs``/``labelsTs`` when it has
+them, else a seed-independent share of the cases — and never enter training or model selection
+(validation cases are drawn from the rest, per seed). Each (arm, label fraction, seed) fine-tunes one
+model; its test Dice is the mean over test cases and trained labels, computed on the original grids.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medfound.data.nnunet import NnUNetDataset
+from medfound.errors import InputError
+from medfound.eval.metrics import case_metrics, summarise
+from medfound.eval.model_card import write_model_card
+from medfound.infer.predict import predict_image
+from medfound.io.atomic import write_text
+from medfound.models.segmenter import load_segmenter
+from medfound.train.finetune import FinetuneConfig, run_finetune
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    encoder: str
+    mode: str
+
+
+def arms_for(encoder: str, modes: list[str], scratch: str | None = None) -> list[Arm]:
+    """Pretrained arms per mode, plus scratch-full: a fresh encoder of the same architecture."""
+    scratch = scratch or f"scratch:{encoder}"
+    arms = []
+    for mode in modes:
+        arms.append(Arm(f"pretrained-{mode}", encoder, mode))
+    if "full" in modes:
+        arms.append(Arm("scratch-full", scratch, "full"))
+    return arms
+
+
+def test_split(ds: NnUNetDataset, test_fraction: float = 0.25) -> tuple[list[str], list[str], str]:
+    """(cases available for training, test cases, split name). imagesTs with labels wins."""
+    ts = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()]
+    if ts:
+        return ds.cases(), ts, "Ts"
+    cases = ds.cases()
+    if len(cases) < 3:
+        raise InputError(ds.root, f"need at least 3 labeled cases (test, validation, training); got {len(cases)}")
+    order = list(np.random.default_rng(12345).permutation(cases))  # fixed, independent of --seeds
+    n_test = min(len(cases) - 2, max(1, int(round(test_fraction * len(cases)))))
+    return sorted(order[n_test:]), sorted(order[:n_test]), "Tr"
+
+
+def dice_on(model_run: Path, ds: NnUNetDataset, cases: list[str], split: str,
+            name_map: dict[str, int] | None = None) -> tuple[float, list]:
+    """Mean Dice over ``cases`` and the model's classes (matched to ``ds`` labels by name)."""
+    model, cfg = load_segmenter(model_run)
+    ds_by_name = ds.labels
+    rows = []
+    for case in cases:
+        image, truth = ds.read_case(case, split)
+        pred = predict_image(model, cfg, image, batch_size=16)
+        for c, info in cfg["classes"].items():
+            target = ds_by_name.get(info["name"])
+            if target is None:
+                continue
+            m = case_metrics(case, (pred == info["label"]).astype(np.int64), (truth.array == target).astype(np.int64),
+                             truth.spacing, [1])[0]
+            rows.append((case, info["name"], m.dice, m.hd95))
+    if not rows:
+        raise InputError(ds.root, "no label of the model is present in this dataset (labels match by name)")
+    return float(np.mean([r[2] for r in rows])), rows
+
+
+def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[float], seeds: int,
+                     out: str | os.PathLike, modes: list[str] = ("full",), max_steps: int = 300,
+                     ood_dataset: str | os.PathLike | None = None, base: FinetuneConfig | None = None,
+                     scratch: str | None = None, log=print) -> dict:
+    out = Path(out)
+    ds = NnUNetDataset.open(dataset)
+    ood = NnUNetDataset.open(ood_dataset) if ood_dataset else None
+    train_pool, test_cases, split = test_split(ds)
+    arms = arms_for(encoder, list(modes), scratch)
+    results = []
+    for frac in fractions:
+        for seed in range(seeds):
+            for arm in arms:
+                run = out / "runs" / f"{arm.name}_f{frac:g}_s{seed}"
+                cfg = FinetuneConfig(**{**(base.__dict__ if base else {}), "mode": arm.mode, "label_fraction": frac,
+                                        "seed": seed, "max_steps": max_steps, "progress": False})
+                log(f"[experiment] {arm.name} fraction {frac:g} seed {seed} ...")
+                c = run_finetune(ds.root, run, arm.encoder, cfg, cases=train_pool)
+                _, rows = write_model_card(run, ds.root, test_cases, split, what="test cases (never trained or selected on)")
+                dice = float(np.mean([r.dice for r in rows]))
+                row = {"arm": arm.name, "encoder": arm.encoder, "mode": arm.mode, "fraction": frac, "seed": seed,
+                       "labeled_cases": len(c["data"]["train_cases"]), "val_dice": c["training"]["best_val_dice"],
+                       "test_dice": dice, "seconds": c["training"]["seconds"],
+                       "trainable_parameters": c["training"]["trainable_parameters"]}
+                if ood is not None:
+                    row["ood_dice"], _ = dice_on(run, ood, ood.cases(), "Tr")
+                results.append(row)
+                log(f"[experiment]   test Dice {dice:.3f}")
+    summary = _summary(results, ood is not None)
+    _write(out, results, summary, {"dataset": str(ds.root), "test_cases": test_cases, "test_split": split,
+                                   "train_pool": train_pool, "ood_dataset": str(ood.root) if ood else None,
+                                   "max_steps": max_steps, "seeds": seeds, "fractions": fractions})
+    return summary
+
+
+def _summary(results: list[dict], with_ood: bool) -> list[dict]:
+    rows = []
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        for frac in dict.fromkeys(r["fraction"] for r in results):
+            sel = [r for r in results if r["arm"] == arm and r["fraction"] == frac]
+            s = summarise([r["test_dice"] for r in sel])
+            row = {"arm": arm, "fraction": frac, "labeled_cases": sel[0]["labeled_cases"], "seeds": len(sel),
+                   "test_dice_mean": s["mean"], "test_dice_std": float(np.std([r["test_dice"] for r in sel])),
+                   "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
+            if with_ood:
+                o = summarise([r["ood_dice"] for r in sel])
+                row |= {"ood_dice_mean": o["mean"], "ood_ci_low": o["ci_low"], "ood_ci_high": o["ci_high"]}
+            rows.append(row)
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _write(out: Path, results: list[dict], summary: list[dict], meta: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    from medfound.io.figures import save_figure
+
+    write_text(out / "results.csv", _csv(results))
+    write_text(out / "summary.csv", _csv(summary))
+    write_text(out / "experiment.json", json.dumps({**meta, "summary": summary}, indent=2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for arm in dict.fromkeys(r["arm"] for r in summary):
+        sel = [r for r in summary if r["arm"] == arm]
+        x = [r["fraction"] for r in sel]
+        y = np.array([r["test_dice_mean"] for r in sel])
+        err = np.array([[r["test_dice_mean"] - r["ci_low"], r["ci_high"] - r["test_dice_mean"]] for r in sel]).T
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("label fraction (of training cases)")
+    ax.set_ylabel("test Dice (mean, 95% CI over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, out / "label_efficiency.png")

@@ -1,0 +1,202 @@
+"""Classification heads on the same encoders: a linear probe (frozen encoder) or full fine-tuning.
+
+Input is a CSV ``image,label`` (paths relative to the CSV). Each image becomes one normalised square
+slice: 2D images as they are, volumes by their middle slice along the axial (canonical RAS) axis.
+The head reads the mean of the patch tokens joined with the class token, as MAE's linear probes do.
+Rows are split into training and validation by a seeded shuffle stratified by class.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from medfound.data.normalize import normalize
+from medfound.data.orientation import to_canonical
+from medfound.data.slicing import to_square
+from medfound.errors import InputError
+from medfound.io import read_image
+from medfound.io.atomic import atomic_file, write_text
+from medfound.models.segmenter import encoder_for
+from medfound.models.vit import ViTConfig, ViTEncoder
+
+
+class ViTClassifier(nn.Module):
+    """(B, 1, S, S) -> logits (B, n_classes) from [class token, mean patch token]."""
+
+    def __init__(self, encoder: ViTEncoder, n_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        D = encoder.config.width
+        self.norm = nn.BatchNorm1d(2 * D, affine=False)  # the MAE linear-probe trick: normalised features
+        self.head = nn.Linear(2 * D, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(x)
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.features(x)))
+
+
+def read_label_csv(path: str | os.PathLike) -> list[tuple[Path, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
+            raise InputError(path, "CSV needs the columns image,label")
+        rows = [(path.parent / r["image"], str(r["label"]).strip()) for r in reader if r.get("image")]
+    if len(rows) < 2:
+        raise InputError(path, "CSV holds fewer than 2 images")
+    return rows
+
+
+def image_to_square(path: Path, size: int) -> np.ndarray:
+    image = read_image(path)
+    arr = normalize(image.array, image.modality)
+    if image.ndim == 3:
+        can, _ = to_canonical(image.with_array(arr))
+        arr = can.array[:, :, can.shape[2] // 2]
+        spacing = can.spacing[:2]
+    else:
+        spacing = image.spacing
+    return to_square(arr, spacing, size)[0]
+
+
+@dataclass
+class ClassifyConfig:
+    mode: str = "linear"
+    max_steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    val_fraction: float = 0.2
+    seed: int = 0
+    image_size: int | None = None
+    accelerator: str = "auto"
+    progress: bool = True
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, model: ViTClassifier, cfg: ClassifyConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.loss = nn.CrossEntropyLoss()
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, _):
+        x, y = batch
+        loss = self.loss(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        self._val.append((self.model(x).argmax(1).cpu(), y.cpu()))
+
+    def on_validation_epoch_end(self):
+        p = torch.cat([a for a, _ in self._val])
+        t = torch.cat([b for _, b in self._val])
+        self._val.clear()
+        recalls = [float((p[t == c] == c).float().mean()) for c in t.unique()]
+        self.log("val/balanced_accuracy", float(np.mean(recalls)), prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.cfg.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in sorted(set(labels)):
+        idx = [i for i, l in enumerate(labels) if l == c]
+        rng.shuffle(idx)
+        n_val = int(round(val_fraction * len(idx))) if len(idx) > 1 else 0
+        val += idx[:n_val]
+        train += idx[n_val:]
+    if not val:
+        raise InputError(None, "too few images per class for a validation split")
+    return sorted(train), sorted(val)
+
+
+def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: str, cfg: ClassifyConfig) -> dict:
+    out = Path(out)
+    rows = read_label_csv(csv_path)
+    names = sorted({l for _, l in rows})
+    if len(names) < 2:
+        raise InputError(csv_path, "need at least 2 classes")
+    enc, enc_cfg = encoder_for(encoder)
+    size = cfg.image_size or int(enc_cfg.get("image_size", 224))
+    if cfg.mode not in ("linear", "full"):
+        raise InputError(None, f"--mode must be linear or full, got {cfg.mode!r}")
+    if cfg.mode == "linear":
+        for p in enc.parameters():
+            p.requires_grad = False
+    x = torch.from_numpy(np.stack([image_to_square(p, size) for p, _ in rows])[:, None])
+    y = torch.tensor([names.index(l) for _, l in rows])
+    tr, va = stratified_split(y.tolist(), cfg.val_fraction, cfg.seed)
+    L.seed_everything(cfg.seed, verbose=False)
+    model = ViTClassifier(enc, len(names))
+    train_dl = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=min(cfg.batch_size, len(tr)), shuffle=True, drop_last=True)
+    val_dl = DataLoader(TensorDataset(x[va], y[va]), batch_size=64)
+    module = ClassifierModule(model, cfg)
+    trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
+                        check_val_every_n_epoch=None, val_check_interval=min(50, cfg.max_steps), num_sanity_val_steps=0)
+    t0 = time.time()
+    trainer.fit(module, train_dl, val_dl)
+    model.eval()
+    with torch.no_grad():
+        pred = model(x[va]).argmax(1)
+    recalls = [float((pred[y[va] == c] == c).float().mean()) for c in y[va].unique()]
+    config = {"kind": "classifier", "architecture": {"type": "vit", **enc.config.as_dict()}, "classes": names,
+              "mode": cfg.mode, "image_size": size, "encoder": {"source": encoder, "kind": enc_cfg.get("kind")},
+              "data": {"csv": str(csv_path), "train_images": len(tr), "val_images": len(va)},
+              "validation": {"accuracy": float((pred == y[va]).float().mean()), "balanced_accuracy": float(np.mean(recalls))},
+              "training": {"steps": int(trainer.global_step), "seconds": round(time.time() - t0, 1)}}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_text(out / "config.json", json.dumps(config, indent=2))
+    return config
+
+
+def load_classifier(run: str | os.PathLike) -> tuple[ViTClassifier, dict]:
+    run = Path(run)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file() or not (run / "model.safetensors").is_file():
+        raise InputError(run, "not a medfound classifier run (config.json / model.safetensors missing)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("kind") != "classifier":
+        raise InputError(cfg_path, f"not a classifier config (kind={cfg.get('kind')!r})")
+    enc = ViTEncoder(ViTConfig(**{k: v for k, v in cfg["architecture"].items() if k != "type"}))
+    model = ViTClassifier(enc, len(cfg["classes"]))
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def classify_paths(run: str | os.PathLike, paths: list[Path]) -> list[tuple[Path, str, float]]:
+    model, cfg = load_classifier(run)
+    out = []
+    for p in paths:
+        x = torch.from_numpy(image_to_square(p, cfg["image_size"]))[None, None]
+        prob = model(x).softmax(1)[0]
+        k = int(prob.argmax())
+        out.append((p, cfg["classes"][k], float(prob[k])))
+    return out

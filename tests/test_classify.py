@@ -1,0 +1,47 @@
+"""Classification from an image,label CSV: linear probe and fine-tuning, then predict."""
+
+import csv
+
+import numpy as np
+from PIL import Image
+
+from conftest import run_cli
+
+
+def _csv(tmp_path, n=12):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        label = "disc" if i % 2 else "bar"
+        img = rng.normal(40, 10, (48, 48))
+        if label == "disc":
+            yy, xx = np.mgrid[:48, :48]
+            img[(yy - 24) ** 2 + (xx - 24) ** 2 < 100] += 150
+        else:
+            img[20:28, 4:44] += 150
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / f"im{i}.png")
+        rows.append((f"im{i}.png", label))
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label"])
+        w.writerows(rows)
+    return tmp_path / "labels.csv"
+
+
+def test_linear_probe_and_full(tmp_path):
+    path = _csv(tmp_path)
+    for mode in ("linear", "full"):
+        r = run_cli("classify", "train", "--csv", path, "--out", tmp_path / mode, "--encoder", "scratch:vit-micro",
+                    "--mode", mode, "--max-steps", "30", "--batch-size", "4", "--image-size", "48")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "balanced accuracy" in r.stdout
+    r = run_cli("classify", "predict", "--model", tmp_path / "full", "--input", tmp_path, "--out", tmp_path / "p.csv")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 12 and {r["label"] for r in rows} <= {"bar", "disc"}
+
+
+def test_classify_bad_csv(tmp_path):
+    (tmp_path / "x.csv").write_text("path,y\na.png,1\n")
+    r = run_cli("classify", "train", "--csv", tmp_path / "x.csv", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "image,label" in r.stderr
