@@ -18,6 +18,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Segmentation foundation models for medical images.")
 data_app = typer.Typer(no_args_is_help=True, help="Read, inspect, ingest and materialise data.")
 app.add_typer(data_app, name="data")
+sam_app = typer.Typer(no_args_is_help=True, help="Segment Anything: LoRA fine-tuning, prompted segmentation, evaluation.")
+app.add_typer(sam_app, name="sam")
 classify_app = typer.Typer(no_args_is_help=True, help="Image classification heads on the same encoders.")
 app.add_typer(classify_app, name="classify")
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: label efficiency, out-of-domain.")
@@ -286,6 +288,125 @@ def evaluate(
     summary = evaluate_folders(pred, truth, out, nsd_tolerance)
     print(format_summary(summary))
     print(f"{out} ({summary['cases']} case(s)); summary: {out.with_name(out.stem + '_summary.json')}")
+
+
+@sam_app.command("finetune")
+def sam_finetune(
+    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
+    base: Annotated[str, typer.Option("--base", help="Official SAM / MedSAM .pth, or a variant (vit_b, vit_l, vit_h, tiny) for random weights.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: adapters.safetensors, config.json, checkpoints/.")],
+    rank: Annotated[int, typer.Option(help="LoRA rank on the image encoder's qkv.")] = 4,
+    image_size: Annotated[int, typer.Option(help="Input size (1024 as released; 256/512 for speed).")] = 256,
+    prompt: Annotated[str, typer.Option(help="Simulated prompts: box, point or both.")] = "both",
+    train_prompt_encoder: Annotated[bool, typer.Option(help="Train the prompt encoder too.")] = False,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
+    precision: Annotated[str, typer.Option(help="bf16 or 32.")] = "32",
+    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Devices per node.")] = "1",
+    num_nodes: Annotated[int, typer.Option(help="Nodes.")] = 1,
+    strategy: Annotated[str, typer.Option(help="auto, ddp ...")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+) -> None:
+    """Adapt SAM to a dataset with LoRA on its image encoder and prompts simulated from the labels."""
+    from medfound.train.sam_finetune import SamFinetuneConfig, run_sam_finetune
+
+    if rank < 1 or max_steps < 1 or batch_size < 1:
+        raise InputError(None, "--rank, --max-steps and --batch-size must be positive")
+    dev = int(devices) if devices.isdigit() else devices
+    cfg = run_sam_finetune(dataset, base, out, SamFinetuneConfig(
+        rank=rank, image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, precision=precision,
+        accelerator=accelerator, devices=dev, num_nodes=num_nodes, strategy=strategy, seed=seed), resume=resume)
+    if cfg:
+        size = (out / "adapters.safetensors").stat().st_size / 2**20
+        print(f"{out}: {cfg['training']['steps']} steps; adapters {size:.2f} MiB "
+              f"({cfg['training']['trainable_parameters']:,} trained of {cfg['training']['total_parameters']:,})")
+
+
+def _xy(text: str, n: int, what: str) -> list[float]:
+    try:
+        v = [float(t) for t in text.split(",")]
+    except ValueError:
+        v = []
+    if len(v) != n:
+        raise InputError(None, f"{what} takes {n} comma-separated numbers, got {text!r}")
+    return v
+
+
+@sam_app.command("segment")
+def sam_segment(
+    model: Annotated[str, typer.Option("--model", help="SAM run folder, official .pth, or variant name.")],
+    input: Annotated[Path, typer.Option("--input", help="Image file or DICOM series folder.")],
+    output: Annotated[Path, typer.Option("--output", help="Folder for the mask (CASE.nii.gz in the input's geometry).")],
+    box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in the slice's pixels (x = first array axis).")] = None,
+    point: Annotated[Optional[list[str]], typer.Option(help="x,y,label (1 inside, 0 outside); repeatable.")] = None,
+    slice_index: Annotated[int, typer.Option("--slice", help="Slice index along --axis (3D inputs).")] = 0,
+    axis: Annotated[int, typer.Option(help="Slice axis of the stored array (3D inputs).")] = 2,
+    propagate: Annotated[bool, typer.Option(help="Carry the box through neighbouring slices.")] = False,
+    base: Annotated[Optional[str], typer.Option(help="Where the run's base checkpoint is now, if moved.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size for a plain checkpoint (default: its own).")] = None,
+) -> None:
+    """Segment one structure with a box and/or points on a slice (or through a volume)."""
+    import numpy as np
+
+    from medfound.infer.sam_segment import SamSession
+    from medfound.io import read_image, write_mask
+    from medfound.io.formats import case_name
+    from medfound.models.sam import load_sam_model
+
+    b = _xy(box, 4, "--box") if box else None
+    pts = [_xy(p, 3, "--point") for p in (point or [])]
+    if b is None and not pts:
+        raise InputError(None, "give --box and/or --point")
+    if propagate and b is None:
+        raise InputError(None, "--propagate needs a --box")
+    image = read_image(input)
+    sam, cfg = load_sam_model(model, base, image_size)
+    session = SamSession(sam, image, cfg["image_size"], axis=axis)
+    if propagate:
+        vol = session.propagate(slice_index, b)
+    else:
+        m2 = session.segment(slice_index, box=b, points=[p[:2] for p in pts] or None, labels=[int(p[2]) for p in pts] or None)
+        vol = np.zeros(image.shape, bool)
+        if image.ndim == 2:
+            vol = m2
+        else:
+            idx = [slice(None)] * 3
+            idx[axis] = slice_index
+            vol[tuple(idx)] = m2
+    name = input.name if input.is_dir() else case_name(input, strip_channel=True)
+    ext = ".png" if image.format in ("png", "jpeg", "bmp") else ".nii.gz"
+    path = write_mask(vol.astype(np.uint8), image, output / f"{name}{ext}")
+    print(f"{path}: {int(vol.sum())} voxels on {int(np.any(vol, axis=tuple(d for d in range(vol.ndim) if d != axis)).sum()) if vol.ndim == 3 else 1} slice(s)")
+
+
+@sam_app.command("evaluate")
+def sam_evaluate(
+    model: Annotated[str, typer.Option("--model", help="SAM LoRA run folder.")],
+    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset; the run's validation cases (or imagesTs) are used.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV: model,prompt,dice_mean,dice_std,n.")],
+    base: Annotated[Optional[str], typer.Option(help="Base checkpoint, if moved since fine-tuning.")] = None,
+    seed: Annotated[int, typer.Option(help="Prompt sampling seed (same for both models).")] = 0,
+) -> None:
+    """Dice by prompt type (box, 1/3/5 points), un-adapted base vs LoRA-adapted, same prompts."""
+    from medfound.data.nnunet import NnUNetDataset
+    from medfound.eval.sam_eval import compare
+    from medfound.models.sam import load_sam, load_sam_model
+
+    adapted, cfg = load_sam_model(model, base)
+    if not cfg.get("adapted"):
+        raise InputError(model, "give a fine-tuned SAM run folder (its base is evaluated beside it)")
+    ds = NnUNetDataset.open(dataset)
+    cases = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()] or cfg["data"]["val_cases"]
+    base_model, _ = load_sam(base or cfg["base"]["base"], cfg["image_size"])
+    rows = compare({"base": base_model.eval(), "lora": adapted}, ds, cases, cfg["image_size"], out, seed)
+    for r in rows:
+        print(f"{r['model']:5s} {r['prompt']:9s} Dice {r['dice_mean']:.3f} ± {r['dice_std']:.3f} (n={r['n']})")
+    print(out)
 
 
 @classify_app.command("train")

@@ -88,7 +88,11 @@ def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[f
     ood = NnUNetDataset.open(ood_dataset) if ood_dataset else None
     train_pool, test_cases, split = test_split(ds)
     arms = arms_for(encoder, list(modes), scratch)
-    results = []
+    results: list[dict] = []
+    summary: list[dict] = []
+    meta = {"dataset": str(ds.root), "test_cases": test_cases, "test_split": split, "train_pool": train_pool,
+            "ood_dataset": str(ood.root) if ood else None, "max_steps": max_steps, "seeds": seeds,
+            "fractions": fractions}
     for frac in fractions:
         for seed in range(seeds):
             for arm in arms:
@@ -107,10 +111,9 @@ def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[f
                     row["ood_dice"], _ = dice_on(run, ood, ood.cases(), "Tr")
                 results.append(row)
                 log(f"[experiment]   test Dice {dice:.3f}")
-    summary = _summary(results, ood is not None)
-    _write(out, results, summary, {"dataset": str(ds.root), "test_cases": test_cases, "test_split": split,
-                                   "train_pool": train_pool, "ood_dataset": str(ood.root) if ood else None,
-                                   "max_steps": max_steps, "seeds": seeds, "fractions": fractions})
+                # Written after every run: an interrupted experiment keeps what it finished.
+                summary = _summary(results, ood is not None)
+                _write(out, results, summary, meta)
     return summary
 
 
@@ -119,6 +122,8 @@ def _summary(results: list[dict], with_ood: bool) -> list[dict]:
     for arm in dict.fromkeys(r["arm"] for r in results):
         for frac in dict.fromkeys(r["fraction"] for r in results):
             sel = [r for r in results if r["arm"] == arm and r["fraction"] == frac]
+            if not sel:  # not run yet (the summary is rewritten after every run)
+                continue
             s = summarise([r["test_dice"] for r in sel])
             row = {"arm": arm, "fraction": frac, "labeled_cases": sel[0]["labeled_cases"], "seeds": len(sel),
                    "test_dice_mean": s["mean"], "test_dice_std": float(np.std([r["test_dice"] for r in sel])),

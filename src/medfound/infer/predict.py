@@ -74,19 +74,15 @@ def inputs_of(path: Path) -> list[tuple[str, Path]]:
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if path.is_file():
-        return [(_strip_channel(case_name(path)), path)]
+        return [(case_name(path, strip_channel=True), path)]
     files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")]
     kinds = {f: sniff_format(f) for f in files}
     if files and all(k == "dicom" for k in kinds.values() if k):
         return [(path.name, path)]
-    items = [(_strip_channel(case_name(f)), f) for f, k in kinds.items() if k and k != "dicom"]
+    items = [(case_name(f, strip_channel=True), f) for f, k in kinds.items() if k and k != "dicom"]
     if not items:
         raise InputError(path, "folder holds no images")
     return items
-
-
-def _strip_channel(case: str) -> str:
-    return case[:-5] if len(case) > 5 and case[-5] == "_" and case[-4:].isdigit() else case
 
 
 def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,

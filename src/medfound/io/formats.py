@@ -99,10 +99,16 @@ def _looks_like_raw_dicom(body: bytes) -> bool:
     return len(body) > 8 and body[:2] in (b"\x08\x00", b"\x02\x00") and body[2:4] < b"\xff\xff"
 
 
-def case_name(path: str | os.PathLike) -> str:
-    """A file's case name as nnU-Net uses it: the name without its (possibly double) extension."""
+def case_name(path: str | os.PathLike, strip_channel: bool = False) -> str:
+    """A file's case name as nnU-Net uses it: the name without its (possibly double) extension,
+    and for images (``strip_channel``) without the ``_0000`` channel suffix."""
     name = Path(path).name
     for ext in (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".dcm"):
         if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
+            name = name[: -len(ext)]
+            break
+    else:
+        name = Path(name).stem
+    if strip_channel and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
+    return name

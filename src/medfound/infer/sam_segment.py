@@ -1,0 +1,114 @@
+"""Prompted segmentation with SAM on 2D images and volumes, with image embeddings cached per slice.
+
+A session keeps each slice's embedding, so a new box or click on a slice already seen costs only
+the prompt encoder and mask decoder. Prompts are given in the slice's own pixels (x = i, y = j of
+the array, as ``medfound data inspect`` reports shapes) and mapped into the square SAM input.
+On a volume, a box on one slice can be propagated: each neighbour is prompted with the box of the
+mask found on the slice before it, until the structure ends.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from medfound.data.normalize import apply_bounds, intensity_bounds
+from medfound.data.slicing import SquareGeometry, from_square, to_square
+from medfound.errors import InputError
+from medfound.io import MedImage
+from medfound.models.sam import decode, to_sam_input
+
+
+def _to_sam(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-1, -2)  # (i, j) -> SAM's (rows=j, cols=i): SAM's x is our i
+
+
+def square_coords(xy: np.ndarray, geom: SquareGeometry) -> np.ndarray:
+    """Pixel coordinates of the original slice -> coordinates in the square input."""
+    xy = np.asarray(xy, dtype=np.float32).reshape(-1, 2)
+    scale = np.array(geom.resized, np.float32) / np.array(geom.shape, np.float32)
+    return (xy + 0.5) * scale - 0.5 + np.array(geom.offset, np.float32)
+
+
+class SamSession:
+    """One image (2D, or a volume sliced along ``axis``) and a SAM, with an embedding cache."""
+
+    def __init__(self, sam, image: MedImage, image_size: int, axis: int = 2, cache_size: int = 64,
+                 modality: str | None = None):
+        self.sam, self.image, self.size, self.axis = sam, image, image_size, axis
+        self.bounds = intensity_bounds(image.array, modality or image.modality)
+        self._cache: OrderedDict[int, tuple[torch.Tensor, SquareGeometry]] = OrderedDict()
+        self.cache_size = cache_size
+        self.encoder_calls = 0
+
+    @property
+    def n_slices(self) -> int:
+        return 1 if self.image.ndim == 2 else self.image.shape[self.axis]
+
+    def slice_array(self, k: int) -> np.ndarray:
+        if self.image.ndim == 2:
+            return self.image.array
+        if not 0 <= k < self.n_slices:
+            raise InputError(self.image.source, f"slice {k} out of range 0..{self.n_slices - 1}")
+        return np.take(self.image.array, k, axis=self.axis)
+
+    def spacing(self) -> tuple[float, float]:
+        return tuple(s for d, s in enumerate(self.image.spacing) if d != self.axis)[:2] if self.image.ndim == 3 \
+            else tuple(self.image.spacing)
+
+    @torch.no_grad()
+    def embedding(self, k: int) -> tuple[torch.Tensor, SquareGeometry]:
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        sq, geom = to_square(apply_bounds(self.slice_array(k), self.bounds), self.spacing(), self.size)
+        x = torch.from_numpy(sq)[None, None]
+        emb = self.sam.image_encoder(to_sam_input(_to_sam(x)))
+        self.encoder_calls += 1
+        self._cache[k] = (emb, geom)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return emb, geom
+
+    @torch.no_grad()
+    def segment(self, k: int = 0, box=None, points=None, labels=None) -> np.ndarray:
+        """Binary mask (the slice's shape) for a box (x0, y0, x1, y1) and/or points with labels."""
+        if box is None and not points:
+            raise InputError(None, "give a box and/or at least one point")
+        emb, geom = self.embedding(k)
+        boxes = None
+        if box is not None:
+            corners = square_coords(np.array(box, np.float32).reshape(2, 2), geom).reshape(1, 4)
+            boxes = torch.from_numpy(corners)
+        pts = None
+        if points:
+            xy = torch.from_numpy(square_coords(np.array(points, np.float32), geom))[None]
+            lab = torch.tensor([list(labels if labels is not None else [1] * len(points))], dtype=torch.long)
+            pts = (xy, lab)
+        logits = _to_sam(decode(self.sam, emb, boxes, pts, self.size))[0, 0]
+        return from_square(logits, geom) > 0
+
+    def propagate(self, k: int, box, max_slices: int | None = None) -> np.ndarray:
+        """3D mask: ``box`` on slice ``k``, then each neighbour prompted with the previous mask's box."""
+        if self.image.ndim != 3:
+            raise InputError(self.image.source, "propagation needs a 3D volume")
+        out = np.zeros(self.image.shape, dtype=bool)
+        first = self.segment(k, box=box)
+        self._put(out, k, first)
+        for step in (1, -1):
+            prev, j = first, k + step
+            while prev.any() and 0 <= j < self.n_slices and (max_slices is None or abs(j - k) <= max_slices):
+                xs, ys = np.nonzero(prev)
+                m = self.segment(j, box=(xs.min(), ys.min(), xs.max(), ys.max()))
+                if m.sum() < 0.2 * prev.sum():  # the structure has ended (or SAM lost it)
+                    break
+                self._put(out, j, m)
+                prev, j = m, j + step
+        return out
+
+    def _put(self, vol: np.ndarray, k: int, mask: np.ndarray) -> None:
+        idx = [slice(None)] * 3
+        idx[self.axis] = k
+        vol[tuple(idx)] = mask

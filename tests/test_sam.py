@@ -1,0 +1,98 @@
+"""SAM path: import guard, official-layout checkpoints at other sizes, LoRA fine-tune, adapters,
+prompted segmentation with the embedding cache, propagation and evaluation — with a tiny config."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from medfound.data.phantoms import write_phantom_dataset
+from medfound.models.sam import SAM_VARIANTS, build_sam, load_sam, load_sam_model, read_checkpoint
+
+
+def test_guard_never_imports_torchvision():
+    code = "import sys, medfound.models.sam as s; s.build_sam('tiny', 64); print('torchvision' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_pth(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
+    torch.save(build_sam("tiny", 1024).state_dict(), path)  # official key layout, as released at 1024
+    return path
+
+
+def test_official_layout_loads_at_other_sizes(tiny_pth):
+    state = read_checkpoint(tiny_pth)
+    assert "image_encoder.pos_embed" in state and "mask_decoder.iou_prediction_head.layers.0.weight" in state
+    sam, info = load_sam(tiny_pth, 256)
+    assert info["variant"] == "tiny" and sam.image_encoder.pos_embed.shape == (1, 16, 16, 64)
+    glob = sam.image_encoder.blocks[SAM_VARIANTS["tiny"].global_attn[0]].attn.rel_pos_h
+    assert glob.shape[0] == 2 * 16 - 1
+    same, _ = load_sam(tiny_pth)  # native size: bit-exact
+    assert all(torch.equal(v, state[k]) for k, v in same.state_dict().items())
+
+
+def test_bad_checkpoint(tmp_path):
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "x.pth")
+    r = run_cli("sam", "segment", "--model", tmp_path / "x.pth", "--input", tmp_path / "x.pth", "--output", tmp_path,
+                "--box", "1,1,5,5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_finetune_adapters_reload_segment(tiny_pth, tmp_path):
+    ds = write_phantom_dataset(tmp_path / "ph", ("CT",), cases_per_modality=3)
+    run = tmp_path / "run"
+    r = run_cli("sam", "finetune", "--dataset", ds.root, "--base", tiny_pth, "--out", run, "--image-size", "64",
+                "--max-steps", "6", "--checkpoint-every", "3", "--rank", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "adapters.safetensors").stat().st_size < 0.5 * tiny_pth.stat().st_size
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["rank"] == 2 and cfg["training"]["steps"] == 6
+    r = run_cli("sam", "finetune", "--dataset", ds.root, "--base", tiny_pth, "--out", run, "--image-size", "64",
+                "--max-steps", "9", "--checkpoint-every", "3", "--rank", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "config.json").read_text())["training"]["steps"] == 9
+    sam, cfg = load_sam_model(run)
+    assert cfg["adapted"]
+    # box and points through the CLI, on a volume, written in its geometry
+    img = ds.root / "imagesTr" / "phantom_ct_000_0000.nii.gz"
+    for args in (["--box", "10,10,40,40"], ["--point", "30,30,1", "--point", "2,2,0"], ["--box", "10,10,40,40", "--propagate"]):
+        r = run_cli("sam", "segment", "--model", run, "--input", img, "--output", tmp_path / "o", "--slice", "12", *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+    import nibabel as nib
+
+    a, b = nib.load(str(img)), nib.load(str(tmp_path / "o" / "phantom_ct_000.nii.gz"))
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine)
+    r = run_cli("sam", "evaluate", "--model", run, "--dataset", ds.root, "--out", tmp_path / "e.csv")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (tmp_path / "e.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 4 and lines[0] == "model,prompt,dice_mean,dice_std,n"
+
+
+def test_embedding_cache_reuses_encoder(tiny_pth):
+    from medfound.data.phantoms import make_phantom
+    from medfound.infer.sam_segment import SamSession
+
+    sam, _ = load_sam(tiny_pth, 64)
+    image, _ = make_phantom("CT", shape=(40, 40, 6))
+    s = SamSession(sam.eval(), image, 64)
+    s.segment(2, box=(5, 5, 30, 30))
+    s.segment(2, points=[(10, 10)], labels=[1])
+    s.segment(2, box=(0, 0, 20, 20), points=[(4, 4)], labels=[0])
+    assert s.encoder_calls == 1
+    s.segment(3, box=(5, 5, 30, 30))
+    assert s.encoder_calls == 2
+
+
+@pytest.mark.slow
+def test_vit_b_official_layout_at_256(tmp_path):
+    torch.save(build_sam("vit_b", 1024).state_dict(), tmp_path / "vit_b.pth")
+    sam, info = load_sam(tmp_path / "vit_b.pth", 256)
+    assert info["variant"] == "vit_b" and sam.image_encoder.pos_embed.shape == (1, 16, 16, 768)
