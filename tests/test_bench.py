@@ -25,3 +25,12 @@ def test_predict_bench_prints_json():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["volume"] == [512, 512, 8] and out["slices_per_s"] > 0 and out["peak_rss_mb"] > 0
     assert "quarter_volume" in out and "working_memory_growth_mb" in out
+
+
+def test_sam_bench_prints_json():
+    r = subprocess.run([sys.executable, "-m", "medfound.bench.sam", "--variant", "tiny", "--sizes", "64",
+                        "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {r["precision"] for r in out["results"]} == {"fp32", "bf16"}
+    assert all(r["encoder_ms_per_slice"] > 0 and r["decoder_ms_per_prompt"] > 0 for r in out["results"])
