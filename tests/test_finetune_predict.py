@@ -112,3 +112,21 @@ def test_finetune_bad_input(tmp_path):
     assert r.returncode == 2
     r = run_cli("predict", "--model", tmp_path / "nope", "--input", tmp_path, "--output", tmp_path / "o")
     assert r.returncode == 2 and "nope" in r.stderr
+
+
+def test_finetune_from_sam_image_encoder(dataset, tmp_path):
+    import torch as _torch
+
+    from medfound.models.sam import build_sam
+
+    _torch.manual_seed(0)
+    _torch.save(build_sam("tiny", 1024).state_dict(), tmp_path / "sam_tiny.pth")
+    run = tmp_path / "samenc"
+    r = run_cli("finetune", "--dataset", dataset, "--out", run, "--encoder", f"sam:{tmp_path / 'sam_tiny.pth'}",
+                "--image-size", "64", "--max-steps", "4", "--val-every", "2", "--batch-size", "2", "--mode", "lora",
+                "--precision", "32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["architecture"]["type"] == "sam" and cfg["encoder"]["kind"] == "sam-checkpoint"
+    r = run_cli("predict", "--model", run, "--input", dataset / "imagesTr" / "case0_0000.nii.gz", "--output", tmp_path / "o")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -70,8 +70,8 @@ def write_model_card(run: str | os.PathLike, dataset: str | os.PathLike, cases: 
     figures = _worst_overlays(run, rows, preds)
     lines = [f"# Model card: {run.name}", "",
              "## Model",
-             f"ViT-UNETR segmenter: encoder {cfg['architecture']['width']} wide x {cfg['architecture']['depth']} blocks "
-             f"(patch {cfg['architecture']['patch_size']}), from `{cfg['encoder']['source']}` ({cfg['encoder']['kind']}); "
+             f"ViT-UNETR segmenter: {cfg['architecture']['type']} encoder {cfg['encoder_config']['width']} wide x "
+             f"{cfg['encoder_config']['depth']} blocks (patch {cfg['encoder_config']['patch_size']}), from `{cfg['encoder']['source']}` ({cfg['encoder']['kind']}); "
              f"fine-tuning mode **{cfg['mode']}**" + (f" (LoRA rank {cfg['lora_rank']})" if cfg.get("lora_rank") else "")
              + f"; {cfg['training']['trainable_parameters']:,} of {cfg['training']['total_parameters']:,} parameters trained, "
              f"{cfg['training']['steps']} steps, {cfg['training']['seconds']:.0f} s.", "",

@@ -23,16 +23,26 @@ MODEL_FILE = "model.safetensors"
 
 
 def build_segmenter(arch: dict, n_classes: int, mode: str = "full", rank: int = 4, feature_size: int = 16) -> ViTUNETR:
-    encoder = ViTEncoder(ViTConfig(**{k: v for k, v in arch.items() if k != "type"}))
+    if arch.get("type") == "sam":
+        from medfound.models.sam_encoder import build_sam_encoder
+
+        encoder = build_sam_encoder(arch)
+    else:
+        encoder = ViTEncoder(ViTConfig(**{k: v for k, v in arch.items() if k != "type"}))
     if mode == "lora":
         encoder = add_lora(encoder, rank=rank)
     return ViTUNETR(encoder, n_classes, feature_size=feature_size)
 
 
-def encoder_for(name_or_run: str) -> tuple[ViTEncoder, dict]:
-    """``scratch`` / ``scratch:vit-small`` / ``scratch:RUN`` -> a fresh encoder (RUN's shape); anything
-    else -> an exported MAE run."""
+def encoder_for(name_or_run: str, image_size: int | None = None) -> tuple[ViTEncoder, dict]:
+    """``scratch`` / ``scratch:vit-small`` / ``scratch:RUN`` -> a fresh encoder (RUN's shape);
+    ``sam:PATH.pth`` / ``sam:vit_b`` -> SAM's image encoder; anything else -> an exported MAE run."""
     from medfound.models.export import load_encoder
+
+    if name_or_run.startswith("sam:"):
+        from medfound.models.sam_encoder import sam_encoder
+
+        return sam_encoder(name_or_run[4:], image_size or 256)
 
     if name_or_run.startswith("scratch"):
         size = name_or_run.partition(":")[2] or "vit-tiny"

@@ -109,7 +109,7 @@ class SegModule(L.LightningModule):
 
 
 def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tuple[ViTUNETR, dict]:
-    encoder, enc_cfg = encoder_for(encoder_spec)
+    encoder, enc_cfg = encoder_for(encoder_spec, cfg.image_size)
     if cfg.mode == "linear":
         for p in encoder.parameters():
             p.requires_grad = False
@@ -166,7 +166,9 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
     enc_trainable, enc_total = count_parameters(model.encoder)
     config = {
         "kind": "segmenter",
-        "architecture": {"type": "vit", **model.encoder.config.as_dict()},
+        "architecture": model.encoder.architecture() if hasattr(model.encoder, "architecture")
+        else {"type": "vit", **model.encoder.config.as_dict()},
+        "encoder_config": model.encoder.config.as_dict(),
         "feature_size": 16,
         "n_classes": len(classes) + 1,
         "classes": {str(c): {"label": v, "name": n} for c, (v, n) in enumerate(sorted(classes.items()), start=1)},
