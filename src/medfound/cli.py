@@ -504,13 +504,14 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, shards and report/.")] = Path("demo"),
     pretrain_steps: Annotated[int, typer.Option(help="MAE pretraining steps in the demo.")] = 300,
     finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per run in the demo.")] = 150,
+    sam_steps: Annotated[int, typer.Option(help="SAM LoRA fine-tuning steps in the demo.")] = 300,
 ) -> None:
     """Run the main job end to end on the real sample data and write a report."""
     from medfound.demo import run_demo
 
-    if pretrain_steps < 1 or finetune_steps < 1:
-        raise InputError(None, "--pretrain-steps and --finetune-steps must be >= 1")
-    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps)
+    if min(pretrain_steps, finetune_steps, sam_steps) < 1:
+        raise InputError(None, "--pretrain-steps, --finetune-steps and --sam-steps must be >= 1")
+    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, sam_steps=sam_steps)
 
 
 def main() -> None:
