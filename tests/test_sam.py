@@ -96,3 +96,21 @@ def test_vit_b_official_layout_at_256(tmp_path):
     torch.save(build_sam("vit_b", 1024).state_dict(), tmp_path / "vit_b.pth")
     sam, info = load_sam(tmp_path / "vit_b.pth", 256)
     assert info["variant"] == "vit_b" and sam.image_encoder.pos_embed.shape == (1, 16, 16, 768)
+
+
+def test_mae_encoder_as_sam_image_encoder(tmp_path):
+    from medfound.models.export import save_encoder
+    from medfound.models.vit import VIT_CONFIGS, ViTEncoder
+    from medfound.train.sam_finetune import SamFinetuneConfig, run_sam_finetune
+
+    enc = ViTEncoder(VIT_CONFIGS["vit-micro"])
+    save_encoder(enc, tmp_path / "mae", {"image_size": 64})
+    sam, info = load_sam(f"mae:{tmp_path / 'mae'}", 64)
+    assert info["weights"] == "mae-encoder"
+    assert torch.equal(sam.image_encoder.blocks[0].attn.qkv.weight, enc.blocks[0].attn.qkv.weight)
+    assert torch.equal(sam.image_encoder.blocks[1].mlp.lin2.weight, enc.blocks[1].mlp.fc2.weight)
+    ds = write_phantom_dataset(tmp_path / "ph", ("CT",), cases_per_modality=3)
+    run_sam_finetune(ds.root, f"mae:{tmp_path / 'mae'}", tmp_path / "run",
+                     SamFinetuneConfig(image_size=64, max_steps=2, batch_size=2, progress=False, accelerator="cpu"))
+    adapted, cfg = load_sam_model(tmp_path / "run")
+    assert cfg["adapted"] and cfg["base"]["weights"] == "mae-encoder"

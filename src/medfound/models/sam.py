@@ -122,6 +122,8 @@ def load_sam(base: str | os.PathLike, image_size: int | None = None) -> tuple[Sa
     """A SAM from an official checkpoint path, or random weights from a variant name (``vit_b``,
     ``tiny`` ...). Returns the model and a description for configs."""
     base = str(base)
+    if base.startswith("mae:"):
+        return sam_from_mae(base[4:], image_size or 256)
     if base in SAM_VARIANTS:
         size = image_size or 1024
         torch.manual_seed(0)
@@ -135,6 +137,42 @@ def load_sam(base: str | os.PathLike, image_size: int | None = None) -> tuple[Sa
     if missing or unexpected:
         raise InputError(base, f"checkpoint does not fit SAM {name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return sam, {"base": str(Path(base).resolve()), "variant": name, "image_size": size, "weights": "checkpoint"}
+
+
+def sam_from_mae(run: str | os.PathLike, image_size: int) -> tuple[Sam, dict]:
+    """A SAM whose image encoder starts from a medfound MAE encoder (same width, depth, heads;
+    patch 16). Blocks, norms and the patch embedding transfer (the one input channel is spread over
+    SAM's three); the sin-cos positions seed SAM's learned ones; relative positions, the neck, the
+    prompt encoder and the mask decoder start fresh and are trained by fine-tuning."""
+    from medfound.models.export import load_encoder
+
+    enc, cfg = load_encoder(run)
+    c = enc.config
+    if c.patch_size != 16 or c.width % 4:
+        raise InputError(run, "MAE encoder must use 16-pixel patches to serve as SAM's image encoder")
+    depth = c.depth
+    glob = tuple(sorted({max(0, round(depth * k / 4) - 1) for k in (1, 2, 3, 4)}))
+    variant = SamVariant(c.width, depth, c.heads, glob, window=14, prompt_dim=256, decoder_mlp=2048)
+    torch.manual_seed(0)
+    sam = build_sam(variant, image_size)
+    src = enc.state_dict()
+    dst = sam.image_encoder.state_dict()
+    mapped = {"patch_embed.proj.weight": src["patch_embed.proj.weight"].repeat(1, 3, 1, 1) / 3,
+              "patch_embed.proj.bias": src["patch_embed.proj.bias"]}
+    grid = image_size // 16
+    mapped["pos_embed"] = enc.pos_embed((grid, grid), "cpu", torch.float32).reshape(1, grid, grid, c.width)
+    for k, v in src.items():
+        if k.startswith("blocks."):
+            name = k.replace("mlp.fc1", "mlp.lin1").replace("mlp.fc2", "mlp.lin2")
+            if name in dst and dst[name].shape == v.shape:
+                mapped[name] = v
+    missing = [k for k in dst if k not in mapped and "rel_pos" not in k and not k.startswith("neck.")]
+    if missing:
+        raise InputError(run, f"MAE encoder does not map onto SAM's image encoder (missing {missing[:3]})")
+    sam.image_encoder.load_state_dict(mapped, strict=False)
+    info = {"base": f"mae:{Path(run).resolve()}", "variant": "mae", "image_size": image_size, "weights": "mae-encoder",
+            "encoder": c.as_dict()}
+    return sam, info
 
 
 def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("qkv",), train_prompt_encoder: bool = False) -> Sam:
