@@ -8,8 +8,6 @@ model; its test Dice is the mean over test cases and trained labels, computed on
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from medfound.errors import InputError
 from medfound.eval.metrics import case_metrics, summarise
 from medfound.eval.model_card import write_model_card
 from medfound.infer.predict import predict_image
-from medfound.io.atomic import write_text
+from medfound.io.atomic import write_csv, write_text
 from medfound.models.segmenter import load_segmenter
 from medfound.train.finetune import FinetuneConfig, run_finetune
 
@@ -135,22 +133,13 @@ def _summary(results: list[dict], with_ood: bool) -> list[dict]:
     return rows
 
 
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
-
-
 def _write(out: Path, results: list[dict], summary: list[dict], meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     from medfound.io.figures import save_figure
 
-    write_text(out / "results.csv", _csv(results))
-    write_text(out / "summary.csv", _csv(summary))
+    write_csv(out / "results.csv", results)
+    write_csv(out / "summary.csv", summary)
     write_text(out / "experiment.json", json.dumps({**meta, "summary": summary}, indent=2))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for arm in dict.fromkeys(r["arm"] for r in summary):

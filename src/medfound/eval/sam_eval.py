@@ -3,8 +3,6 @@ model and the LoRA-adapted one with identical prompts (same seed), as MedSAM's e
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import torch
 from medfound.data.labeled import case_slices, label_lut, training_classes
 from medfound.data.nnunet import NnUNetDataset
 from medfound.data.prompts import jittered_box, sample_points
-from medfound.io.atomic import write_text
+from medfound.io.atomic import write_csv
 from medfound.models.sam import decode, to_sam_input
 
 PROMPTS = ("box", "1 point", "3 points", "5 points")
@@ -56,10 +54,5 @@ def compare(models: dict[str, object], ds: NnUNetDataset, cases: list[str], imag
         for prompt, values in scores.items():
             rows.append({"model": name, "prompt": prompt, "dice_mean": float(np.mean(values)) if values else float("nan"),
                          "dice_std": float(np.std(values)) if values else float("nan"), "n": len(values)})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    write_text(Path(out_csv), buf.getvalue())
+    write_csv(Path(out_csv), rows, "{:.4f}")
     return rows

@@ -61,6 +61,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_csv(path: str | os.PathLike, rows: list[dict], float_format: str = "{:.6g}") -> None:
+    """Rows of dicts (same keys) as a CSV with a header, floats compactly formatted."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (float_format.format(v) if isinstance(v, float) else v) for k, v in r.items()})
+    write_text(path, buf.getvalue())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
