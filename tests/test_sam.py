@@ -54,7 +54,7 @@ def test_finetune_adapters_reload_segment(tiny_pth, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "adapters.safetensors").stat().st_size < 0.5 * tiny_pth.stat().st_size
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["rank"] == 2 and cfg["training"]["steps"] == 6
+    assert cfg["rank"] == 2 and cfg["training"]["steps"] == 6 and cfg["targets"] == ["q", "v"]
     r = run_cli("sam", "finetune", "--dataset", ds.root, "--base", tiny_pth, "--out", run, "--image-size", "64",
                 "--max-steps", "9", "--checkpoint-every", "3", "--rank", "2", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -114,3 +114,17 @@ def test_mae_encoder_as_sam_image_encoder(tmp_path):
                      SamFinetuneConfig(image_size=64, max_steps=2, batch_size=2, progress=False, accelerator="cpu"))
     adapted, cfg = load_sam_model(tmp_path / "run")
     assert cfg["adapted"] and cfg["base"]["weights"] == "mae-encoder"
+
+
+def test_qv_lora_adapts_query_and_value_only():
+    from medfound.models.lora import QVLoRA
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 24)
+    lora = QVLoRA(base, rank=2)
+    x = torch.randn(3, 8)
+    assert torch.allclose(lora(x), base(x))  # B = 0: starts as the base model
+    torch.nn.init.normal_(lora.lora_q_B.weight)
+    torch.nn.init.normal_(lora.lora_v_B.weight)
+    d = lora(x) - base(x)
+    assert d[:, :8].abs().sum() > 0 and d[:, 8:16].abs().sum() == 0 and d[:, 16:].abs().sum() > 0

@@ -295,7 +295,8 @@ def sam_finetune(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
     base: Annotated[str, typer.Option("--base", help="Official SAM / MedSAM .pth, or a variant (vit_b, vit_l, vit_h, tiny) for random weights.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: adapters.safetensors, config.json, checkpoints/.")],
-    rank: Annotated[int, typer.Option(help="LoRA rank on the image encoder's qkv.")] = 4,
+    rank: Annotated[int, typer.Option(help="LoRA rank on the image encoder's attention.")] = 4,
+    lora_targets: Annotated[str, typer.Option(help="q,v (query and value of the fused qkv, as SAMed) or module names: qkv,proj.")] = "q,v",
     image_size: Annotated[int, typer.Option(help="Input size (1024 as released; 256/512 for speed).")] = 256,
     prompt: Annotated[str, typer.Option(help="Simulated prompts: box, point or both.")] = "both",
     train_prompt_encoder: Annotated[bool, typer.Option(help="Train the prompt encoder too.")] = False,
@@ -318,7 +319,7 @@ def sam_finetune(
         raise InputError(None, "--rank, --max-steps and --batch-size must be positive")
     dev = int(devices) if devices.isdigit() else devices
     cfg = run_sam_finetune(dataset, base, out, SamFinetuneConfig(
-        rank=rank, image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
+        rank=rank, targets=tuple(t.strip() for t in lora_targets.split(",")), image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
         max_steps=max_steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, precision=precision,
         accelerator=accelerator, devices=dev, num_nodes=num_nodes, strategy=strategy, seed=seed), resume=resume)
     if cfg:

@@ -175,11 +175,16 @@ def sam_from_mae(run: str | os.PathLike, image_size: int) -> tuple[Sam, dict]:
     return sam, info
 
 
-def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("qkv",), train_prompt_encoder: bool = False) -> Sam:
-    """LoRA on the image encoder's attention; the mask decoder trains; the prompt encoder on request."""
-    from medfound.models.lora import add_lora
+def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"), train_prompt_encoder: bool = False) -> Sam:
+    """LoRA on the image encoder's attention — on the query and value parts of the fused ``qkv``
+    by default (SAMed), or on whole modules named in ``targets`` (e.g. ``qkv``, ``proj``) through
+    peft — the mask decoder trains; the prompt encoder on request."""
+    from medfound.models.lora import add_lora, add_qv_lora
 
-    add_lora(sam.image_encoder, rank=rank, targets=targets)
+    if tuple(targets) == ("q", "v"):
+        add_qv_lora(sam.image_encoder, rank)
+    else:
+        add_lora(sam.image_encoder, rank=rank, targets=targets)
     for p in sam.prompt_encoder.parameters():
         p.requires_grad = train_prompt_encoder
     for p in sam.mask_decoder.parameters():
@@ -228,7 +233,7 @@ def load_sam_model(model: str | os.PathLike, base: str | None = None, image_size
         if cfg.get("kind") != "sam-lora":
             raise InputError(cfg_path, f"not a SAM LoRA run (kind={cfg.get('kind')!r})")
         sam, info = load_sam(base or cfg["base"]["base"], cfg["image_size"])
-        add_sam_lora(sam, cfg["rank"], tuple(cfg.get("targets", ["qkv"])), cfg.get("train_prompt_encoder", False))
+        add_sam_lora(sam, cfg["rank"], tuple(cfg.get("targets", ["q", "v"])), cfg.get("train_prompt_encoder", False))
         adapters = load_file(str(path / ADAPTER_FILE))
         missing, unexpected = sam.load_state_dict(adapters, strict=False)
         if unexpected or any("lora_" in k for k in missing):

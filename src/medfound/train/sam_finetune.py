@@ -37,6 +37,7 @@ from medfound.train.checkpoint import AtomicCheckpointIO
 @dataclass
 class SamFinetuneConfig:
     rank: int = 4
+    targets: tuple[str, ...] = ("q", "v")
     image_size: int = 256
     prompt: str = "both"  # box | point | both
     train_prompt_encoder: bool = False
@@ -141,7 +142,7 @@ def run_sam_finetune(dataset: str | os.PathLike, base: str, out: str | os.PathLi
     classes = training_classes(ds)
     train_cases, val_cases = split_cases(ds.cases(), 1.0, cfg.val_fraction, cfg.seed)
     sam, base_info = load_sam(base, cfg.image_size)
-    add_sam_lora(sam, cfg.rank, train_prompt_encoder=cfg.train_prompt_encoder)
+    add_sam_lora(sam, cfg.rank, tuple(cfg.targets), train_prompt_encoder=cfg.train_prompt_encoder)
     lut = label_lut(ds, classes)
     rng = np.random.default_rng(cfg.seed)
     slices = [case_slices(ds, c, cfg.image_size, lut, keep_empty=0.0, rng=rng) for c in train_cases]
@@ -162,7 +163,7 @@ def run_sam_finetune(dataset: str | os.PathLike, base: str, out: str | os.PathLi
     trainer.fit(module, dl, ckpt_path=str(last) if resume else None)
     trainable, total = count_parameters(sam)
     config = {"kind": "sam-lora", "base": base_info, "image_size": cfg.image_size, "rank": cfg.rank,
-              "targets": ["qkv"], "train_prompt_encoder": cfg.train_prompt_encoder, "prompt": cfg.prompt,
+              "targets": list(cfg.targets), "train_prompt_encoder": cfg.train_prompt_encoder, "prompt": cfg.prompt,
               "classes": {str(c): {"label": v, "name": n} for c, (v, n) in enumerate(sorted(classes.items()), start=1)},
               "data": {"dataset": str(ds.root), "train_cases": train_cases, "val_cases": val_cases,
                        "samples": len(data), "heldout_labels_excluded": ds.heldout},
