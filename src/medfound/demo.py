@@ -92,7 +92,6 @@ def pretrain_stage(out: Path, report: Report, steps: int, size: int) -> None:
 
     import matplotlib.pyplot as plt
 
-    from medfound.io.figures import save_figure
     from medfound.train.pretrain import PretrainConfig, run_pretrain
 
     run = out / "pretrain"
@@ -170,7 +169,6 @@ def sam_stage(out: Path, report: Report, steps: int = 300) -> None:
     from medfound.data.nnunet import NnUNetDataset
     from medfound.eval.sam_eval import compare
     from medfound.infer.sam_segment import SamSession
-    from medfound.io.figures import save_figure
     from medfound.models.sam import load_sam, load_sam_model
     from medfound.train.sam_finetune import SamFinetuneConfig, run_sam_finetune
 
@@ -187,8 +185,6 @@ def sam_stage(out: Path, report: Report, steps: int = 300) -> None:
                    run / "dice_by_prompt.csv")
     case = cfg["data"]["val_cases"][0]
     image, truth = ds.read_case(case)
-    from medfound.data.orientation import to_canonical
-
     can, _ = to_canonical(image)
     lab = to_canonical(truth)[0].array
     k = int(np.argmax((lab == 2).sum(axis=(0, 1))))

@@ -1,4 +1,4 @@
-"""Checkpoint writing shared by the training commands."""
+"""Lightning plumbing shared by the training commands: atomic checkpoints, precision names."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from medfound.errors import InputError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -16,3 +18,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
+
+
+def lightning_precision(name: str) -> str:
+    """The CLI's ``--precision`` (bf16 or 32) as Lightning names it; InputError otherwise."""
+    precision = {"bf16": "bf16-mixed", "32": "32-true"}.get(str(name))
+    if precision is None:
+        raise InputError(None, f"--precision must be bf16 or 32, got {name!r}")
+    return precision

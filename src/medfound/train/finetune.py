@@ -29,7 +29,7 @@ from medfound.errors import InputError
 from medfound.models.lora import add_lora, count_parameters
 from medfound.models.segmenter import encoder_for, save_segmenter
 from medfound.models.unetr import ViTUNETR
-from medfound.train.checkpoint import AtomicCheckpointIO
+from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
 
 
 @dataclass
@@ -140,17 +140,15 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
     rng = np.random.default_rng(cfg.seed)
     train = [case_slices(ds, c, size, lut, cfg.axis, rng=rng) for c in train_cases]
     val = [case_slices(ds, c, size, lut, cfg.axis, keep_empty=0.25, rng=np.random.default_rng(0)) for c in val_cases]
-    train_dl = DataLoader(SliceDataset(train, augment=True, seed=cfg.seed), batch_size=cfg.batch_size, shuffle=True,
-                          drop_last=len(SliceDataset(train, augment=False)) > cfg.batch_size,
+    train_set = SliceDataset(train, augment=True, seed=cfg.seed)
+    train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     val_dl = DataLoader(SliceDataset(val, augment=False), batch_size=cfg.batch_size * 2, num_workers=0)
     module = SegModule(model, cfg, len(classes) + 1)
     out.mkdir(parents=True, exist_ok=True)
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/dice", mode="max",
                            save_top_k=1, save_last=True)
-    precision = {"bf16": "bf16-mixed", "32": "32-true"}.get(str(cfg.precision))
-    if precision is None:
-        raise InputError(None, f"--precision must be bf16 or 32, got {cfg.precision!r}")
+    precision = lightning_precision(cfg.precision)
     trainer = L.Trainer(max_steps=cfg.max_steps, val_check_interval=min(cfg.val_every, cfg.max_steps),
                         check_val_every_n_epoch=None, accelerator=cfg.accelerator, devices=cfg.devices,
                         num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=precision,

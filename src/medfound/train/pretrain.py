@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from medfound.data.shards import read_manifest
-from medfound.train.checkpoint import AtomicCheckpointIO
+from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
 from medfound.data.stream import PretrainStream, StepAwareLoader, preview_slices
 from medfound.errors import InputError
 from medfound.io.atomic import write_text
@@ -212,9 +212,7 @@ def run_pretrain(data: list[str], out: str | os.PathLike, cfg: PretrainConfig, r
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     folders = resolve_data(data, out, cfg.image_size)
 
-    precision = {"bf16": "bf16-mixed", "32": "32-true", "16": "16-mixed"}.get(str(cfg.precision))
-    if precision is None:
-        raise InputError(None, f"--precision must be bf16 or 32, got {cfg.precision!r}")
+    precision = lightning_precision(cfg.precision)
     trainer_kw = dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                       strategy=cfg.strategy, precision=precision)
     ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,

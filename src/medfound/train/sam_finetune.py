@@ -30,7 +30,7 @@ from medfound.errors import InputError
 from medfound.io.atomic import atomic_file, write_text
 from medfound.models.lora import count_parameters
 from medfound.models.sam import ADAPTER_FILE, add_sam_lora, decode, load_sam, to_sam_input, trained_state
-from medfound.train.checkpoint import AtomicCheckpointIO
+from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
 
 
 
@@ -150,9 +150,7 @@ def run_sam_finetune(dataset: str | os.PathLike, base: str, out: str | os.PathLi
     L.seed_everything(cfg.seed, verbose=False)
     dl = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) > cfg.batch_size)
     module = SamModule(sam, cfg)
-    precision = {"bf16": "bf16-mixed", "32": "32-true"}.get(str(cfg.precision))
-    if precision is None:
-        raise InputError(None, f"--precision must be bf16 or 32, got {cfg.precision!r}")
+    precision = lightning_precision(cfg.precision)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
                            every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=1)
     trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
