@@ -22,8 +22,10 @@ sam_app = typer.Typer(no_args_is_help=True, help="Segment Anything: LoRA fine-tu
 app.add_typer(sam_app, name="sam")
 classify_app = typer.Typer(no_args_is_help=True, help="Image classification heads on the same encoders.")
 app.add_typer(classify_app, name="classify")
-experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: label efficiency, out-of-domain.")
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: label efficiency, support size, out-of-domain.")
 app.add_typer(experiment_app, name="experiment")
+incontext_app = typer.Typer(no_args_is_help=True, help="In-context segmentation: many-task training of the example-set model.")
+app.add_typer(incontext_app, name="incontext")
 
 
 @data_app.command("inspect")
@@ -498,6 +500,118 @@ def experiment_label_efficiency(
         print(f"{r['arm']:18s} fraction {r['fraction']:<5g} ({r['labeled_cases']} cases): Dice "
               f"{r['test_dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] over {r['seeds']} seed(s){extra}")
     print(f"{out / 'summary.csv'}, {out / 'label_efficiency.png'}")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(None, f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+@incontext_app.command("train")
+def incontext_train(
+    datasets: Annotated[list[Path], typer.Option("--datasets", help="nnU-Net datasets whose labels are the training tasks; repeat or pass several.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, logs/, previews/, model.safetensors, config.json.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Episodes per device per step.")] = 16,
+    size: Annotated[int, typer.Option(help="Working slice size (multiple of 8).")] = 128,
+    support_sizes: Annotated[str, typer.Option(help="Support-set sizes drawn per step (comma-separated, 1-64).")] = "1,2,4,8,12,16",
+    synthetic_fraction: Annotated[float, typer.Option(help="Share of episodes that are synthetic shape tasks.")] = 0.25,
+    negative_fraction: Annotated[float, typer.Option(help="Share of queries where the structure is absent.")] = 0.3,
+    exclude_label: Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never used as a task (held out); repeat. DESIGN.md's held-out structures are always excluded.")] = None,
+    exclude_dataset: Annotated[Optional[list[str]], typer.Option("--exclude-dataset", help="Dataset folder name never read (held out); repeat.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 2e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop and export after this wall time even if steps remain.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this in-context run's weights.")] = None,
+    precision: Annotated[str, typer.Option(help="bf16 or 32.")] = "bf16",
+    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Devices per node (number or auto).")] = "auto",
+    num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun or SLURM sets the rest).")] = 1,
+    strategy: Annotated[str, typer.Option(help="auto, ddp, ddp_spawn ...")] = "auto",
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed (episodes are a function of seed, rank and step).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+) -> None:
+    """Many-task episodic training: every non-held-out label of every dataset is a task."""
+    from medfound.train.incontext import InContextTrainConfig, run_incontext_train
+
+    if steps < 1 or batch_size < 1:
+        raise InputError(None, "--steps and --batch-size must be positive")
+    if not 0 <= negative_fraction < 1:
+        raise InputError(None, "--negative-fraction must be in [0, 1)")
+    skip = set(exclude_dataset or [])
+    chosen = [str(d) for d in datasets if d.name not in skip]
+    if not chosen:
+        raise InputError(None, "every --datasets folder is excluded")
+    dev = int(devices) if devices.isdigit() else devices
+    cfg = InContextTrainConfig(size=size, batch_size=batch_size, max_steps=steps,
+                               support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
+                               synthetic_fraction=synthetic_fraction, p_negative=negative_fraction, lr=lr,
+                               warmup_steps=warmup_steps, max_minutes=max_minutes, init=str(init) if init else None,
+                               precision=precision, accelerator=accelerator, devices=dev, num_nodes=num_nodes,
+                               strategy=strategy, checkpoint_every=checkpoint_every, seed=seed,
+                               exclude_labels=tuple(exclude_label or ()), progress=sys.stderr.isatty())
+    cfg.extra = {"command": "medfound " + " ".join(sys.argv[1:]), "excluded_datasets": sorted(skip)}
+    config = run_incontext_train(chosen, out, cfg, resume=resume)
+    if config:
+        t = config["training"]
+        print(f"{out}: {t['steps']} steps in {t['seconds']} s, final loss {t['final_loss']:.4f}; "
+              f"{config['data']['tasks']} tasks -> {out / 'model.safetensors'}")
+
+
+@app.command("segment")
+def segment(
+    support: Annotated[Path, typer.Option("--support", help="Example set: nnU-Net folder (imagesTr/labelsTr), 2D or 3D.")],
+    input: Annotated[Path, typer.Option("--input", help="Image file, DICOM series folder, or folder of images.")],
+    output: Annotated[Path, typer.Option("--output", help="Output folder: one mask per input, in its geometry.")],
+    model: Annotated[Optional[Path], typer.Option(help="In-context run (default: the model shipped with medfound).")] = None,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Label value or name to segment; repeat (default: all).")] = None,
+    support_size: Annotated[int, typer.Option(help="Support slices per label (spread over the example set).")] = 16,
+    ensemble: Annotated[int, typer.Option(help="Average over this many support subsets (member 1 evenly spread, others random).")] = 1,
+    axis: Annotated[int, typer.Option(help="Slice axis of 3D volumes in RAS (0 sagittal, 1 coronal, 2 axial).")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Query slices per batch.")] = 16,
+    modality: Annotated[Optional[str], typer.Option(help="Modality to assume (ct, mr, pet, xray, us) when a file records none.")] = None,
+) -> None:
+    """Segment new images from an example set, with no training (in-context)."""
+    from medfound.infer.incontext import segment_path
+
+    if axis not in (0, 1, 2):
+        raise InputError(None, "--axis must be 0, 1 or 2")
+    written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
+                           progress=sys.stderr.isatty())
+    for w in written:
+        print(w)
+
+
+@experiment_app.command("support-size")
+def experiment_support_size(
+    support: Annotated[Path, typer.Option("--support", help="nnU-Net dataset the support slices come from.")],
+    test: Annotated[Path, typer.Option("--test", help="nnU-Net dataset of query volumes with their labels.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder: results.csv, summary.csv, summary.json, support_size.png.")],
+    sizes: Annotated[str, typer.Option(help="Support sizes (comma-separated).")] = "1,2,4,8,16,32",
+    seeds: Annotated[int, typer.Option(help="Random support subsets per size and structure.")] = 3,
+    model: Annotated[Optional[Path], typer.Option(help="In-context run (default: the shipped model).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated of incontext, label-fusion, finetune.")] = "incontext,label-fusion,finetune",
+    finetune_steps: Annotated[int, typer.Option(help="Steps of the fine-tuning baseline per support set.")] = 150,
+    finetune_sizes: Annotated[Optional[str], typer.Option(help="Sizes at which to run the (slow) fine-tuning baseline (default: all).")] = None,
+    structure: Annotated[Optional[list[str]], typer.Option("--structure", help="Support label name to evaluate; repeat (default: the held-out structures found in both).")] = None,
+    axis: Annotated[int, typer.Option(help="Slice axis (RAS).")] = 2,
+) -> None:
+    """Dice vs support size: in-context vs fine-tuning on the support vs label fusion, with seeds and CIs."""
+    from medfound.eval.support_size import support_size_experiment
+
+    if seeds < 1 or finetune_steps < 1:
+        raise InputError(None, "--seeds and --finetune-steps must be positive")
+    res = support_size_experiment(support, test, _ints(sizes, "--sizes"), out, seeds, model,
+                                  tuple(m.strip() for m in methods.split(",") if m.strip()), finetune_steps,
+                                  _ints(finetune_sizes, "--finetune-sizes") if finetune_sizes else None, structure, axis,
+                                  progress=sys.stderr.isatty())
+    for r in res["by_size"]:
+        print(f"{r['method']:13s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+              f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")
+    print(f"{out / 'summary.json'}, {out / 'support_size.png'}")
 
 
 @app.command("demo")

@@ -1,8 +1,18 @@
-"""Image I/O that keeps geometry: every format read into :class:`MedImage`, masks written back."""
+"""Image I/O that keeps geometry: every format read into :class:`MedImage`, masks written back.
 
-from medfound.io.image import MODALITIES, MedImage, canonical_modality
-from medfound.io.read import read_image
-from medfound.io.write import mask_extension, write_image, write_mask
+Names are imported lazily (PEP 562) so that light submodules (``medfound.io.atomic``) load without
+the format readers — what lets training run where only torch is installed.
+"""
 
-__all__ = ["MODALITIES", "MedImage", "canonical_modality", "read_image", "write_image", "write_mask",
-           "mask_extension"]
+import importlib
+
+_EXPORTS = {"MODALITIES": "image", "MedImage": "image", "canonical_modality": "image", "read_image": "read",
+            "write_image": "write", "write_mask": "write", "mask_extension": "write"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"medfound.io.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'medfound.io' has no attribute {name!r}")

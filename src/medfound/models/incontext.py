@@ -1,0 +1,229 @@
+"""In-context segmentation: segment a query slice from a support set of (image, mask) pairs.
+
+The idea, in the spirit of UniverSeg/GMISeg but shaped by what DESIGN.md's prototype taught us:
+
+* one shared convolutional encoder turns query and support images into multi-scale features;
+* at 1/4 and 1/8 resolution every query pixel attends to a *window* of pixels around the same
+  position in every support (local cross-attention = learned patch-based label fusion). Keys are image
+  features only (matching is about appearance), values carry the support mask (the first value channel
+  of each head is the raw mask, so the attention output is a label vote) plus mask-aware features;
+* a support-level bias added to the attention logits lets the query favour supports that look like it
+  (pooled-feature similarity) and that lie at the same relative position in their volume (when known);
+* a U-Net decoder refines the votes with the query's own features into the query mask.
+
+The attention is a softmax jointly over supports and window positions, so the output is invariant to the
+order of the support set and accepts any support size. Support features can be computed once
+(:meth:`InContextSegmenter.encode_support`) and reused for every query slice of a volume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class InContextConfig:
+    size: int = 128                             # working resolution (square slices)
+    widths: tuple[int, ...] = (16, 32, 48, 64)  # encoder widths at 1, 1/2, 1/4, 1/8
+    key_dim: int = 32                           # attention key width (all heads)
+    value_dim: int = 32                         # attention value width (all heads, incl. the mask votes)
+    heads: int = 4
+    windows: tuple[int, int] = (7, 9)           # local window at 1/4 and at 1/8
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"], d["windows"] = list(self.widths), list(self.windows)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InContextConfig:
+        d = dict(d)
+        d["widths"] = tuple(d.get("widths", cls.widths))
+        d["windows"] = tuple(d.get("windows", cls.windows))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class ConvBlock(nn.Module):
+    """conv3x3 (stride s) -> GN -> GELU -> conv3x3 -> GN -> GELU, with a projected residual."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(min(8, cout // 4), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(min(8, cout // 4), cout)
+        self.skip = nn.Conv2d(cin, cout, 1, stride, bias=False) if (cin != cout or stride != 1) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.norm1(self.conv1(x)))
+        return F.gelu(self.norm2(self.conv2(y)) + self.skip(x))
+
+
+class Encoder(nn.Module):
+    """(B, 1, S, S) -> features at S, S/2, S/4, S/8."""
+
+    def __init__(self, widths: tuple[int, ...]):
+        super().__init__()
+        chans = (1, *widths)
+        self.stages = nn.ModuleList(ConvBlock(chans[i], chans[i + 1], 1 if i == 0 else 2) for i in range(len(widths)))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class LocalCrossAttention(nn.Module):
+    """Each query pixel attends to a ``window x window`` neighbourhood at the same position in every
+    support; softmax jointly over (support, window offset). Written by hand because no library op
+    does windowed attention *across* a set of other images (NATTEN-style kernels attend within one)."""
+
+    def __init__(self, dim: int, key_dim: int, value_dim: int, heads: int, window: int):
+        super().__init__()
+        assert key_dim % heads == 0 and value_dim % heads == 0 and value_dim // heads >= 2
+        self.heads, self.window = heads, window
+        self.dk, self.dv = key_dim // heads, value_dim // heads
+        self.to_q = nn.Conv2d(dim, key_dim, 1)
+        self.to_k = nn.Conv2d(dim, key_dim, 1)
+        self.to_v = nn.Conv2d(dim + 1, heads * (self.dv - 1), 1)  # + the raw mask vote per head
+        self.rel_bias = nn.Parameter(torch.zeros(heads, window * window))  # prefer the same position
+        # a learned "none of the supports" sink with a zero value: when every support is far (in position
+        # or appearance) the softmax mass goes here and the votes fall to 0 — without it, a constant bias
+        # on all supports cancels in the softmax and the query always copies *some* support's mask
+        self.null_logit = nn.Parameter(torch.full((heads,), -8.0))
+        self.out = nn.Conv2d(value_dim, dim, 1)
+        with torch.no_grad():  # start with a mild preference for the centre of the window
+            c = window // 2
+            yy, xx = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+            self.rel_bias.copy_((-((yy - c) ** 2 + (xx - c) ** 2).float() / (window * window / 4)).flatten()[None]
+                                .expand(heads, -1))
+
+    def _unfold(self, t: torch.Tensor) -> torch.Tensor:
+        # (M, C, H, W) -> (M, C, window^2, H*W)
+        m, c = t.shape[:2]
+        return F.unfold(t, self.window, padding=self.window // 2).view(m, c, self.window ** 2, -1)
+
+    def support_kv(self, feat: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """feat (G, N, C, H, W), mask (G, N, 1, H, W) -> keys (G, h, HW, dk, N*w2), values
+        (G, h, HW, N*w2, dv) and a validity mask (HW, N*w2) for the zero padding. The layout is the
+        one the batched matmuls in :meth:`forward` want, so it is paid once per support set."""
+        g, n, c, h, w = feat.shape
+        w2, p = self.window ** 2, h * w
+        flat, m = feat.flatten(0, 1), mask.flatten(0, 1)
+        k = self._unfold(self.to_k(flat)).view(g, n, self.heads, self.dk, w2, p)
+        k = k.permute(0, 2, 5, 3, 1, 4).reshape(g, self.heads, p, self.dk, n * w2)
+        v = self.to_v(torch.cat([flat, m * 2 - 1], 1)).view(g * n, self.heads, self.dv - 1, h, w)
+        v = torch.cat([m[:, None].expand(-1, self.heads, -1, -1, -1), v], 2).flatten(1, 2)
+        v = self._unfold(v).view(g, n, self.heads, self.dv, w2, p)
+        v = v.permute(0, 2, 5, 1, 4, 3).reshape(g, self.heads, p, n * w2, self.dv)
+        valid = self._unfold(torch.ones(1, 1, h, w, device=feat.device, dtype=feat.dtype))[0, 0] > 0.5  # (w2, HW)
+        return k, v, valid.t().repeat(1, n)
+
+    def forward(self, q_feat: torch.Tensor, kv: tuple, support_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_feat (B, C, H, W); support_bias (B, N) -> (features (B, C, H, W), votes (B, heads, H, W)).
+        The support batch G is either B (one support set per query, training) or 1 (shared, inference)."""
+        k, v, valid = kv
+        b, c, h, w = q_feat.shape
+        g, p, w2 = k.shape[0], h * w, self.window ** 2
+        r, n = b // g, k.shape[-1] // w2
+        q = self.to_q(q_feat).view(g, r, self.heads, self.dk, p).permute(0, 2, 4, 1, 3)  # (G, h, HW, R, dk)
+        logits = torch.matmul(q, k) / math.sqrt(self.dk)  # (G, h, HW, R, N*w2)
+        bias = self.rel_bias.repeat(1, n)[None, :, None, None, :]  # (1, h, 1, 1, N*w2)
+        sb = support_bias.view(g, r, n, 1).expand(-1, -1, -1, w2).reshape(g, 1, 1, r, n * w2)
+        logits = (logits + bias + sb).masked_fill(~valid[None, None, :, None, :], float("-inf"))
+        null = self.null_logit.to(logits.dtype)[None, :, None, None, None].expand(g, -1, p, r, 1)
+        attn = torch.cat([logits, null], -1).softmax(-1)[..., :-1]
+        out = torch.matmul(attn, v)  # (G, h, HW, R, dv)
+        out = out.permute(0, 3, 1, 4, 2).reshape(b, self.heads, self.dv, h, w)
+        votes = out[:, :, 0]
+        return self.out(out.reshape(b, self.heads * self.dv, h, w)), votes
+
+
+@dataclass
+class SupportCache:
+    """Support-set features computed once and reused for every query (batch dim 1 broadcasts)."""
+
+    kv: list[tuple]           # per attention level: (keys, values, valid)
+    pooled: torch.Tensor      # (B, N, key_dim) global descriptors
+    positions: torch.Tensor   # (B, N) relative slice positions in [0, 1]
+    has_position: torch.Tensor  # (B, N) 1 where the position is known
+
+
+class InContextSegmenter(nn.Module):
+    def __init__(self, config: InContextConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or InContextConfig()
+        w = cfg.widths
+        self.encoder = Encoder(w)
+        self.attn = nn.ModuleList([LocalCrossAttention(w[2], cfg.key_dim, cfg.value_dim, cfg.heads, cfg.windows[0]),
+                                   LocalCrossAttention(w[3], cfg.key_dim, cfg.value_dim, cfg.heads, cfg.windows[1])])
+        self.pool_q = nn.Linear(w[3], cfg.key_dim)
+        self.pool_k = nn.Linear(w[3], cfg.key_dim)
+        self.position_weight = nn.Parameter(torch.tensor(2.0))  # softplus -> penalty per unit of position gap
+        h = cfg.heads
+        self.dec3 = ConvBlock(2 * w[3] + h, w[3])
+        self.dec2 = ConvBlock(w[3] + 2 * w[2] + h + h, w[2])
+        self.dec1 = ConvBlock(w[2] + w[1], w[1])
+        self.dec0 = ConvBlock(w[1] + w[0], w[0])
+        self.head = nn.Conv2d(w[0], 1, 1)
+
+    def encode_support(self, images: torch.Tensor, masks: torch.Tensor,
+                       positions: torch.Tensor | None = None) -> SupportCache:
+        """images, masks: (B, N, 1, S, S); positions (B, N) or None -> a :class:`SupportCache`."""
+        b, n = images.shape[:2]
+        feats = self.encoder(images.flatten(0, 1))
+        kv = []
+        for attn, f in zip(self.attn, feats[2:]):
+            m = F.adaptive_avg_pool2d(masks.flatten(0, 1).to(f.dtype), f.shape[-2:])
+            kv.append(attn.support_kv(f.view(b, n, *f.shape[1:]), m.view(b, n, *m.shape[1:])))
+        pooled = self.pool_k(feats[3].mean((-2, -1))).view(b, n, -1)
+        if positions is None:
+            pos = torch.zeros(b, n, device=images.device)
+            has = torch.zeros(b, n, device=images.device)
+        else:
+            pos = positions.to(images.device).float()
+            has = torch.isfinite(pos).float()
+            pos = torch.nan_to_num(pos, nan=0.0)
+        return SupportCache(kv, pooled, pos, has)
+
+    def decode(self, query: torch.Tensor, support: SupportCache, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """query (B, 1, S, S) -> mask logits (B, 1, S, S)."""
+        b = query.shape[0]
+        q0, q1, q2, q3 = self.encoder(query)
+        # support-level bias (B, N): looks alike (pooled features) and lies at the same relative position
+        sim = torch.einsum("bd,bnd->bn", self.pool_q(q3.mean((-2, -1))), support.pooled.expand(b, -1, -1))
+        bias = sim / math.sqrt(sim.new_tensor(self.config.key_dim))
+        if query_positions is not None:
+            qp = query_positions.to(query.device).float()
+            known = torch.isfinite(qp).float()[:, None] * support.has_position
+            gap = (torch.nan_to_num(qp, nan=0.0)[:, None] - support.positions).abs()
+            bias = bias - F.softplus(self.position_weight) * 10.0 * gap * known
+        a2, v2 = self.attn[0](q2, support.kv[0], bias)
+        a3, v3 = self.attn[1](q3, support.kv[1], bias)
+        x = self.dec3(torch.cat([q3, a3, v3], 1))
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        v3_up = F.interpolate(v3, scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.dec2(torch.cat([x, q2, a2, v2, v3_up], 1))
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.dec1(torch.cat([x, q1], 1))
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.dec0(torch.cat([x, q0], 1))
+        return self.head(x)
+
+    def forward(self, query: torch.Tensor, support_images: torch.Tensor, support_masks: torch.Tensor,
+                query_positions: torch.Tensor | None = None, support_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """query (B, 1, S, S); support_* (B, N, 1, S, S); positions (B,), (B, N) -> logits (B, 1, S, S)."""
+        cache = self.encode_support(support_images, support_masks, support_positions)
+        return self.decode(query, cache, query_positions)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,229 @@
+"""Many-task episodic training of the in-context segmenter (``medfound incontext train``).
+
+Each step draws a batch of episodes (a task, a query slice, a support set of random size) from the
+slice bank on the training device plus a share of synthetic shape tasks, augments them batched, and
+minimises BCE + Dice on the query mask. Episodes are a pure function of (seed, rank, global step), so
+``--resume`` continues the exact episode stream and DDP ranks never draw the same episodes.
+
+The run folder mirrors pretraining: ``checkpoints/`` (atomic, ``last.ckpt``), ``logs/metrics.csv``,
+``previews/``, ``data_summary.json`` and, at the end, ``model.safetensors`` + ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from medfound.data.episodes import (SliceBank, augment_episodes, build_bank, cat_episodes, episode_loss,
+                                    sample_episodes, synthetic_episodes)
+from medfound.errors import InputError
+from medfound.io.atomic import write_text
+from medfound.models.incontext import InContextConfig, InContextSegmenter, count_parameters
+from medfound.models.incontext_weights import save_incontext
+from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
+
+SUPPORT_SIZES = (1, 2, 4, 8, 12, 16)
+
+
+@dataclass
+class InContextTrainConfig:
+    size: int = 128
+    widths: tuple[int, ...] = (16, 32, 48, 64)
+    batch_size: int = 16
+    max_steps: int = 2000
+    support_sizes: tuple[int, ...] = SUPPORT_SIZES
+    synthetic_fraction: float = 0.25
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    precision: str = "bf16"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 200
+    max_minutes: float | None = None  # stop (and export) after this wall time even if steps remain
+    exclude_labels: tuple[str, ...] = ()
+    p_negative: float = 0.3  # share of queries where the label is absent (near the structure or anywhere)
+    init: str | None = None  # start from this in-context run's weights (continue or specialise a model)
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class StepIndex(torch.utils.data.Dataset):
+    """The 'data' of a step is its index: episodes are drawn on the device inside the step."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class InContextModule(L.LightningModule):
+    def __init__(self, cfg: dict, bank: SliceBank):
+        super().__init__()
+        self.save_hyperparameters(ignore=["bank"])
+        self.cfg = cfg
+        self.net = InContextSegmenter(InContextConfig(size=cfg["size"], widths=tuple(cfg["widths"])))
+        self.bank_cpu = bank
+        self.bank: SliceBank | None = None
+        self.last_loss = float("nan")
+
+    def on_fit_start(self) -> None:
+        self.bank = self.bank_cpu.to(self.device)
+
+    def episodes(self, step: int, batch: int | None = None):
+        """The batch of step ``step`` on this rank (deterministic)."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        seed = (self.cfg["seed"], rank, step)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        sizes = self.cfg["support_sizes"]
+        n = int(sizes[rng.integers(len(sizes))])
+        b = batch or self.cfg["batch_size"]
+        n_syn = int(round(b * self.cfg["synthetic_fraction"]))
+        ep = sample_episodes(self.bank, b - n_syn, n, rng, p_negative=self.cfg.get("p_negative", 0.3))
+        if n_syn:
+            ep = cat_episodes(ep, synthetic_episodes(n_syn, n, self.cfg["size"], gen, self.device))
+        return augment_episodes(ep, gen)
+
+    def training_step(self, batch, batch_idx):
+        ep = self.episodes(int(self.global_step))
+        logits = self.net(ep.query, ep.support, ep.support_mask, ep.query_pos, ep.support_pos)
+        loss = episode_loss(logits, ep.query_mask)
+        self.log("train/loss", loss, prog_bar=True, on_step=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        self.last_loss = float(loss.detach())
+        if not self.cfg["progress"] and self.global_rank == 0 and self.global_step % 100 == 0:
+            if self.global_step == 0:
+                self._t0 = time.time()
+            print(f"step {self.global_step}/{self.cfg['max_steps']} loss {self.last_loss:.4f} "
+                  f"{time.time() - self._t0:.0f} s", flush=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
+        warm, total = max(1, self.cfg["warmup_steps"]), max(self.cfg["max_steps"], self.cfg["warmup_steps"] + 1)
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine to 2 % of the peak
+            if step < warm:
+                return (step + 1) / warm
+            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def save_episode_preview(net: InContextSegmenter, module: InContextModule, path: Path, n: int = 6) -> Path:
+    """Query / truth / prediction / first support for a few fresh episodes."""
+    import matplotlib.pyplot as plt
+
+    from medfound.io.figures import overlay, save_figure
+
+    net.eval()
+    with torch.no_grad():
+        ep = module.episodes(10 ** 9, batch=n)
+        k = min(n, ep.query.shape[0])
+        pred = torch.sigmoid(net(ep.query[:k], ep.support[:k], ep.support_mask[:k], ep.query_pos[:k],
+                                 ep.support_pos[:k])) > 0.5
+    fig, axes = plt.subplots(k, 3, figsize=(6, 2 * k), squeeze=False)
+    for r in range(k):
+        for c, (img, lab, title) in enumerate(((ep.support[r, 0, 0], ep.support_mask[r, 0, 0], "support 1"),
+                                               (ep.query[r, 0], ep.query_mask[r, 0], "query truth"),
+                                               (ep.query[r, 0], pred[r, 0], "prediction"))):
+            overlay(axes[r][c], img.float().cpu().numpy(), lab.cpu().numpy().astype(np.uint8))
+            axes[r][c].set_title(title, fontsize=7)
+    return save_figure(fig, path)
+
+
+def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InContextTrainConfig,
+                        resume: bool = False, bank: SliceBank | None = None) -> dict:
+    """Train the in-context segmenter; returns its config (also ``OUT/config.json``)."""
+    out = Path(out)
+    if cfg.size % 8 or not 32 <= cfg.size <= 512:
+        raise InputError(None, f"--size must be a multiple of 8 between 32 and 512, got {cfg.size}")
+    if not 0 <= cfg.synthetic_fraction <= 1:
+        raise InputError(None, "--synthetic-fraction must be between 0 and 1")
+    if not cfg.support_sizes or min(cfg.support_sizes) < 1 or max(cfg.support_sizes) > 64:
+        raise InputError(None, "--support-sizes must be between 1 and 64")
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+    if resume and not last.is_file():
+        raise InputError(last, "nothing to resume from (no last checkpoint in the run folder)")
+    if not resume and not is_child and last.is_file():
+        raise InputError(out, "run folder already holds checkpoints; pass --resume to continue or choose a new --out")
+    for d in datasets:
+        if not Path(d).is_dir():
+            raise InputError(d, "no such dataset folder")
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    bank = bank or build_bank(datasets, cfg.size, exclude_labels=cfg.exclude_labels, progress=cfg.progress)
+    summary = bank.summary() | {"exclude_labels": list(cfg.exclude_labels)}
+
+    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                        strategy=cfg.strategy, precision=lightning_precision(cfg.precision),
+                        max_steps=cfg.max_steps, max_epochs=None,
+                        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+                        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}",
+                                                   auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every,
+                                                   save_last=True, save_top_k=1)],
+                        logger=CSVLogger(save_dir=str(out), name="logs", version=""), plugins=[AtomicCheckpointIO()],
+                        use_distributed_sampler=False, enable_progress_bar=cfg.progress, log_every_n_steps=10,
+                        enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0)
+    params = vars(cfg) | {"widths": list(cfg.widths), "support_sizes": list(cfg.support_sizes),
+                          "exclude_labels": list(cfg.exclude_labels)}
+    module = InContextModule(params, bank)
+    if cfg.init and not resume:
+        from medfound.models.incontext_weights import load_incontext
+
+        init_net, init_cfg = load_incontext(cfg.init)
+        if init_net.config.as_dict() | {"extra": {}} != module.net.config.as_dict() | {"extra": {}}:
+            raise InputError(cfg.init, "--init model has another architecture (size/widths) than this run")
+        module.net.load_state_dict(init_net.state_dict())
+    if trainer.is_global_zero:
+        write_text(out / "data_summary.json", json.dumps(summary, indent=2))
+    loader = torch.utils.data.DataLoader(StepIndex(cfg.max_steps), batch_size=None, shuffle=False)
+    t0 = time.time()
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resume else None)
+    config = {}
+    if trainer.is_global_zero:
+        seconds = round(time.time() - t0, 1)
+        device = str(trainer.strategy.root_device)
+        if device.startswith("cuda"):
+            device = torch.cuda.get_device_name(trainer.strategy.root_device)
+        config = {
+            "image_size": cfg.size,
+            "normalisation": "medfound.data.normalize per modality (CT windows; MR/PET foreground percentiles)",
+            "parameters": count_parameters(module.net),
+            "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
+                         "global_batch": cfg.batch_size * trainer.world_size, "support_sizes": list(cfg.support_sizes),
+                         "synthetic_fraction": cfg.synthetic_fraction, "lr": cfg.lr, "precision": cfg.precision,
+                         "world_size": trainer.world_size, "seconds": seconds, "device": device,
+                         "datasets": summary["datasets"], "exclude_labels": list(cfg.exclude_labels),
+                         "heldout_rule": "DESIGN.md held-out structures are never tasks",
+                         "init": str(cfg.init) if cfg.init else None, "p_negative": cfg.p_negative},
+            "command": cfg.extra.get("command"),
+            "data": summary,
+        }
+        module.cpu()  # the preview runs where the module now is; the bank follows it
+        module.bank = module.bank_cpu
+        save_episode_preview(module.net, module, out / "previews" / "episodes.png")
+        save_incontext(module.net, out, config)
+    return config

@@ -1,0 +1,167 @@
+"""In-context segmentation: model invariances, held-out rule in episodes, training CLI (resume, DDP),
+``medfound segment`` with the packaged model, baselines, the support-size experiment and the bench."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medfound.data.phantoms import make_phantom
+
+HELD = {"background": 0, "organ": 1, "Left-Thalamus": 2, "lesion": 3, "bone": 4}
+
+
+@pytest.fixture(scope="module")
+def phantom_sets(tmp_path_factory):
+    """A 4-case MR/CT phantom dataset whose label 2 is named like a held-out structure, and a 2-case
+    query dataset."""
+    from medfound.data.nnunet import write_dataset
+
+    root = tmp_path_factory.mktemp("incontext")
+    cases = []
+    for i, m in enumerate(("MR", "MR", "CT", "CT")):
+        image, label = make_phantom(m, shape=(48, 44, 20), seed=10 + i)
+        image.format = "nifti"
+        cases.append((f"case{i}", image, label))
+    train = write_dataset(root / "Dataset900_Train", cases, HELD, {"0": "mixed"},
+                          extra={"case_modalities": {c: m for c, m in zip(["case0", "case1", "case2", "case3"],
+                                                                           ["MR", "MR", "CT", "CT"])}})
+    q = []
+    for i in range(2):
+        image, label = make_phantom("MR", shape=(48, 44, 20), seed=50 + i)
+        image.format = "nifti"
+        q.append((f"query{i}", image, label))
+    query = write_dataset(root / "Dataset901_Query", q, HELD, {"0": "MR"})
+    return root, train.root, query.root
+
+
+def test_model_is_order_invariant_and_shares_support_features():
+    from medfound.models.incontext import InContextConfig, InContextSegmenter
+
+    torch.manual_seed(0)
+    m = InContextSegmenter(InContextConfig(size=32, widths=(8, 16, 16, 16))).eval()
+    q = torch.rand(3, 1, 32, 32)
+    si, sm = torch.rand(1, 5, 1, 32, 32), (torch.rand(1, 5, 1, 32, 32) > 0.5).float()
+    pos = torch.rand(1, 5)
+    with torch.no_grad():
+        shared = m.decode(q, m.encode_support(si, sm, pos), torch.rand(3) * 0 + 0.5)
+        perm = torch.tensor([3, 0, 4, 1, 2])
+        permuted = m.decode(q, m.encode_support(si[:, perm], sm[:, perm], pos[:, perm]), torch.full((3,), 0.5))
+        per_query = m(q, si.expand(3, -1, -1, -1, -1), sm.expand(3, -1, -1, -1, -1), torch.full((3,), 0.5),
+                      pos.expand(3, -1))
+        one = m(q[:1], si[:, :1], sm[:, :1])  # a single support, no positions
+    assert torch.allclose(shared, permuted, atol=1e-5)
+    assert torch.allclose(shared, per_query, atol=1e-5)
+    assert one.shape == (1, 1, 32, 32) and torch.isfinite(one).all()
+
+
+def test_bank_never_holds_heldout_labels(phantom_sets):
+    from medfound.data.episodes import augment_episodes, build_bank, sample_episodes, synthetic_episodes
+
+    _, train, _ = phantom_sets
+    bank = build_bank([str(train)], size=32, progress=False)
+    assert not (bank.labels == 2).any()  # "Left-Thalamus" erased from every slice
+    assert all(name != "left-thalamus" for name, _ in bank.tasks)
+    assert {"organ", "bone"} <= {name for name, _ in bank.tasks}
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    ep = augment_episodes(sample_episodes(bank, 4, 3, rng), gen)
+    assert ep.support.shape == (4, 3, 1, 32, 32) and ep.query_mask.shape == (4, 1, 32, 32)
+    assert set(torch.unique(ep.support_mask).tolist()) <= {0.0, 1.0}
+    assert ep.support_mask.flatten(2).amax(2).min() == 1  # every support holds its structure
+    syn = synthetic_episodes(2, 3, 32, gen, "cpu")
+    assert syn.support_mask.flatten(2).amax(2).min() == 1 and torch.isnan(syn.query_pos).all()
+
+
+def test_incontext_train_resume_and_export(phantom_sets, cli, tmp_path):
+    _, train, _ = phantom_sets
+    run = tmp_path / "run"
+    args = ["incontext", "train", "--datasets", train, "--out", run, "--size", "32", "--batch-size", "2",
+            "--support-sizes", "1,3", "--precision", "32", "--accelerator", "cpu", "--checkpoint-every", "2"]
+    r = cli(*args, "--steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["global_step"] == 2
+    r = cli(*args, "--steps", "4", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["kind"] == "incontext" and cfg["training"]["steps"] == 4
+    assert "Dataset900_Train" in cfg["data"]["datasets"] and (run / "model.safetensors").is_file()
+    assert (run / "previews" / "episodes.png").is_file()
+    r = cli(*args, "--steps", "2")  # refuses to overwrite a run
+    assert r.returncode == 2 and "resume" in r.stderr
+
+
+def test_incontext_train_ddp_two_cpu_processes(phantom_sets, cli, tmp_path):
+    _, train, _ = phantom_sets
+    run = tmp_path / "ddp"
+    r = cli("incontext", "train", "--datasets", train, "--out", run, "--size", "32", "--batch-size", "2",
+            "--support-sizes", "2", "--steps", "3", "--precision", "32", "--accelerator", "cpu", "--devices", "2",
+            "--strategy", "ddp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["training"]["world_size"] == 2 and cfg["training"]["global_batch"] == 4
+
+
+def test_segment_with_packaged_model_keeps_geometry(phantom_sets, cli, tmp_path):
+    _, train, query = phantom_sets
+    out = tmp_path / "masks"
+    src = query / "imagesTr" / "query0_0000.nii.gz"
+    r = cli("segment", "--support", train, "--input", src, "--output", out, "--label", "organ", "--label", "3",
+            "--support-size", "4", "--ensemble", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    img, mask = nib.load(src), nib.load(out / "query0.nii.gz")
+    assert mask.shape == img.shape and np.allclose(mask.affine, img.affine)
+    assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 3}
+
+
+def test_segment_bad_input(phantom_sets, cli, tmp_path):
+    _, train, query = phantom_sets
+    src = query / "imagesTr" / "query0_0000.nii.gz"
+    r = cli("segment", "--support", tmp_path, "--input", src, "--output", tmp_path / "o")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and str(tmp_path) in r.stderr
+    r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--label", "liver")
+    assert r.returncode == 2 and "liver" in r.stderr
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    r = cli("segment", "--support", train, "--input", bad, "--output", tmp_path / "o2")
+    assert r.returncode == 2 and "bad.nii.gz" in r.stderr and not (tmp_path / "o2").exists()
+
+
+def test_label_fusion_copies_the_matching_support():
+    from medfound.infer.label_fusion import label_fusion
+
+    rng = np.random.default_rng(0)
+    sup = rng.random((3, 32, 32)).astype(np.float32)
+    masks = (rng.random((3, 32, 32)) > 0.5).astype(np.float32)
+    out = label_fusion(sup[[2, 0]] * 2 + 0.1, sup, masks)  # same images up to contrast
+    assert np.array_equal(out, masks[[2, 0]])
+
+
+def test_structure_names_match_across_atlases():
+    from medfound.eval.support_size import structure_key
+
+    assert structure_key("Thalamus_L") == structure_key("Left-Thalamus-Proper") == structure_key("Left_Thalamus_Proper")
+    assert structure_key("Caudate_R") == structure_key("Right_Caudate") != structure_key("Left_Caudate")
+
+
+def test_support_size_experiment(phantom_sets, cli, tmp_path):
+    _, train, query = phantom_sets
+    out = tmp_path / "exp"
+    r = cli("experiment", "support-size", "--support", train, "--test", query, "--out", out, "--sizes", "1,2",
+            "--seeds", "1", "--structure", "organ", "--finetune-steps", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("structure,") and len(rows) == 1 + 2 * 2 * 3  # sizes x query cases x methods
+    s = json.loads((out / "summary.json").read_text())
+    assert {r["method"] for r in s["by_size"]} == {"incontext", "label-fusion", "finetune"}
+    assert (out / "support_size.png").stat().st_size > 1000
+
+
+def test_bench_incontext_prints_json(capsys):
+    from medfound.bench.incontext import main
+
+    res = main(["--repeats", "1", "--supports", "2", "--query-size", "64"])
+    assert json.loads(capsys.readouterr().out.strip())["results"][0]["supports"] == 2
+    assert res["results"][0]["query_ms"] > 0
