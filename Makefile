@@ -25,6 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	  ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mricron-data >/dev/null) \
 	    || echo "note: mricron-data not installed; Colin27 sample datasets will be skipped"; \
 	fi
+	@# Debian's Chromium for the viewer's browser tests (Playwright drives it; no browser download).
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \
+	  (DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null)) \
+	    || echo "note: chromium not installed; the viewer's browser tests will be skipped"; \
+	fi
 	@$(PY) -c "import torch, medfound; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

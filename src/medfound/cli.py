@@ -614,6 +614,36 @@ def experiment_support_size(
     print(f"{out / 'summary.json'}, {out / 'support_size.png'}")
 
 
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1 keeps it on this machine).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workdir: Annotated[Optional[Path], typer.Option(help="Folder for uploaded studies and example sets (default: a new temporary folder).")] = None,
+    support: Annotated[Optional[list[Path]], typer.Option("--support", help="nnU-Net example set offered on the page; repeat.")] = None,
+    model: Annotated[Optional[list[Path]], typer.Option("--model", help="Fine-tuned segmenter run offered on the page; repeat.")] = None,
+    sam: Annotated[Optional[str], typer.Option(help="SAM for box/point prompts: a `sam finetune` run, an official .pth, or a variant name.")] = None,
+    incontext_model: Annotated[Optional[Path], typer.Option(help="In-context run (default: the shipped model).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
+) -> None:
+    """Web viewer: scroll a study, prompt SAM, segment from an example set, download the mask."""
+    import tempfile
+
+    import uvicorn
+
+    from medfound.data.nnunet import NnUNetDataset
+    from medfound.viewer.app import create_app
+
+    for s in support or []:
+        NnUNetDataset.open(s)  # a bad example set fails here, with its path, not on the first click
+    for m in model or []:
+        if not (m / "config.json").is_file():
+            raise InputError(m, "not a fine-tuned model run (no config.json)")
+    work = workdir or Path(tempfile.mkdtemp(prefix="medfound-serve-"))
+    app_ = create_app(work, support, model, sam, incontext_model, max_upload_mb)
+    print(f"medfound viewer on http://{host}:{port}/  (studies in {work})", flush=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for data, shards and report/.")] = Path("demo"),

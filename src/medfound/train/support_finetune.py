@@ -1,4 +1,4 @@
-"""The retraining baseline for example-set segmentation: a small U-Net (MONAI) trained from scratch on
+"""The retraining baseline for example-set segmentation: a small U-Net (MONAI BasicUNet) trained from scratch on
 just the support slices, as a user with a GPU-less afternoon would do instead of in-context inference."""
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from medfound.data.episodes import episode_loss, warp
 
 def fit_on_support(images: np.ndarray, masks: np.ndarray, steps: int = 150, batch_size: int = 8,
                    lr: float = 2e-3, seed: int = 0) -> tuple[torch.nn.Module, float]:
-    """Train a 2D MONAI U-Net on (n, S, S) support slices with geometric and intensity augmentation;
+    """Train a 2D MONAI BasicUNet on (n, S, S) support slices with geometric and intensity augmentation;
     returns (model in eval mode, wall seconds)."""
-    from monai.networks.nets import UNet
+    from monai.networks.nets import BasicUNet
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32, 64, 128), strides=(2, 2, 2),
-               num_res_units=1)
+    # BasicUNet, not monai's residual UNet: with 8 slices of a 1 %-area structure the latter did not
+    # even fit its own training slices in 300 steps here (training Dice 0.02 vs 0.94 after 100 steps)
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=(16, 16, 32, 64, 128, 16))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     x_all = torch.from_numpy(images).float()[:, None]
     y_all = torch.from_numpy(masks).float()[:, None]

@@ -1,0 +1,288 @@
+"""The FastAPI app behind ``medfound serve``: a JSON API over :mod:`medfound.viewer.studies` that calls
+the same library functions as the CLI (SAM sessions, in-context segmentation, fine-tuned predictors)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from medfound.errors import InputError
+from medfound.viewer.studies import ID, Study, StudyStore
+
+STATIC = Path(__file__).parent / "static"
+
+
+class SamRequest(BaseModel):
+    slice: int
+    box: list[float] | None = None          # [i0, j0, i1, j1] in the slice's array indices
+    points: list[list[float]] | None = None  # [[i, j, 1 (inside) | 0 (outside)], ...]
+    label: int = 1
+
+
+class InContextRequest(BaseModel):
+    support: str
+    labels: list[int] | None = None
+    support_size: int = 16
+
+
+class PredictRequest(BaseModel):
+    model: str
+
+
+def display(slice2d: np.ndarray) -> np.ndarray:
+    """Array slice [i, j] (RAS) -> screen rows/cols: anterior up, patient right on the right."""
+    return np.flipud(slice2d.T)
+
+
+def _png(a: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def create_app(workdir: str | Path, supports: list[Path] | None = None, models: list[Path] | None = None,
+               sam: str | None = None, incontext_model: Path | None = None, max_upload_mb: float = 512) -> FastAPI:
+    """Build the app. ``supports``: nnU-Net example sets offered by name; ``models``: fine-tuned segmenter
+    runs; ``sam``: a SAM run/checkpoint/variant for box and point prompts; uploads capped at ``max_upload_mb``."""
+    app = FastAPI(title="medfound viewer", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    store = StudyStore(workdir)
+    support_sets = {p.name: p for p in (supports or [])}
+    uploaded_supports: dict[str, Path] = {}
+    limit = int(max_upload_mb * 1024 * 1024)
+    state: dict = {"sam": None, "incontext": None, "segmenters": {}}
+    load_lock = threading.Lock()
+
+    @app.exception_handler(InputError)
+    def _bad_input(request: Request, exc: InputError):
+        return JSONResponse(status_code=400, content={"detail": exc.message})
+
+    @app.exception_handler(KeyError)
+    def _unknown(request: Request, exc: KeyError):
+        return JSONResponse(status_code=404, content={"detail": f"unknown id {exc.args[0] if exc.args else ''}"})
+
+    def _sam():
+        if sam is None:
+            raise HTTPException(409, "no SAM model loaded: start `medfound serve --sam RUN|CHECKPOINT`")
+        with load_lock:
+            if state["sam"] is None:
+                from medfound.models.sam import load_sam_model
+
+                state["sam"] = load_sam_model(sam)
+        return state["sam"]
+
+    def _incontext():
+        with load_lock:
+            if state["incontext"] is None:
+                from medfound.models.incontext_weights import load_incontext
+
+                state["incontext"] = load_incontext(incontext_model)
+        return state["incontext"]
+
+    def _support_folder(name: str) -> Path:
+        if name in support_sets:
+            return support_sets[name]
+        if ID.match(name) and name in uploaded_supports:
+            return uploaded_supports[name]
+        raise HTTPException(404, f"unknown support set {name!r}")
+
+    async def _read_limited(f: UploadFile, budget: list[int]) -> bytes:
+        data = await f.read(limit + 1)
+        budget[0] += len(data)
+        if budget[0] > limit:
+            raise HTTPException(413, f"upload larger than the {max_upload_mb:g} MB limit")
+        return data
+
+    @app.get("/")
+    def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/resources")
+    def resources():
+        return {"sam": sam is not None, "supports": sorted(support_sets) + sorted(uploaded_supports),
+                "models": sorted(p.name for p in (models or []))}
+
+    @app.post("/api/studies", status_code=201)
+    async def upload_study(files: list[UploadFile] = File(...)):
+        budget = [0]
+        payload = [(f.filename or "upload", await _read_limited(f, budget)) for f in files]
+        if not payload or not any(d for _, d in payload):
+            raise HTTPException(400, "empty upload")
+        return store.add(payload).info()
+
+    @app.get("/api/studies/{sid}")
+    def study_info(sid: str):
+        return store.get(sid).info()
+
+    @app.get("/api/studies/{sid}/slice/{k}.png")
+    def slice_png(sid: str, k: int, level: float | None = None, width: float | None = None):
+        st = store.get(sid)
+        a = st.slice(k).astype(np.float32)
+        if level is None or width is None:
+            level, width = next(iter(st.presets().values()))
+        lo = level - width / 2
+        img = np.clip((a - lo) / max(width, 1e-6), 0, 1)
+        return Response(_png((display(img) * 255).astype(np.uint8)), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/studies/{sid}/mask/{k}.png")
+    def mask_png(sid: str, k: int):
+        st = store.get(sid)
+        with st.lock:
+            m = np.clip(st.mask_slice(k), 0, 255).astype(np.uint8)
+        return Response(_png(display(m)), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/studies/{sid}/sam")
+    def sam_prompt(sid: str, req: SamRequest):
+        st = store.get(sid)
+        model, _cfg = _sam()
+        if req.box is None and not req.points:
+            raise HTTPException(400, "give a box and/or at least one point")
+        if not 1 <= req.label <= 65535:
+            raise HTTPException(400, "label must be 1..65535")
+        from medfound.infer.sam_segment import SamSession
+
+        with st.lock:
+            if st.sam_session is None:
+                st.sam_session = SamSession(model, st.view, _cfg["image_size"], axis=2)
+            st.slice(req.slice)
+            pts = [p[:2] for p in (req.points or [])] or None
+            labs = [int(p[2]) for p in (req.points or [])] or None
+            m = st.sam_session.segment(req.slice, box=req.box, points=pts, labels=labs)
+            st.push_undo()
+            sl = st.mask_slice(req.slice)
+            sl[sl == req.label] = 0
+            sl[m] = req.label
+            st.labels.setdefault(req.label, f"label {req.label}")
+            return {"pixels": int(m.sum()), "volumes_ml": st.volumes_ml(), "undo": len(st.undo)}
+
+    @app.post("/api/supports", status_code=201)
+    async def upload_support(images: list[UploadFile] = File(...), masks: list[UploadFile] = File(...)):
+        """An example set from image/mask pairs (paired in upload order) -> an nnU-Net folder."""
+        from medfound.data.nnunet import write_dataset
+
+        if len(images) != len(masks) or not images:
+            raise HTTPException(400, "upload as many masks as images (paired in order)")
+        budget = [0]
+        sid = uuid.uuid4().hex
+        tmp = Path(workdir) / "supports" / f".{sid}"
+        cases, values = [], set()
+        try:
+            tmp.mkdir(parents=True)
+            for i, (fi, fm) in enumerate(zip(images, masks)):
+                pair = []
+                for kind, f in (("image", fi), ("mask", fm)):
+                    p = tmp / f"{kind}{i:04d}"
+                    p.write_bytes(await _read_limited(f, budget))
+                    pair.append((f.filename or kind, p))
+                from medfound.io import read_image
+
+                try:
+                    img, lab = read_image(pair[0][1]), read_image(pair[1][1])
+                except InputError as e:
+                    raise InputError(pair[0][0] if "image" in str(e.path) else pair[1][0], e.problem) from None
+                if lab.shape != img.shape:
+                    raise InputError(pair[1][0], f"mask shape {lab.shape} differs from its image {img.shape}")
+                arr = np.rint(lab.array).astype(np.uint16)
+                values |= {int(v) for v in np.unique(arr) if v}
+                cases.append((f"case{i:04d}", img, arr))
+            if not values:
+                raise InputError(masks[0].filename, "the masks are empty")
+            names = {"background": 0} | {f"label_{v}": v for v in sorted(values)}
+            write_dataset(Path(workdir) / "supports" / sid, cases, names, {"0": cases[0][1].modality})
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        uploaded_supports[sid] = Path(workdir) / "supports" / sid
+        return {"id": sid, "cases": len(cases), "labels": sorted(values)}
+
+    @app.post("/api/studies/{sid}/incontext")
+    def incontext(sid: str, req: InContextRequest):
+        st = store.get(sid)
+        from medfound.data.nnunet import NnUNetDataset
+        from medfound.infer.incontext import (SupportEncodings, combine, ensemble_members, inference_settings,
+                                              prepare_slices, resolve_labels, segment_prepared, support_pools)
+
+        folder = _support_folder(req.support)
+        model, cfg = _incontext()
+        ds = NnUNetDataset.open(folder)
+        labels = resolve_labels(ds, [str(v) for v in req.labels] if req.labels else None)
+        pools = support_pools(folder, labels, int(cfg["model"]["size"]))
+        import torch
+
+        members = {v: ensemble_members(p, req.support_size, 1) for v, p in pools.items()}
+        enc = SupportEncodings(model, members, torch.device("cpu"))
+        with st.lock:
+            prep = prepare_slices(st.view, int(cfg["model"]["size"]), 2, None)
+            probs = segment_prepared(model, prep, enc, 16, extent_margin=inference_settings(cfg)["extent_margin"])
+            st.push_undo()
+            result = combine(probs)
+            for v in labels:
+                st.mask[st.mask == v] = 0
+            st.mask[result > 0] = result[result > 0]
+            st.labels.update(labels)
+            return {"labels": {str(k): v for k, v in labels.items()}, "volumes_ml": st.volumes_ml(), "undo": len(st.undo)}
+
+    @app.post("/api/studies/{sid}/predict")
+    def predict(sid: str, req: PredictRequest):
+        st = store.get(sid)
+        runs = {p.name: p for p in (models or [])}
+        if req.model not in runs:
+            raise HTTPException(404, f"unknown model {req.model!r}")
+        from medfound.infer.predict import predict_image
+        from medfound.models.segmenter import load_segmenter
+
+        with load_lock:
+            if req.model not in state["segmenters"]:
+                state["segmenters"][req.model] = load_segmenter(runs[req.model])
+        model, cfg = state["segmenters"][req.model]
+        with st.lock:
+            out = predict_image(model, cfg, st.view)
+            st.push_undo()
+            st.mask[:] = out
+            st.labels.update({int(i["label"]): i["name"] for i in cfg["classes"].values()})
+            return {"volumes_ml": st.volumes_ml(), "undo": len(st.undo)}
+
+    @app.post("/api/studies/{sid}/undo")
+    def undo(sid: str):
+        st = store.get(sid)
+        with st.lock:
+            if not st.undo:
+                raise HTTPException(409, "nothing to undo")
+            st.mask[...] = st.undo.pop()
+            return {"volumes_ml": st.volumes_ml(), "undo": len(st.undo)}
+
+    @app.get("/api/studies/{sid}/download")
+    def download(sid: str, format: str = "nifti"):
+        st: Study = store.get(sid)
+        from medfound.io import write_mask
+
+        with st.lock:
+            mask = st.mask_in_image_geometry()
+            out = st.folder / "download"
+            out.mkdir(exist_ok=True)
+            if format == "nifti":
+                path = write_mask(mask, st.image, out / "mask.nii.gz")
+                return FileResponse(path, filename=f"{sid}_mask.nii.gz", media_type="application/gzip")
+            if format == "dicom-seg":
+                if st.image.format != "dicom":
+                    raise HTTPException(400, "DICOM-SEG needs a study uploaded as DICOM")
+                from medfound.io.dicomseg import write_dicom_seg
+
+                path = write_dicom_seg(mask, st.image, out / "mask_seg.dcm", labels=st.labels)
+                return FileResponse(path, filename=f"{sid}_seg.dcm", media_type="application/dicom")
+        raise HTTPException(400, "format must be nifti or dicom-seg")
+
+    return app

@@ -1,0 +1,172 @@
+"""The viewer: JSON API (uploads, bad files, safety, concurrency, undo, downloads) and, where Debian's
+Chromium is installed, the page driven by Playwright in a real headless browser."""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfound.data.phantoms import make_phantom
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from medfound.data.nnunet import write_dataset
+    from medfound.io import write_image
+
+    root = tmp_path_factory.mktemp("viewer")
+    cases = []
+    for i in range(2):
+        image, label = make_phantom("MR", shape=(48, 44, 16), seed=20 + i)
+        image.format = "nifti"
+        cases.append((f"case{i}", image, label))
+    support = write_dataset(root / "Dataset950_Support", cases, {"background": 0, "organ": 1, "kidney": 2,
+                                                                 "lesion": 3, "bone": 4}, {"0": "MR"}).root
+    image, label = make_phantom("MR", shape=(48, 44, 16), seed=99, oblique=True)
+    study = write_image(image, root / "study.nii.gz")
+    return root, support, study, label
+
+
+@pytest.fixture(scope="module")
+def client(data, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from medfound.viewer.app import create_app
+
+    root, support, _, _ = data
+    app = create_app(tmp_path_factory.mktemp("work"), supports=[support], sam="tiny", max_upload_mb=2)
+    return TestClient(app)
+
+
+def _upload(client, path: Path):
+    return client.post("/api/studies", files=[("files", (path.name, path.read_bytes()))])
+
+
+def test_upload_slices_incontext_undo_download(client, data):
+    _, support, study, truth = data
+    r = _upload(client, study)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    sid, n = info["id"], info["slices"]
+    assert len(sid) == 32 and info["presets"] and n == info["shape"][2]
+    png = client.get(f"/api/studies/{sid}/slice/{n // 2}.png")
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    r = client.post(f"/api/studies/{sid}/incontext", json={"support": "Dataset950_Support", "labels": [1],
+                                                          "support_size": 8})
+    assert r.status_code == 200, r.text
+    assert r.json()["volumes_ml"].get("organ", 0) > 0
+    r = client.post(f"/api/studies/{sid}/sam", json={"slice": n // 2, "box": [10, 10, 30, 30], "label": 2})
+    assert r.status_code == 200, r.text
+    assert client.post(f"/api/studies/{sid}/undo").json()["undo"] == 1
+    d = client.get(f"/api/studies/{sid}/download?format=nifti")
+    assert d.status_code == 200
+    out = Path(data[0]) / "dl.nii.gz"
+    out.write_bytes(d.content)
+    m, ref = nib.load(out), nib.load(study)
+    assert m.shape == ref.shape and np.allclose(m.affine, ref.affine)  # the input's geometry, oblique included
+    pred = np.asarray(m.dataobj) == 1
+    assert pred.any() and (pred & (truth == 1)).sum() > 0.3 * pred.sum()
+
+
+def test_bad_uploads_answer_4xx_and_service_stays_up(client, data):
+    r = client.post("/api/studies", files=[("files", ("scan.nii.gz", b"definitely not an image"))])
+    assert r.status_code == 400 and "scan.nii.gz" in r.json()["detail"]
+    r = client.post("/api/studies", files=[("files", ("big.nii", b"\0" * (3 * 1024 * 1024)))])
+    assert r.status_code == 413
+    # a PNG named .nii is read by content, not by its extension
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 255).astype(np.uint8)).save(buf, format="PNG")
+    r = client.post("/api/studies", files=[("files", ("really_a_png.nii", buf.getvalue()))])
+    assert r.status_code == 201 and r.json()["slices"] == 1
+    assert client.get("/api/studies/..%2F..%2Fetc/slice/0.png").status_code == 404  # ids, never paths
+    assert client.get("/api/studies/" + "0" * 32).status_code == 404
+    assert client.post(f"/api/studies/{r.json()['id']}/incontext", json={"support": "../../etc"}).status_code == 404
+    assert client.get("/api/resources").status_code == 200
+
+
+def test_concurrent_requests_keep_studies_apart(client, data):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, study, _ = data
+    ids = [_upload(client, study).json()["id"] for _ in range(2)]
+
+    def prompt(args):
+        sid, lab = args
+        return client.post(f"/api/studies/{sid}/sam", json={"slice": 5, "box": [5, 5, 30, 30], "label": lab}).status_code
+
+    with ThreadPoolExecutor(4) as ex:
+        codes = list(ex.map(prompt, [(ids[0], 3), (ids[1], 4)] * 3))
+    assert set(codes) == {200}
+    a = set(client.get(f"/api/studies/{ids[0]}").json()["labels"])
+    b = set(client.get(f"/api/studies/{ids[1]}").json()["labels"])
+    assert "4" not in a and "3" not in b
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed (make install adds it)")
+def test_browser_box_and_example_set(data, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    root, support, study, _ = data
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "medfound", "serve", "--port", str(port), "--workdir", str(tmp_path),
+                             "--support", str(support), "--sam", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(120):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(url)
+            page.set_input_files("#study-file", str(study))
+            page.click("#upload")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('upload: done')", timeout=30000)
+            # draw a box: SAM answers and the overlay is redrawn
+            box = page.locator("#view").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.7, steps=5)
+            page.mouse.up()
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('SAM box: done')", timeout=30000)
+            # segment the volume from the example set: a mask appears on the slice
+            page.select_option("#support", "Dataset950_Support")
+            page.click("#incontext")
+            page.wait_for_function("document.getElementById('status').textContent.includes('example set: done')", timeout=60000)
+            assert int(page.locator("#view").get_attribute("data-mask-pixels")) > 0
+            assert "organ" in page.locator("#volumes").inner_text()
+            with page.expect_download() as dl:
+                page.click("#download")
+            path = tmp_path / "browser_mask.nii.gz"
+            dl.value.save_as(path)
+            page.screenshot(path=str(tmp_path / "viewer.png"))
+            browser.close()
+        m, ref = nib.load(path), nib.load(study)
+        assert m.shape == ref.shape and np.allclose(m.affine, ref.affine)
+        assert (np.asarray(m.dataobj) > 0).any()
+    finally:
+        proc.terminate()
+        proc.wait(10)
