@@ -2,12 +2,6 @@
 Chromium is installed, the page driven by Playwright in a real headless browser."""
 
 import io
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,8 +9,7 @@ import numpy as np
 import pytest
 
 from medfound.data.phantoms import make_phantom
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from medfound.viewer.browser import chromium_path
 
 
 @pytest.fixture(scope="module")
@@ -114,59 +107,30 @@ def test_concurrent_requests_keep_studies_apart(client, data):
     assert "4" not in a and "3" not in b
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed (make install adds it)")
+@pytest.mark.skipif(chromium_path() is None, reason="Debian chromium not installed (make install adds it)")
 def test_browser_box_and_example_set(data, tmp_path):
     from playwright.sync_api import sync_playwright
 
+    from medfound.viewer.browser import drag_box, open_page, served, wait_status
+
     root, support, study, _ = data
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "medfound", "serve", "--port", str(port), "--workdir", str(tmp_path),
-                             "--support", str(support), "--sam", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        for _ in range(120):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(url)
-            page.set_input_files("#study-file", str(study))
-            page.click("#upload")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('upload: done')", timeout=30000)
-            # draw a box: SAM answers and the overlay is redrawn
-            box = page.locator("#view").bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.7, steps=5)
-            page.mouse.up()
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('SAM box: done')", timeout=30000)
-            # segment the volume from the example set: a mask appears on the slice
-            page.select_option("#support", "Dataset950_Support")
-            page.click("#incontext")
-            page.wait_for_function("document.getElementById('status').textContent.includes('example set: done')", timeout=60000)
-            assert int(page.locator("#view").get_attribute("data-mask-pixels")) > 0
-            assert "organ" in page.locator("#volumes").inner_text()
-            with page.expect_download() as dl:
-                page.click("#download")
-            path = tmp_path / "browser_mask.nii.gz"
-            dl.value.save_as(path)
-            page.screenshot(path=str(tmp_path / "viewer.png"))
-            browser.close()
-        m, ref = nib.load(path), nib.load(study)
-        assert m.shape == ref.shape and np.allclose(m.affine, ref.affine)
-        assert (np.asarray(m.dataobj) > 0).any()
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with served(tmp_path, "--support", str(support), "--sam", "tiny") as url, sync_playwright() as p:
+        browser, page = open_page(p, url)
+        page.set_input_files("#study-file", str(study))
+        page.click("#upload")
+        wait_status(page, "upload: done", 30000)
+        drag_box(page)  # SAM answers and the overlay is redrawn
+        wait_status(page, "SAM box: done", 30000)
+        page.select_option("#support", "Dataset950_Support")
+        page.click("#incontext")
+        wait_status(page, "example set: done", 60000)
+        assert int(page.locator("#view").get_attribute("data-mask-pixels")) > 0
+        assert "organ" in page.locator("#volumes").inner_text()
+        with page.expect_download() as dl:
+            page.click("#download")
+        path = tmp_path / "browser_mask.nii.gz"
+        dl.value.save_as(path)
+        browser.close()
+    m, ref = nib.load(path), nib.load(study)
+    assert m.shape == ref.shape and np.allclose(m.affine, ref.affine)
+    assert (np.asarray(m.dataobj) > 0).any()

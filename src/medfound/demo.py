@@ -261,6 +261,32 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
                  "on the support slices (1 seed here; the README has the multi-seed run)")
 
 
+def viewer_stage(out: Path, report: Report, structures: tuple[str, ...] = ("Thalamus_L", "Thalamus_R", "Caudate_L",
+                                                                             "Caudate_R")) -> None:
+    """Screenshot of ``medfound serve`` after segmenting MNI152 from a Colin27 example set in Chromium."""
+    from medfound.data.nnunet import write_dataset
+    from medfound.viewer.browser import chromium_path, screenshot_example_set
+
+    report.section("Web viewer (medfound serve)")
+    colin, study = out / "data" / "Dataset021_Colin27_AAL", out / "data" / "Dataset011_MNI152_AAL" / "imagesTr" / "mni152_0000.nii.gz"
+    if chromium_path() is None or not colin.is_dir() or not study.is_file():
+        report.text("Skipped: needs Debian's chromium and mricron-data (the Makefile installs both where apt works).")
+        return
+    ds = NnUNetDataset.open(colin)
+    image, label = ds.read_case("colin27")
+    names = {"background": 0} | {n: i + 1 for i, n in enumerate(structures)}
+    sub = np.zeros(label.shape, dtype=np.uint8)
+    for n, v in names.items():
+        if v:
+            sub[label.array == ds.labels[n]] = v
+    support = write_dataset(out / "viewer" / "Dataset031_Colin27_Subcortical", [("colin27", image, sub)], names,
+                            {"0": "MR"}, description="Colin27 AAL deep grey structures: the viewer's example set").root
+    png = screenshot_example_set(out / "viewer" / "work", study, support, report.folder / "img" / "viewer.png")
+    report.text("`medfound serve --support " + support.name + "`, MNI152 T1 uploaded on the page, 'Segment volume' "
+                "pressed: the example set (Colin27, held-out deep grey structures) segments the new brain in the browser.")
+    report.image(f"img/{png.name}", "The viewer in headless Chromium (Playwright), after in-context segmentation")
+
+
 def run_demo(out: str | Path, size: int = 224, stride: int = 2, pretrain_steps: int = 300,
              finetune_steps: int = 150, sam_steps: int = 300) -> Path:
     out = Path(out)
@@ -320,6 +346,11 @@ def run_demo(out: str | Path, size: int = 224, stride: int = 2, pretrain_steps: 
     _log("in-context: held-out structures from a handful of support slices ...")
     incontext_stage(out, report)
     timings["incontext"] = time.time() - t
+
+    t = time.time()
+    _log("viewer: segmenting from an example set in the browser for a screenshot ...")
+    viewer_stage(out, report)
+    timings["viewer"] = time.time() - t
 
     report.section("Timings")
     report.table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()])
