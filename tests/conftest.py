@@ -41,13 +41,13 @@ def oblique_ct():
     return image, label
 
 
-def run_cli(*args: str, cwd=None):
+def run_cli(*args: str, cwd=None, timeout: float = 600):
     """Run ``medfound ARGS`` in a subprocess, as a user would."""
     import subprocess
 
     env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "medfound", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+                          cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture

@@ -67,13 +67,21 @@ def test_phantoms_have_all_structures(modality):
 def test_demo_end_to_end(tmp_path):
     from conftest import run_cli
 
-    r = run_cli("demo", "--out", tmp_path / "demo", "--pretrain-steps", "4", "--finetune-steps", "3", "--sam-steps", "3")
+    from medfound.viewer.browser import chromium_path
+
+    r = run_cli("demo", "--out", tmp_path / "demo", "--pretrain-steps", "4", "--finetune-steps", "3", "--sam-steps", "3",
+                "--baseline-steps", "3", timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     report = tmp_path / "demo" / "report"
     html = (report / "index.html").read_text()
     assert "Unlabeled pool ingested" in html and "Dataset002_Lesions" in html
     assert "SAM path" in html and (report / "img/sam_box.png").is_file()
     assert "Adaptation with few labels" in html and (report / "img/label_efficiency.png").is_file()
+    if (tmp_path / "demo" / "data" / "Dataset021_Colin27_AAL").is_dir():  # needs Debian mricron-data
+        assert "In-context segmentation" in html and (report / "img/support_size.png").is_file()
+        assert (report / "img/incontext_overlays.png").stat().st_size > 10_000
+        if chromium_path():
+            assert (report / "img/viewer.png").stat().st_size > 10_000
     assert "MAE pretraining" in html and (tmp_path / "demo" / "pretrain" / "encoder.safetensors").is_file()
     for img in ("img/Dataset002_Lesions.png", "img/shards_by_modality.png", "img/pretrain_loss.png"):
         assert (report / img).stat().st_size > 10_000

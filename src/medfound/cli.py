@@ -650,13 +650,15 @@ def demo(
     pretrain_steps: Annotated[int, typer.Option(help="MAE pretraining steps in the demo.")] = 300,
     finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per run in the demo.")] = 150,
     sam_steps: Annotated[int, typer.Option(help="SAM LoRA fine-tuning steps in the demo.")] = 300,
+    baseline_steps: Annotated[int, typer.Option(help="Steps of the fine-tuning baseline in the in-context support-size curve.")] = 100,
 ) -> None:
     """Run the main job end to end on the real sample data and write a report."""
     from medfound.demo import run_demo
 
-    if min(pretrain_steps, finetune_steps, sam_steps) < 1:
-        raise InputError(None, "--pretrain-steps, --finetune-steps and --sam-steps must be >= 1")
-    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, sam_steps=sam_steps)
+    if min(pretrain_steps, finetune_steps, sam_steps, baseline_steps) < 1:
+        raise InputError(None, "--pretrain-steps, --finetune-steps, --sam-steps and --baseline-steps must be >= 1")
+    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, sam_steps=sam_steps,
+             baseline_steps=baseline_steps)
 
 
 def main() -> None:

@@ -207,7 +207,7 @@ def sam_stage(out: Path, report: Report, steps: int = 300) -> None:
 
 
 def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("Thalamus_L", "Caudate_R"),
-                    n_support: int = 8) -> None:
+                    n_support: int = 8, baseline_steps: int = 100) -> None:
     """Held-out structures of Colin27 (AAL) as the example set, the MNI152 T1 as the new study."""
     import matplotlib.pyplot as plt
     import torch
@@ -253,7 +253,7 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     report.image("img/incontext_overlays.png", "Support slices (Colin27) and the query brain (MNI152): truth vs in-context")
     exp = out / "incontext_support_size"
     res = support_size_experiment(support, test, [1, 4, 16], exp, seeds=1, structures=list(structures),
-                                  finetune_steps=100, progress=False)
+                                  finetune_steps=baseline_steps, progress=False)
     shutil.copy(exp / "support_size.png", report.folder / "img" / "support_size.png")
     report.table(["method", "support slices", "mean 3D Dice", "seconds per run"],
                  [[r["method"], r["size"], f"{r['dice_mean']:.3f}", f"{r['seconds_mean']:.1f}"] for r in res["by_size"]])
@@ -288,7 +288,7 @@ def viewer_stage(out: Path, report: Report, structures: tuple[str, ...] = ("Thal
 
 
 def run_demo(out: str | Path, size: int = 224, stride: int = 2, pretrain_steps: int = 300,
-             finetune_steps: int = 150, sam_steps: int = 300) -> Path:
+             finetune_steps: int = 150, sam_steps: int = 300, baseline_steps: int = 100) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "report", "medfound demo report")
@@ -344,7 +344,7 @@ def run_demo(out: str | Path, size: int = 224, stride: int = 2, pretrain_steps: 
 
     t = time.time()
     _log("in-context: held-out structures from a handful of support slices ...")
-    incontext_stage(out, report)
+    incontext_stage(out, report, baseline_steps=baseline_steps)
     timings["incontext"] = time.time() - t
 
     t = time.time()

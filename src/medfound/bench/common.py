@@ -54,3 +54,12 @@ def machine() -> dict:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def mean_ms(fn: Callable[[], None], repeats: int) -> float:
+    """Milliseconds per call of ``fn`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats * 1000

@@ -14,19 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def _ms(fn, repeats: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats * 1000
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from medfound.models.incontext_weights import load_incontext
 
-    from medfound.bench.common import machine
+    from medfound.bench.common import machine, mean_ms
 
     model, cfg = load_incontext(args.model)
     s = int(cfg["model"]["size"])
@@ -63,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
                 logits = model.decode(x, cache, qpos)
                 F.interpolate(torch.sigmoid(logits), size=(q, q), mode="bilinear", align_corners=False)
 
-            query_ms = _ms(one_query, args.repeats)
-            enc_ms = _ms(lambda: model.encode_support(simg, smask, spos), max(2, args.repeats // 5))
+            query_ms = mean_ms(one_query, args.repeats)
+            enc_ms = mean_ms(lambda: model.encode_support(simg, smask, spos), max(2, args.repeats // 5))
             result["results"].append({"supports": n, "query_ms": round(query_ms, 2), "support_encode_ms": round(enc_ms, 1),
                                       "cold_ms": round(query_ms + enc_ms, 1),
                                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from medfound.bench.common import machine
+from medfound.bench.common import machine, mean_ms
 from medfound.models.sam import build_sam, decode, to_sam_input
 
 
 @torch.no_grad()
 def _time(fn, repeats: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats * 1000
+    return mean_ms(fn, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:

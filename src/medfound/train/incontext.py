@@ -30,7 +30,7 @@ from medfound.errors import InputError
 from medfound.io.atomic import write_text
 from medfound.models.incontext import InContextConfig, InContextSegmenter, count_parameters
 from medfound.models.incontext_weights import save_incontext
-from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
+from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision, run_folder_checkpoint
 
 SUPPORT_SIZES = (1, 2, 4, 8, 12, 16)
 
@@ -162,13 +162,8 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
         raise InputError(None, "--synthetic-fraction must be between 0 and 1")
     if not cfg.support_sizes or min(cfg.support_sizes) < 1 or max(cfg.support_sizes) > 64:
         raise InputError(None, "--support-sizes must be between 1 and 64")
-    ckpt_dir = out / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
-    if resume and not last.is_file():
-        raise InputError(last, "nothing to resume from (no last checkpoint in the run folder)")
-    if not resume and not is_child and last.is_file():
-        raise InputError(out, "run folder already holds checkpoints; pass --resume to continue or choose a new --out")
+    last = run_folder_checkpoint(out, resume)
+    ckpt_dir = last.parent
     for d in datasets:
         if not Path(d).is_dir():
             raise InputError(d, "no such dataset folder")

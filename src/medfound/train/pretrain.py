@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from medfound.data.shards import read_manifest
-from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
+from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision, run_folder_checkpoint
 from medfound.data.stream import PretrainStream, StepAwareLoader, preview_slices
 from medfound.errors import InputError
 from medfound.io.atomic import write_text
@@ -201,13 +201,8 @@ def run_pretrain(data: list[str], out: str | os.PathLike, cfg: PretrainConfig, r
         raise InputError(None, "--mask-ratio must be between 0 and 1")
     if cfg.max_steps is None and cfg.epochs is None:
         cfg.epochs = 1
-    ckpt_dir = out / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
-    if resume and not last.is_file():
-        raise InputError(last, "nothing to resume from (no last checkpoint in the run folder)")
-    if not resume and not is_child and last.is_file():
-        raise InputError(out, "run folder already holds checkpoints; pass --resume to continue or choose a new --out")
+    last = run_folder_checkpoint(out, resume)
+    ckpt_dir = last.parent
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     folders = resolve_data(data, out, cfg.image_size)
