@@ -12,7 +12,6 @@ would have seen (it re-reads, without augmenting, the part of the epoch already 
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path

@@ -8,7 +8,6 @@ the exported weights; test data never enters this function.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
