@@ -134,3 +134,31 @@ def test_browser_box_and_example_set(data, tmp_path):
     m, ref = nib.load(path), nib.load(study)
     assert m.shape == ref.shape and np.allclose(m.affine, ref.affine)
     assert (np.asarray(m.dataobj) > 0).any()
+
+
+def test_dicom_series_upload_and_dicom_seg_download(client, tmp_path):
+    import pydicom
+    from helpers import write_dicom_series
+
+    image, _ = make_phantom("CT", shape=(40, 36, 10), seed=5)
+    image = image.with_array(image.array.astype(np.int16))
+    files = write_dicom_series(image, tmp_path / "series", names={k: f"x{(k * 7) % 10}.dcm" for k in range(10)})
+    r = client.post("/api/studies", files=[("files", (f.name, f.read_bytes())) for f in files])
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["format"] == "dicom" and info["slices"] == 10 and "lung" in info["presets"]
+    sid = info["id"]
+    r = client.post(f"/api/studies/{sid}/sam", json={"slice": 5, "points": [[20, 18, 1]], "label": 1})
+    assert r.status_code == 200, r.text
+    if r.json()["pixels"] == 0:  # the random tiny SAM may answer a point with nothing: a slice-wide box then
+        r = client.post(f"/api/studies/{sid}/sam", json={"slice": 5, "box": [1, 1, 39, 35], "label": 1})
+    if r.json()["pixels"] == 0:  # still nothing: paint from the example set so the SEG has a segment
+        r = client.post(f"/api/studies/{sid}/incontext", json={"support": "Dataset950_Support", "labels": [1]})
+    assert client.get(f"/api/studies/{sid}").json()["volumes_ml"], r.text
+    d = client.get(f"/api/studies/{sid}/download?format=dicom-seg")
+    assert d.status_code == 200, d.text
+    seg = pydicom.dcmread(io.BytesIO(d.content))
+    assert seg.Modality == "SEG" and len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) >= 1
+    nifti = client.get(f"/api/studies/{sid}/download?format=nifti")
+    assert nifti.status_code == 200 and nifti.content[:2] == b"\x1f\x8b"
+    assert client.get(f"/api/studies/{sid}/download?format=stl").status_code == 400
