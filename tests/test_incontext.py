@@ -165,3 +165,20 @@ def test_bench_incontext_prints_json(capsys):
     res = main(["--repeats", "1", "--supports", "2", "--query-size", "64"])
     assert json.loads(capsys.readouterr().out.strip())["results"][0]["supports"] == 2
     assert res["results"][0]["query_ms"] > 0
+
+
+def test_bank_then_train_from_bank(phantom_sets, cli, tmp_path):
+    _, train, _ = phantom_sets
+    bank = tmp_path / "bank.npz"
+    r = cli("incontext", "bank", "--datasets", train, "--out", bank, "--size", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "from_bank"
+    r = cli("incontext", "train", "--bank", bank, "--out", run, "--size", "32", "--batch-size", "2", "--steps", "2",
+            "--support-sizes", "2", "--precision", "32", "--accelerator", "cpu", "--exclude-label", "bone")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["datasets"] == ["Dataset900_Train"] and "--bank" in cfg["command"]
+    r = cli("incontext", "train", "--bank", bank, "--datasets", train, "--out", tmp_path / "x")
+    assert r.returncode == 2 and "either" in r.stderr
+    r = cli("incontext", "train", "--bank", tmp_path / "missing.npz", "--out", tmp_path / "y")
+    assert r.returncode == 2 and "missing.npz" in r.stderr

@@ -511,8 +511,9 @@ def _ints(text: str, what: str) -> list[int]:
 
 @incontext_app.command("train")
 def incontext_train(
-    datasets: Annotated[list[Path], typer.Option("--datasets", help="nnU-Net datasets whose labels are the training tasks; repeat or pass several.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, logs/, previews/, model.safetensors, config.json.")],
+    datasets: Annotated[Optional[list[Path]], typer.Option("--datasets", help="nnU-Net datasets whose labels are the training tasks; repeat.")] = None,
+    bank: Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets (train where the image readers are not installed).")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Episodes per device per step.")] = 16,
     size: Annotated[int, typer.Option(help="Working slice size (multiple of 8).")] = 128,
@@ -541,10 +542,17 @@ def incontext_train(
         raise InputError(None, "--steps and --batch-size must be positive")
     if not 0 <= negative_fraction < 1:
         raise InputError(None, "--negative-fraction must be in [0, 1)")
+    if bool(datasets) == bool(bank):
+        raise InputError(None, "give either --datasets or --bank")
     skip = set(exclude_dataset or [])
-    chosen = [str(d) for d in datasets if d.name not in skip]
-    if not chosen:
+    chosen = [str(d) for d in (datasets or []) if d.name not in skip]
+    if datasets and not chosen:
         raise InputError(None, "every --datasets folder is excluded")
+    prebuilt = None
+    if bank:
+        from medfound.data.episodes import load_bank
+
+        prebuilt = load_bank(bank, exclude_labels=tuple(exclude_label or ()), exclude_datasets=tuple(skip))
     dev = int(devices) if devices.isdigit() else devices
     cfg = InContextTrainConfig(size=size, batch_size=batch_size, max_steps=steps,
                                support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
@@ -554,11 +562,31 @@ def incontext_train(
                                strategy=strategy, checkpoint_every=checkpoint_every, seed=seed,
                                exclude_labels=tuple(exclude_label or ()), progress=sys.stderr.isatty())
     cfg.extra = {"command": "medfound " + " ".join(sys.argv[1:]), "excluded_datasets": sorted(skip)}
-    config = run_incontext_train(chosen, out, cfg, resume=resume)
+    config = run_incontext_train(chosen, out, cfg, resume=resume, bank=prebuilt)
     if config:
         t = config["training"]
         print(f"{out}: {t['steps']} steps in {t['seconds']} s, final loss {t['final_loss']:.4f}; "
               f"{config['data']['tasks']} tasks -> {out / 'model.safetensors'}")
+
+
+@incontext_app.command("bank")
+def incontext_bank(
+    datasets: Annotated[list[Path], typer.Option("--datasets", help="nnU-Net datasets to read; repeat.")],
+    out: Annotated[Path, typer.Option("--out", help="Bank file (.npz): uint8 slices, label maps, positions, task index.")],
+    size: Annotated[int, typer.Option(help="Working slice size (multiple of 8).")] = 128,
+    exclude_label: Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never used as a task; repeat.")] = None,
+) -> None:
+    """Read task datasets once into a slice bank (held-out labels erased) for `incontext train --bank`."""
+    from medfound.data.episodes import build_bank, save_bank
+
+    for d in datasets:
+        if not d.is_dir():
+            raise InputError(d, "no such dataset folder")
+    bank = build_bank([str(d) for d in datasets], size, exclude_labels=tuple(exclude_label or ()),
+                      progress=sys.stderr.isatty())
+    save_bank(bank, out)
+    s = bank.summary()
+    print(f"{out}: {s['slices']} slices, {s['tasks']} tasks from {len(s['datasets'])} datasets")
 
 
 @app.command("segment")

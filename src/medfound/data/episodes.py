@@ -355,14 +355,26 @@ def save_bank(bank: SliceBank, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_bank(path: str | os.PathLike, min_pixels: int = 6) -> SliceBank:
-    z = np.load(path, allow_pickle=False)
-    meta = json.loads(bytes(z["meta"]).decode())
+def load_bank(path: str | os.PathLike, min_pixels: int = 6, exclude_labels: tuple[str, ...] = (),
+              exclude_datasets: tuple[str, ...] = ()) -> SliceBank:
+    """Read a bank written by :func:`save_bank`; excluded labels are erased, excluded datasets dropped."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(bytes(z["meta"]).decode())
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(path, f"not a medfound slice bank ({type(e).__name__})") from None
+    exclude = {e.lower() for e in exclude_labels}
     images, labels, positions, blocks, start = [], [], [], [], 0
     for i, m in enumerate(meta):
+        if m["dataset"] in exclude_datasets:
+            continue
+        names = {n: v for n, v in m["names"].items() if n.lower() not in exclude and not is_heldout(n)}
         lab = z[f"lab{i}"]
-        block = Block(m["dataset"], m["case"], m["modality"], m["axis"], start, m["n"], m["names"])
-        for v in m["names"].values():
+        gone = [v for n, v in m["names"].items() if n not in names]
+        if gone:
+            lab = np.where(np.isin(lab, gone), 0, lab)
+        block = Block(m["dataset"], m["case"], m["modality"], m["axis"], start, m["n"], names)
+        for v in names.values():
             idx = np.flatnonzero((lab == v).sum((1, 2)) >= min_pixels)
             if len(idx):
                 block.positives[v] = idx
@@ -371,4 +383,6 @@ def load_bank(path: str | os.PathLike, min_pixels: int = 6) -> SliceBank:
         positions.append(torch.from_numpy(z[f"pos{i}"]))
         blocks.append(block)
         start += m["n"]
+    if not blocks:
+        raise InputError(path, "no slices left after the exclusions")
     return SliceBank(torch.cat(images), torch.cat(labels), torch.cat(positions), blocks, _tasks(blocks))
