@@ -162,3 +162,21 @@ def test_dicom_series_upload_and_dicom_seg_download(client, tmp_path):
     nifti = client.get(f"/api/studies/{sid}/download?format=nifti")
     assert nifti.status_code == 200 and nifti.content[:2] == b"\x1f\x8b"
     assert client.get(f"/api/studies/{sid}/download?format=stl").status_code == 400
+
+
+def test_uploaded_example_set_segments_a_study(client, data, tmp_path):
+    from medfound.io import write_image
+
+    _, _, study, _ = data
+    image, label = make_phantom("MR", shape=(48, 44, 16), seed=21)
+    write_image(image, tmp_path / "img.nii.gz")
+    write_image(image.with_array(label), tmp_path / "msk.nii.gz")
+    r = client.post("/api/supports", files=[("images", ("img.nii.gz", (tmp_path / "img.nii.gz").read_bytes())),
+                                            ("masks", ("msk.nii.gz", (tmp_path / "msk.nii.gz").read_bytes()))])
+    assert r.status_code == 201, r.text
+    sid = _upload(client, study).json()["id"]
+    r2 = client.post(f"/api/studies/{sid}/incontext", json={"support": r.json()["id"], "labels": [1], "support_size": 4})
+    assert r2.status_code == 200 and r2.json()["volumes_ml"], r2.text
+    bad = client.post("/api/supports", files=[("images", ("img.nii.gz", b"junk")),
+                                              ("masks", ("msk.nii.gz", (tmp_path / "msk.nii.gz").read_bytes()))])
+    assert bad.status_code == 400 and "img.nii.gz" in bad.json()["detail"]

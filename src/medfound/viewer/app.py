@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from medfound.errors import InputError
-from medfound.viewer.studies import ID, Study, StudyStore
+from medfound.viewer.studies import ID, Study, StudyStore, safe_upload_name
 
 STATIC = Path(__file__).parent / "static"
 
@@ -171,6 +171,7 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
     async def upload_support(images: list[UploadFile] = File(...), masks: list[UploadFile] = File(...)):
         """An example set from image/mask pairs (paired in upload order) -> an nnU-Net folder."""
         from medfound.data.nnunet import write_dataset
+        from medfound.io import read_image
 
         if len(images) != len(masks) or not images:
             raise HTTPException(400, "upload as many masks as images (paired in order)")
@@ -181,19 +182,18 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
         try:
             tmp.mkdir(parents=True)
             for i, (fi, fm) in enumerate(zip(images, masks)):
-                pair = []
-                for kind, f in (("image", fi), ("mask", fm)):
-                    p = tmp / f"{kind}{i:04d}"
-                    p.write_bytes(await _read_limited(f, budget))
-                    pair.append((f.filename or kind, p))
-                from medfound.io import read_image
-
-                try:
-                    img, lab = read_image(pair[0][1]), read_image(pair[1][1])
-                except InputError as e:
-                    raise InputError(pair[0][0] if "image" in str(e.path) else pair[1][0], e.problem) from None
+                read = []
+                for j, (kind, f) in enumerate((("image", fi), ("mask", fm))):
+                    data = await _read_limited(f, budget)
+                    p = tmp / safe_upload_name(2 * i + j, f.filename or kind, data)  # readers need a suffix
+                    p.write_bytes(data)
+                    try:
+                        read.append(read_image(p))
+                    except InputError as e:
+                        raise InputError(f.filename or kind, e.problem) from None
+                img, lab = read
                 if lab.shape != img.shape:
-                    raise InputError(pair[1][0], f"mask shape {lab.shape} differs from its image {img.shape}")
+                    raise InputError(fm.filename or "mask", f"mask shape {lab.shape} differs from its image {img.shape}")
                 arr = np.rint(lab.array).astype(np.uint16)
                 values |= {int(v) for v in np.unique(arr) if v}
                 cases.append((f"case{i:04d}", img, arr))
@@ -212,23 +212,18 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
     def incontext(sid: str, req: InContextRequest):
         st = store.get(sid)
         from medfound.data.nnunet import NnUNetDataset
-        from medfound.infer.incontext import (SupportEncodings, combine, ensemble_members, inference_settings,
-                                              prepare_slices, resolve_labels, segment_prepared, support_pools)
+        from medfound.infer.incontext import inference_settings, resolve_labels, segment_image, support_pools
 
         folder = _support_folder(req.support)
         model, cfg = _incontext()
-        ds = NnUNetDataset.open(folder)
-        labels = resolve_labels(ds, [str(v) for v in req.labels] if req.labels else None)
-        pools = support_pools(folder, labels, int(cfg["model"]["size"]))
-        import torch
-
-        members = {v: ensemble_members(p, req.support_size, 1) for v, p in pools.items()}
-        enc = SupportEncodings(model, members, torch.device("cpu"))
+        size = int(cfg["model"]["size"])
+        labels = resolve_labels(NnUNetDataset.open(folder), [str(v) for v in req.labels] if req.labels else None)
+        pools = support_pools(folder, labels, size)
         with st.lock:
-            prep = prepare_slices(st.view, int(cfg["model"]["size"]), 2, None)
-            probs = segment_prepared(model, prep, enc, 16, extent_margin=inference_settings(cfg)["extent_margin"])
+            # the study's view is already canonical RAS, so the result lands on the view's grid
+            result = segment_image(model, st.view, pools, size, 2, req.support_size,
+                                   extent_margin=inference_settings(cfg)["extent_margin"])
             st.push_undo()
-            result = combine(probs)
             for v in labels:
                 st.mask[st.mask == v] = 0
             st.mask[result > 0] = result[result > 0]
