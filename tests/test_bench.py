@@ -34,3 +34,11 @@ def test_sam_bench_prints_json():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert {r["precision"] for r in out["results"]} == {"fp32", "bf16"}
     assert all(r["encoder_ms_per_slice"] > 0 and r["decoder_ms_per_prompt"] > 0 for r in out["results"])
+
+
+def test_sam_bench_default_model_prints_json():
+    from medfound.bench.sam import main
+
+    out = main(["--variant", "default", "--sizes", "96", "--repeats", "1"])
+    r = out["results"][0]
+    assert r["size"] == 96 and r["box_ms"] > 0 and r["click_on_cached_slice_ms"] > 0

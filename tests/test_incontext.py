@@ -109,7 +109,7 @@ def test_segment_with_packaged_model_keeps_geometry(phantom_sets, cli, tmp_path)
     out = tmp_path / "masks"
     src = query / "imagesTr" / "query0_0000.nii.gz"
     r = cli("segment", "--support", train, "--input", src, "--output", out, "--label", "organ", "--label", "3",
-            "--support-size", "4", "--ensemble", "2")
+            "--support-size", "4", "--ensemble", "2", "--keep-largest")
     assert r.returncode == 0, r.stderr[-2000:]
     img, mask = nib.load(src), nib.load(out / "query0.nii.gz")
     assert mask.shape == img.shape and np.allclose(mask.affine, img.affine)
@@ -139,6 +139,18 @@ def test_label_fusion_copies_the_matching_support():
     assert np.array_equal(out, masks[[2, 0]])
 
 
+def test_largest_component_keeps_one_piece():
+    from medfound.infer.incontext import largest_component
+
+    m = np.zeros((10, 10, 6), bool)
+    m[1:4, 1:4, 1:3] = True   # 18 voxels
+    m[6:9, 6:9, 2:5] = True   # 27 voxels: kept
+    m[5, 5, 5] = True         # diagonal neighbour of the big piece: 26-connected, kept with it
+    out = largest_component(m)
+    assert out.sum() == 28 and not out[1:4, 1:4, 1:3].any()
+    assert not largest_component(np.zeros((4, 4), bool)).any()
+
+
 def test_structure_names_match_across_atlases():
     from medfound.eval.support_size import structure_key
 
@@ -150,12 +162,12 @@ def test_support_size_experiment(phantom_sets, cli, tmp_path):
     _, train, query = phantom_sets
     out = tmp_path / "exp"
     r = cli("experiment", "support-size", "--support", train, "--test", query, "--out", out, "--sizes", "1,2",
-            "--seeds", "1", "--structure", "organ", "--finetune-steps", "3")
+            "--seeds", "1", "--structure", "organ", "--finetune-steps", "3", "--also-largest")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("structure,") and len(rows) == 1 + 2 * 2 * 3  # sizes x query cases x methods
+    assert rows[0].startswith("structure,") and len(rows) == 1 + 2 * 2 * 4  # sizes x query cases x methods
     s = json.loads((out / "summary.json").read_text())
-    assert {r["method"] for r in s["by_size"]} == {"incontext", "label-fusion", "finetune"}
+    assert {r["method"] for r in s["by_size"]} == {"incontext", "incontext+largest", "label-fusion", "finetune"}
     assert (out / "support_size.png").stat().st_size > 1000
 
 

@@ -76,6 +76,7 @@ def test_demo_end_to_end(tmp_path):
     html = (report / "index.html").read_text()
     assert "Unlabeled pool ingested" in html and "Dataset002_Lesions" in html
     assert "SAM path" in html and (report / "img/sam_box.png").is_file()
+    assert "shipped small SAM on held-out structures" in html and (report / "img/sam_shipped.png").is_file()
     assert "Adaptation with few labels" in html and (report / "img/label_efficiency.png").is_file()
     if (tmp_path / "demo" / "data" / "Dataset021_Colin27_AAL").is_dir():  # needs Debian mricron-data
         assert "In-context segmentation" in html and (report / "img/support_size.png").is_file()

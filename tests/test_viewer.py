@@ -114,13 +114,15 @@ def test_browser_box_and_example_set(data, tmp_path):
     from medfound.viewer.browser import drag_box, open_page, served, wait_status
 
     root, support, study, _ = data
-    with served(tmp_path, "--support", str(support), "--sam", "tiny") as url, sync_playwright() as p:
+    with served(tmp_path, "--support", str(support)) as url, sync_playwright() as p:  # plain serve: shipped SAM
         browser, page = open_page(p, url)
         page.set_input_files("#study-file", str(study))
         page.click("#upload")
         wait_status(page, "upload: done", 30000)
+        assert "medfound default" in page.locator("#sam-note").inner_text()
         drag_box(page)  # SAM answers and the overlay is redrawn
         wait_status(page, "SAM box: done", 30000)
+        assert int(page.locator("#view").get_attribute("data-mask-pixels")) > 0
         page.select_option("#support", "Dataset950_Support")
         page.click("#incontext")
         wait_status(page, "example set: done", 60000)

@@ -330,6 +330,71 @@ def sam_finetune(
               f"({cfg['training']['trainable_parameters']:,} trained of {cfg['training']['total_parameters']:,})")
 
 
+def _task_data(datasets, bank, exclude_label, exclude_dataset):
+    """(dataset folders to read, or a loaded slice bank, excluded dataset names) for the many-task
+    training commands: exactly one of --datasets / --bank, exclusions applied to either."""
+    if bool(datasets) == bool(bank):
+        raise InputError(None, "give either --datasets or --bank")
+    skip = set(exclude_dataset or [])
+    chosen = [str(d) for d in (datasets or []) if d.name not in skip]
+    if datasets and not chosen:
+        raise InputError(None, "every --datasets folder is excluded")
+    prebuilt = None
+    if bank:
+        from medfound.data.episodes import load_bank
+
+        prebuilt = load_bank(bank, exclude_labels=tuple(exclude_label or ()), exclude_datasets=tuple(skip))
+    return chosen, prebuilt, skip
+
+
+@sam_app.command("train")
+def sam_train(
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, logs/, previews/, model.safetensors, config.json.")],
+    datasets: Annotated[Optional[list[Path]], typer.Option("--datasets", help="nnU-Net datasets whose labels are the training structures; repeat.")] = None,
+    bank: Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Prompted structures per device per step.")] = 32,
+    image_size: Annotated[int, typer.Option(help="Input size (multiple of 32; the bank's size with --bank).")] = 128,
+    synthetic_fraction: Annotated[float, typer.Option(help="Share of samples that are synthetic shapes.")] = 0.2,
+    point_fraction: Annotated[float, typer.Option(help="Share of samples prompted with points instead of a box.")] = 0.3,
+    zoom_fraction: Annotated[float, typer.Option(help="Share of samples cropped around their structure.")] = 0.5,
+    exclude_label: Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never trained on; repeat. DESIGN.md's held-out structures are always excluded.")] = None,
+    exclude_dataset: Annotated[Optional[list[str]], typer.Option("--exclude-dataset", help="Dataset folder name never read; repeat.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 2e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop and export after this wall time even if steps remain.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this conv SAM run's weights.")] = None,
+    precision: Annotated[str, typer.Option(help="bf16 or 32.")] = "32",
+    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Devices per node (number or auto).")] = "auto",
+    num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun or SLURM sets the rest).")] = 1,
+    strategy: Annotated[str, typer.Option(help="auto, ddp, ddp_spawn ...")] = "auto",
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed (samples are a function of seed, rank and step).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+) -> None:
+    """Train a small promptable SAM (conv encoder, SAM's prompt encoder and mask decoder) from scratch
+    on every non-held-out structure of the datasets, with simulated boxes, points and corrections."""
+    from medfound.train.sam_train import SamTrainConfig, run_sam_train
+
+    if steps < 1 or batch_size < 1:
+        raise InputError(None, "--steps and --batch-size must be positive")
+    chosen, prebuilt, skip = _task_data(datasets, bank, exclude_label, exclude_dataset)
+    dev = int(devices) if devices.isdigit() else devices
+    cfg = SamTrainConfig(image_size=image_size, batch_size=batch_size, max_steps=steps,
+                         synthetic_fraction=synthetic_fraction, p_point=point_fraction, p_zoom=zoom_fraction, lr=lr,
+                         warmup_steps=warmup_steps, max_minutes=max_minutes, init=str(init) if init else None,
+                         precision=precision, accelerator=accelerator, devices=dev, num_nodes=num_nodes,
+                         strategy=strategy, checkpoint_every=checkpoint_every, seed=seed,
+                         exclude_labels=tuple(exclude_label or ()), progress=sys.stderr.isatty())
+    cfg.extra = {"command": "medfound " + " ".join(sys.argv[1:]), "excluded_datasets": sorted(skip)}
+    config = run_sam_train(chosen, out, cfg, resume=resume, bank=prebuilt)
+    if config:
+        t = config["training"]
+        print(f"{out}: {t['steps']} steps in {t['seconds']} s, final loss {t['final_loss']:.4f}; "
+              f"{config['data']['tasks']} structures -> {out / 'model.safetensors'}")
+
+
 def _xy(text: str, n: int, what: str) -> list[float]:
     try:
         v = [float(t) for t in text.split(",")]
@@ -342,9 +407,9 @@ def _xy(text: str, n: int, what: str) -> list[float]:
 
 @sam_app.command("segment")
 def sam_segment(
-    model: Annotated[str, typer.Option("--model", help="SAM run folder, official .pth, or variant name.")],
     input: Annotated[Path, typer.Option("--input", help="Image file or DICOM series folder.")],
     output: Annotated[Path, typer.Option("--output", help="Folder for the mask (CASE.nii.gz in the input's geometry).")],
+    model: Annotated[Optional[str], typer.Option("--model", help="SAM run folder (`sam train` / `sam finetune`), official .pth, or variant name (default: the small SAM shipped with medfound).")] = None,
     box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in the slice's pixels (x = first array axis).")] = None,
     point: Annotated[Optional[list[str]], typer.Option(help="x,y,label (1 inside, 0 outside); repeatable.")] = None,
     slice_index: Annotated[int, typer.Option("--slice", help="Slice index along --axis (3D inputs).")] = 0,
@@ -369,7 +434,7 @@ def sam_segment(
         raise InputError(None, "--propagate needs a --box")
     image = read_image(input)
     sam, cfg = load_sam_model(model, base, image_size)
-    session = SamSession(sam, image, cfg["image_size"], axis=axis)
+    session = SamSession.for_model(sam, cfg, image, axis=axis)
     if propagate:
         vol = session.propagate(slice_index, b)
     else:
@@ -389,21 +454,40 @@ def sam_segment(
 
 @sam_app.command("evaluate")
 def sam_evaluate(
-    model: Annotated[str, typer.Option("--model", help="SAM LoRA run folder.")],
-    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset; the run's validation cases (or imagesTs) are used.")],
-    out: Annotated[Path, typer.Option("--out", help="CSV: model,prompt,dice_mean,dice_std,n.")],
+    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset; a LoRA run's validation cases (or imagesTs), else every case.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV of Dice by prompt (per-structure rows beside it for a plain model).")],
+    model: Annotated[Optional[str], typer.Option("--model", help="SAM LoRA run (compared with its base), a `sam train` run, an official .pth (default: the shipped small SAM).")] = None,
+    structures: Annotated[str, typer.Option(help="For a plain model: heldout (DESIGN.md's never-trained structures), trained (the others) or all labels.")] = "heldout",
     base: Annotated[Optional[str], typer.Option(help="Base checkpoint, if moved since fine-tuning.")] = None,
     seed: Annotated[int, typer.Option(help="Prompt sampling seed (same for both models).")] = 0,
 ) -> None:
-    """Dice by prompt type (box, 1/3/5 points), un-adapted base vs LoRA-adapted, same prompts."""
+    """Dice by prompt type. A LoRA run: un-adapted base vs adapted, same prompts (box, 1/3/5 points).
+    Any other SAM: per structure through the interactive session - box, one click, box + corrective
+    click, box propagated through the volume - against the box's inscribed ellipse."""
     from medfound.data.nnunet import NnUNetDataset
-    from medfound.eval.sam_eval import compare
+    from medfound.eval.sam_eval import compare, structure_prompt_dice, summarise_prompts
+    from medfound.io.atomic import write_csv
     from medfound.models.sam import load_sam, load_sam_model
 
     adapted, cfg = load_sam_model(model, base)
-    if not cfg.get("adapted"):
-        raise InputError(model, "give a fine-tuned SAM run folder (its base is evaluated beside it)")
     ds = NnUNetDataset.open(dataset)
+    if not cfg.get("adapted"):
+        if structures not in ("heldout", "trained", "all"):
+            raise InputError(None, f"--structures must be heldout, trained or all, got {structures!r}")
+        chosen = {n: v for n, v in ds.labels.items() if v and (structures == "all" or (n in ds.heldout) == (structures == "heldout"))}
+        if not chosen:
+            raise InputError(ds.root, f"no {structures} structures in this dataset")
+        cases = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()] or ds.cases()
+        rows = structure_prompt_dice(adapted, cfg, ds, cases, {v: n for n, v in chosen.items()}, seed)
+        if not rows:
+            raise InputError(ds.root, "none of the chosen structures is present on any slice")
+        summary = summarise_prompts(rows)
+        write_csv(out.with_name(out.stem + "_structures.csv"), rows, "{:.4f}")
+        write_csv(out, summary, "{:.4f}")
+        for r in summary:
+            print(f"{r['prompt']:36s} Dice {r['dice_mean']:.3f} (95 % CI {r['ci95_low']:.3f}-{r['ci95_high']:.3f}, n={r['n']})")
+        print(out)
+        return
     cases = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()] or cfg["data"]["val_cases"]
     base_model, _ = load_sam(base or cfg["base"]["base"], cfg["image_size"])
     rows = compare({"base": base_model.eval(), "lora": adapted}, ds, cases, cfg["image_size"], out, seed)
@@ -542,17 +626,7 @@ def incontext_train(
         raise InputError(None, "--steps and --batch-size must be positive")
     if not 0 <= negative_fraction < 1:
         raise InputError(None, "--negative-fraction must be in [0, 1)")
-    if bool(datasets) == bool(bank):
-        raise InputError(None, "give either --datasets or --bank")
-    skip = set(exclude_dataset or [])
-    chosen = [str(d) for d in (datasets or []) if d.name not in skip]
-    if datasets and not chosen:
-        raise InputError(None, "every --datasets folder is excluded")
-    prebuilt = None
-    if bank:
-        from medfound.data.episodes import load_bank
-
-        prebuilt = load_bank(bank, exclude_labels=tuple(exclude_label or ()), exclude_datasets=tuple(skip))
+    chosen, prebuilt, skip = _task_data(datasets, bank, exclude_label, exclude_dataset)
     dev = int(devices) if devices.isdigit() else devices
     cfg = InContextTrainConfig(size=size, batch_size=batch_size, max_steps=steps,
                                support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
@@ -601,6 +675,7 @@ def segment(
     axis: Annotated[int, typer.Option(help="Slice axis of 3D volumes in RAS (0 sagittal, 1 coronal, 2 axial).")] = 2,
     batch_size: Annotated[int, typer.Option(help="Query slices per batch.")] = 16,
     modality: Annotated[Optional[str], typer.Option(help="Modality to assume (ct, mr, pet, xray, us) when a file records none.")] = None,
+    keep_largest: Annotated[bool, typer.Option(help="Keep only the largest connected piece of each label (single anatomical structures; not for lesions).")] = False,
 ) -> None:
     """Segment new images from an example set, with no training (in-context)."""
     from medfound.infer.incontext import segment_path
@@ -608,7 +683,7 @@ def segment(
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
     written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), keep_largest=keep_largest)
     for w in written:
         print(w)
 
@@ -626,6 +701,7 @@ def experiment_support_size(
     finetune_sizes: Annotated[Optional[str], typer.Option(help="Sizes at which to run the (slow) fine-tuning baseline (default: all).")] = None,
     structure: Annotated[Optional[list[str]], typer.Option("--structure", help="Support label name to evaluate; repeat (default: the held-out structures found in both).")] = None,
     axis: Annotated[int, typer.Option(help="Slice axis (RAS).")] = 2,
+    also_largest: Annotated[bool, typer.Option(help="Also score in-context with only the largest connected piece kept (method incontext+largest).")] = False,
 ) -> None:
     """Dice vs support size: in-context vs fine-tuning on the support vs label fusion, with seeds and CIs."""
     from medfound.eval.support_size import support_size_experiment
@@ -635,9 +711,9 @@ def experiment_support_size(
     res = support_size_experiment(support, test, _ints(sizes, "--sizes"), out, seeds, model,
                                   tuple(m.strip() for m in methods.split(",") if m.strip()), finetune_steps,
                                   _ints(finetune_sizes, "--finetune-sizes") if finetune_sizes else None, structure, axis,
-                                  progress=sys.stderr.isatty())
+                                  progress=sys.stderr.isatty(), post_variants=("incontext",) if also_largest else ())
     for r in res["by_size"]:
-        print(f"{r['method']:13s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+        print(f"{r['method']:17s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
               f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")
     print(f"{out / 'summary.json'}, {out / 'support_size.png'}")
 
@@ -649,7 +725,7 @@ def serve(
     workdir: Annotated[Optional[Path], typer.Option(help="Folder for uploaded studies and example sets (default: a new temporary folder).")] = None,
     support: Annotated[Optional[list[Path]], typer.Option("--support", help="nnU-Net example set offered on the page; repeat.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Fine-tuned segmenter run offered on the page; repeat.")] = None,
-    sam: Annotated[Optional[str], typer.Option(help="SAM for box/point prompts: a `sam finetune` run, an official .pth, or a variant name.")] = None,
+    sam: Annotated[Optional[str], typer.Option(help="SAM for box/point prompts: a `sam train` or `sam finetune` run, an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
     incontext_model: Annotated[Optional[Path], typer.Option(help="In-context run (default: the shipped model).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
 ) -> None:

@@ -25,8 +25,8 @@ from medfound.data.nnunet import NnUNetDataset
 from medfound.data.orientation import to_canonical
 from medfound.errors import InputError
 from medfound.eval.metrics import label_metrics, summarise
-from medfound.infer.incontext import (SupportEncodings, inference_settings, prepare_slices, segment_prepared,
-                                      support_pools, to_volume)
+from medfound.infer.incontext import (SupportEncodings, inference_settings, largest_component, prepare_slices,
+                                      segment_prepared, support_pools, to_volume)
 from medfound.infer.label_fusion import label_fusion
 from medfound.io.atomic import write_csv, write_text
 
@@ -78,7 +78,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             seeds: int = 3, model_run: str | os.PathLike | None = None,
                             methods: tuple[str, ...] = METHODS, finetune_steps: int = 150,
                             finetune_sizes: list[int] | None = None, structures: list[str] | None = None,
-                            axis: int = 2, progress: bool = True) -> dict:
+                            axis: int = 2, progress: bool = True, post_variants: tuple[str, ...] = ()) -> dict:
     """Run the grid; writes ``results.csv``, ``summary.json``, ``summary.csv`` and ``support_size.png``."""
     from rich.progress import Progress
 
@@ -134,6 +134,9 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             t0 = time.perf_counter()
                             pr = segment_prepared(model, prep, enc, 32, extent_margin=margin)[sv] > 0.5
                             results["incontext"] = (pr, time.perf_counter() - t0)
+                            if "incontext" in post_variants:  # same prediction, one connected piece kept
+                                t0 = time.perf_counter()
+                                results["incontext+largest"] = (largest_component(pr), results["incontext"][1] + time.perf_counter() - t0)
                         if "label-fusion" in methods:
                             t0 = time.perf_counter()
                             pr = to_volume(prep, label_fusion(prep.squares, sub.images, sub.masks)) > 0.5
@@ -147,7 +150,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             rows.append(base | {"method": method, "dice": dice, "hd95_mm": hd, "seconds": round(secs, 2)})
                         write_csv(out / "results.csv", rows)
                         bar.advance(task)
-    summary = _summarise(rows, methods, sizes)
+    summary = _summarise(rows, list(dict.fromkeys(r["method"] for r in rows)), sizes)
     write_csv(out / "summary.csv", summary["by_size"])
     write_text(out / "summary.json", json.dumps(meta | summary, indent=2))
     plot_support_size(summary["by_size"], out / "support_size.png",

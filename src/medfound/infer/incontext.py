@@ -229,6 +229,20 @@ def inference_settings(cfg: dict) -> dict:
     return {"extent_margin": None} | cfg.get("inference", {})
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Only the largest connected component (26-connected in 3D) of a binary mask: a single anatomical
+    structure is one piece, so islands elsewhere are false positives (nnU-Net's post-processing, here
+    an opt-in per call, since lesions and paired structures are not one piece)."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == sizes.argmax()
+
+
 def combine(probs: dict[int, np.ndarray], threshold: float = 0.5) -> np.ndarray:
     """Label map: the most probable label where its probability exceeds ``threshold``."""
     values = sorted(probs)
@@ -241,20 +255,26 @@ def combine(probs: dict[int, np.ndarray], threshold: float = 0.5) -> np.ndarray:
 
 def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, SupportPool], size: int,
                   axis: int = 2, support_size: int | None = 16, ensemble: int = 1, batch_size: int = 16,
-                  modality: str | None = None, seed: int = 0, extent_margin: float | None = None) -> np.ndarray:
-    """Label map (support label values) on ``image``'s own grid."""
+                  modality: str | None = None, seed: int = 0, extent_margin: float | None = None,
+                  keep_largest: bool = False) -> np.ndarray:
+    """Label map (support label values) on ``image``'s own grid; ``keep_largest``: one connected
+    piece per label."""
     device = next(model.parameters()).device
     members = {v: ensemble_members(p, support_size, ensemble, seed) for v, p in pools.items()}
     enc = SupportEncodings(model, members, device)
     prep = prepare_slices(image, size, axis, modality)
     labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin))
+    if keep_largest:
+        for v in pools:
+            part = labels == v
+            labels[part & ~largest_component(part)] = 0
     return from_canonical(labels, prep.ornt) if prep.ornt is not None else labels
 
 
 def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,
                  model_run: str | os.PathLike | None = None, labels: list[str] | None = None,
                  support_size: int | None = 16, ensemble: int = 1, axis: int = 2, batch_size: int = 16,
-                 modality: str | None = None, progress: bool = True) -> list[Path]:
+                 modality: str | None = None, progress: bool = True, keep_largest: bool = False) -> list[Path]:
     """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``."""
     from rich.progress import Progress
 
@@ -277,7 +297,7 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         task = bar.add_task("segment", total=len(images))
         for case, image in images:
             mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, modality,
-                                 extent_margin=inference_settings(cfg)["extent_margin"])
+                                 extent_margin=inference_settings(cfg)["extent_margin"], keep_largest=keep_largest)
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
             written.append(write_mask(mask, image, output / f"{case}{ext}"))
             bar.advance(task)

@@ -3,6 +3,9 @@
 A session keeps each slice's embedding, so a new box or click on a slice already seen costs only
 the prompt encoder and mask decoder. Prompts are given in the slice's own pixels (x = i, y = j of
 the array, as ``medfound data inspect`` reports shapes) and mapped into the square SAM input.
+A model trained on zoomed views (the conv SAM shipped with medfound, ``box_zoom`` in its config)
+sees a box prompt in a square crop ``box_zoom`` times the box's size, cut from the full-resolution
+slice: small structures get the whole input, and the mask comes back at the slice's resolution.
 On a volume, a box on one slice can be propagated: each neighbour is prompted with the box of the
 mask found on the slice before it, until the structure ends.
 """
@@ -36,12 +39,18 @@ class SamSession:
     """One image (2D, or a volume sliced along ``axis``) and a SAM, with an embedding cache."""
 
     def __init__(self, sam, image: MedImage, image_size: int, axis: int = 2, cache_size: int = 64,
-                 modality: str | None = None):
+                 modality: str | None = None, box_zoom: float | None = None):
         self.sam, self.image, self.size, self.axis = sam, image, image_size, axis
+        self.box_zoom = box_zoom
         self.bounds = intensity_bounds(image.array, modality or image.modality)
         self._cache: OrderedDict[int, tuple[torch.Tensor, SquareGeometry]] = OrderedDict()
         self.cache_size = cache_size
         self.encoder_calls = 0
+
+    @classmethod
+    def for_model(cls, sam, config: dict, image: MedImage, axis: int = 2) -> SamSession:
+        """A session with the input size and inference settings a loaded model's config gives."""
+        return cls(sam, image, config["image_size"], axis=axis, box_zoom=config.get("inference", {}).get("box_zoom"))
 
     @property
     def n_slices(self) -> int:
@@ -72,12 +81,21 @@ class SamSession:
             self._cache.popitem(last=False)
         return emb, geom
 
-    @torch.no_grad()
     def segment(self, k: int = 0, box=None, points=None, labels=None) -> np.ndarray:
         """Binary mask (the slice's shape) for a box (x0, y0, x1, y1) and/or points with labels."""
+        return self.logits(k, box, points, labels) > 0
+
+    @torch.no_grad()
+    def logits(self, k: int = 0, box=None, points=None, labels=None) -> np.ndarray:
+        """Mask logits on the slice's pixels (what :meth:`segment` thresholds at 0)."""
         if box is None and not points:
             raise InputError(None, "give a box and/or at least one point")
+        if box is not None and self.box_zoom:
+            return self._logits_zoomed(k, box, points, labels)
         emb, geom = self.embedding(k)
+        return self._decode(emb, geom, box, points, labels)
+
+    def _decode(self, emb: torch.Tensor, geom: SquareGeometry, box, points, labels) -> np.ndarray:
         boxes = None
         if box is not None:
             corners = square_coords(np.array(box, np.float32).reshape(2, 2), geom).reshape(1, 4)
@@ -88,7 +106,37 @@ class SamSession:
             lab = torch.tensor([list(labels if labels is not None else [1] * len(points))], dtype=torch.long)
             pts = (xy, lab)
         logits = _to_sam(decode(self.sam, emb, boxes, pts, self.size))[0, 0]
-        return from_square(logits, geom) > 0
+        return from_square(logits, geom)
+
+    def _logits_zoomed(self, k: int, box, points, labels) -> np.ndarray:
+        """The box's neighbourhood (``box_zoom`` x its larger physical side, at least a quarter of the
+        slice's extent) as the model's input; prompts shifted into the crop, the mask pasted back."""
+        sl = apply_bounds(self.slice_array(k), self.bounds)
+        sp = np.array(self.spacing(), np.float64)
+        b = np.array(box, np.float64).reshape(2, 2)
+        lo, hi = b.min(0), b.max(0)
+        extent = np.array(sl.shape) * sp
+        side = max(float(((hi - lo + 1) * sp).max()) * self.box_zoom, 0.25 * float(extent.max()))
+        side = min(side, float(extent.max()))
+        n = np.maximum(1, np.round(side / sp)).astype(int)        # crop shape in pixels (square in mm)
+        start = np.round((lo + hi) / 2 - (n - 1) / 2).astype(int)  # crop origin in slice pixels
+        crop = np.zeros(tuple(n), np.float32)
+        src_lo, src_hi = np.maximum(start, 0), np.minimum(start + n, sl.shape)
+        out = np.full(sl.shape, -20.0, np.float32)  # outside the crop: certainly not the structure
+        if np.any(src_hi <= src_lo):
+            return out
+        dst_lo = src_lo - start
+        crop[dst_lo[0]:dst_lo[0] + src_hi[0] - src_lo[0], dst_lo[1]:dst_lo[1] + src_hi[1] - src_lo[1]] = \
+            sl[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1]]
+        sq, geom = to_square(crop, tuple(sp), self.size)
+        emb = self.sam.image_encoder(to_sam_input(_to_sam(torch.from_numpy(sq)[None, None])))
+        self.encoder_calls += 1
+        shift = np.tile(start, 2)
+        pts = [list(np.asarray(p, np.float64) - start) for p in points] if points else None
+        m = self._decode(emb, geom, np.asarray(box, np.float64) - shift, pts, labels)
+        out[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1]] = \
+            m[dst_lo[0]:dst_lo[0] + src_hi[0] - src_lo[0], dst_lo[1]:dst_lo[1] + src_hi[1] - src_lo[1]]
+        return out
 
     def propagate(self, k: int, box, max_slices: int | None = None) -> np.ndarray:
         """3D mask: ``box`` on slice ``k``, then each neighbour prompted with the previous mask's box."""

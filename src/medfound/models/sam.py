@@ -217,13 +217,19 @@ def decode(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def load_sam_model(model: str | os.PathLike, base: str | None = None, image_size: int | None = None):
-    """A SAM ready for prompting: a fine-tuned run folder (its base + adapters; ``base`` overrides
-    where the base checkpoint is now), an official checkpoint, or a variant name."""
+def load_sam_model(model: str | os.PathLike | None = None, base: str | None = None, image_size: int | None = None):
+    """A SAM ready for prompting: ``None`` (the small conv SAM shipped with medfound), a conv SAM run
+    from ``medfound sam train``, a LoRA run folder (its base + adapters; ``base`` overrides where the
+    base checkpoint is now), an official checkpoint, or a variant name."""
     import json
 
     from safetensors.torch import load_file
 
+    from medfound.models.sam_conv import is_sam_conv_run, load_sam_conv
+
+    if model is None or is_sam_conv_run(model):
+        sam, cfg = load_sam_conv(model)
+        return sam, {**cfg, "adapted": False}
     path = Path(str(model))
     if path.is_dir():
         cfg_path = path / "config.json"

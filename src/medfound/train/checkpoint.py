@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+
+import torch
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -38,3 +41,78 @@ def run_folder_checkpoint(out: Path, resume: bool) -> Path:
     if not resume and not is_child and last.is_file():
         raise InputError(out, "run folder already holds checkpoints; pass --resume to continue or choose a new --out")
     return last
+
+
+class StepIndex(torch.utils.data.Dataset):
+    """The 'data' of a step is its index: batches are drawn on the device inside the step, as a pure
+    function of (seed, rank, step), so ``--resume`` and DDP ranks stay exact without a sampler."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.02):
+    """LambdaLR factor: linear warm-up, then cosine down to ``floor`` of the peak."""
+    warm, total = max(1, warmup_steps), max(max_steps, warmup_steps + 1)
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
+
+    return schedule
+
+
+def allow_unused_parameters(strategy: str) -> str:
+    """SAM's decoder has parts a step may not use (mask prompts, the multi-mask and IoU heads): DDP
+    must then look for unused parameters, which Lightning names as a strategy variant."""
+    return {"ddp": "ddp_find_unused_parameters_true",
+            "ddp_spawn": "ddp_spawn_find_unused_parameters_true"}.get(strategy, strategy)
+
+
+def step_trainer(cfg, out: Path, strategy: str | None = None):
+    """The Lightning trainer of the step-indexed many-task commands (``incontext train``, ``sam
+    train``): max steps and optional wall-time limit, atomic checkpoints every ``checkpoint_every``
+    steps plus ``last.ckpt``, CSV logs, gradient clipping; batches come from :class:`StepIndex`."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                     strategy=strategy or cfg.strategy, precision=lightning_precision(cfg.precision),
+                     max_steps=cfg.max_steps, max_epochs=None,
+                     max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+                     callbacks=[ModelCheckpoint(dirpath=Path(out) / "checkpoints", filename="step{step:08d}",
+                                                auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every,
+                                                save_last=True, save_top_k=1)],
+                     logger=CSVLogger(save_dir=str(out), name="logs", version=""), plugins=[AtomicCheckpointIO()],
+                     use_distributed_sampler=False, enable_progress_bar=cfg.progress, log_every_n_steps=10,
+                     enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0)
+
+
+def fit_by_steps(trainer, module, out: Path, summary: dict, max_steps: int, last: Path, resume: bool) -> float:
+    """Write the data summary (rank 0), fit on step indices (resuming from ``last`` when asked) and
+    return the wall time in seconds."""
+    import json
+    import time
+
+    from medfound.io.atomic import write_text
+
+    if trainer.is_global_zero:
+        write_text(Path(out) / "data_summary.json", json.dumps(summary, indent=2))
+    loader = torch.utils.data.DataLoader(StepIndex(max_steps), batch_size=None, shuffle=False)
+    t0 = time.time()
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resume else None)
+    return round(time.time() - t0, 1)
+
+
+def device_name(trainer) -> str:
+    """What the run trained on, for configs: the GPU's name, or cpu."""
+    device = str(trainer.strategy.root_device)
+    return torch.cuda.get_device_name(trainer.strategy.root_device) if device.startswith("cuda") else device

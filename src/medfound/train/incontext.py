@@ -11,8 +11,6 @@ The run folder mirrors pretraining: ``checkpoints/`` (atomic, ``last.ckpt``), ``
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,16 +19,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from medfound.data.episodes import (SliceBank, augment_episodes, build_bank, cat_episodes, episode_loss,
                                     sample_episodes, synthetic_episodes)
 from medfound.errors import InputError
-from medfound.io.atomic import write_text
 from medfound.models.incontext import InContextConfig, InContextSegmenter, count_parameters
 from medfound.models.incontext_weights import save_incontext
-from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision, run_folder_checkpoint
+from medfound.train.checkpoint import device_name, fit_by_steps, run_folder_checkpoint, step_trainer, warmup_cosine
 
 SUPPORT_SIZES = (1, 2, 4, 8, 12, 16)
 
@@ -59,19 +54,6 @@ class InContextTrainConfig:
     init: str | None = None  # start from this in-context run's weights (continue or specialise a model)
     progress: bool = True
     extra: dict = field(default_factory=dict)
-
-
-class StepIndex(torch.utils.data.Dataset):
-    """The 'data' of a step is its index: episodes are drawn on the device inside the step."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 class InContextModule(L.LightningModule):
@@ -119,14 +101,7 @@ class InContextModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
-        warm, total = max(1, self.cfg["warmup_steps"]), max(self.cfg["max_steps"], self.cfg["warmup_steps"] + 1)
-
-        def schedule(step: int) -> float:  # linear warm-up, cosine to 2 % of the peak
-            if step < warm:
-                return (step + 1) / warm
-            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.cfg["warmup_steps"], self.cfg["max_steps"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -163,7 +138,6 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
     if not cfg.support_sizes or min(cfg.support_sizes) < 1 or max(cfg.support_sizes) > 64:
         raise InputError(None, "--support-sizes must be between 1 and 64")
     last = run_folder_checkpoint(out, resume)
-    ckpt_dir = last.parent
     for d in datasets:
         if not Path(d).is_dir():
             raise InputError(d, "no such dataset folder")
@@ -172,16 +146,7 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
     bank = bank or build_bank(datasets, cfg.size, exclude_labels=cfg.exclude_labels, progress=cfg.progress)
     summary = bank.summary() | {"exclude_labels": list(cfg.exclude_labels)}
 
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                        strategy=cfg.strategy, precision=lightning_precision(cfg.precision),
-                        max_steps=cfg.max_steps, max_epochs=None,
-                        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
-                        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}",
-                                                   auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every,
-                                                   save_last=True, save_top_k=1)],
-                        logger=CSVLogger(save_dir=str(out), name="logs", version=""), plugins=[AtomicCheckpointIO()],
-                        use_distributed_sampler=False, enable_progress_bar=cfg.progress, log_every_n_steps=10,
-                        enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0)
+    trainer = step_trainer(cfg, out)
     params = vars(cfg) | {"widths": list(cfg.widths), "support_sizes": list(cfg.support_sizes),
                           "exclude_labels": list(cfg.exclude_labels)}
     module = InContextModule(params, bank)
@@ -192,17 +157,10 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
         if init_net.config.as_dict() | {"extra": {}} != module.net.config.as_dict() | {"extra": {}}:
             raise InputError(cfg.init, "--init model has another architecture (size/widths) than this run")
         module.net.load_state_dict(init_net.state_dict())
-    if trainer.is_global_zero:
-        write_text(out / "data_summary.json", json.dumps(summary, indent=2))
-    loader = torch.utils.data.DataLoader(StepIndex(cfg.max_steps), batch_size=None, shuffle=False)
-    t0 = time.time()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resume else None)
+    seconds = fit_by_steps(trainer, module, out, summary, cfg.max_steps, last, resume)
     config = {}
     if trainer.is_global_zero:
-        seconds = round(time.time() - t0, 1)
-        device = str(trainer.strategy.root_device)
-        if device.startswith("cuda"):
-            device = torch.cuda.get_device_name(trainer.strategy.root_device)
+        device = device_name(trainer)
         config = {
             "image_size": cfg.size,
             "normalisation": "medfound.data.normalize per modality (CT windows; MR/PET foreground percentiles)",

@@ -30,7 +30,7 @@ from medfound.errors import InputError
 from medfound.io.atomic import atomic_file, write_text
 from medfound.models.lora import count_parameters
 from medfound.models.sam import ADAPTER_FILE, add_sam_lora, decode, load_sam, to_sam_input, trained_state
-from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
+from medfound.train.checkpoint import AtomicCheckpointIO, allow_unused_parameters, lightning_precision
 
 
 
@@ -154,7 +154,7 @@ def run_sam_finetune(dataset: str | os.PathLike, base: str, out: str | os.PathLi
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
                            every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=1)
     trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
-                        num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=precision, callbacks=[ckpt],
+                        num_nodes=cfg.num_nodes, strategy=allow_unused_parameters(cfg.strategy), precision=precision, callbacks=[ckpt],
                         logger=CSVLogger(str(out), name="logs", version=""), plugins=[AtomicCheckpointIO()],
                         enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=1)
     t0 = time.time()

@@ -53,7 +53,7 @@ def _png(a: np.ndarray) -> bytes:
 def create_app(workdir: str | Path, supports: list[Path] | None = None, models: list[Path] | None = None,
                sam: str | None = None, incontext_model: Path | None = None, max_upload_mb: float = 512) -> FastAPI:
     """Build the app. ``supports``: nnU-Net example sets offered by name; ``models``: fine-tuned segmenter
-    runs; ``sam``: a SAM run/checkpoint/variant for box and point prompts; uploads capped at ``max_upload_mb``."""
+    runs; ``sam``: a SAM run/checkpoint/variant for box and point prompts (None: the packaged small SAM); uploads capped at ``max_upload_mb``."""
     app = FastAPI(title="medfound viewer", docs_url="/api/docs", openapi_url="/api/openapi.json")
     store = StudyStore(workdir)
     support_sets = {p.name: p for p in (supports or [])}
@@ -71,8 +71,6 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
         return JSONResponse(status_code=404, content={"detail": f"unknown id {exc.args[0] if exc.args else ''}"})
 
     def _sam():
-        if sam is None:
-            raise HTTPException(409, "no SAM model loaded: start `medfound serve --sam RUN|CHECKPOINT`")
         with load_lock:
             if state["sam"] is None:
                 from medfound.models.sam import load_sam_model
@@ -110,7 +108,7 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
 
     @app.get("/api/resources")
     def resources():
-        return {"sam": sam is not None, "supports": sorted(support_sets) + sorted(uploaded_supports),
+        return {"sam": sam or "medfound default (small conv SAM)", "supports": sorted(support_sets) + sorted(uploaded_supports),
                 "models": sorted(p.name for p in (models or []))}
 
     @app.post("/api/studies", status_code=201)
@@ -155,7 +153,7 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
 
         with st.lock:
             if st.sam_session is None:
-                st.sam_session = SamSession(model, st.view, _cfg["image_size"], axis=2)
+                st.sam_session = SamSession.for_model(model, _cfg, st.view, axis=2)
             st.slice(req.slice)
             pts = [p[:2] for p in (req.points or [])] or None
             labs = [int(p[2]) for p in (req.points or [])] or None

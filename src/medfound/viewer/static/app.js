@@ -18,7 +18,7 @@ async function loadResources() {
   $("support").innerHTML = res.supports.map((s) => `<option>${s}</option>`).join("");
   $("model").innerHTML = res.models.map((s) => `<option>${s}</option>`).join("");
   $("model-section").style.display = res.models.length ? "" : "none";
-  $("sam-note").textContent = res.sam ? "" : "no SAM model loaded (medfound serve --sam ...)";
+  $("sam-note").textContent = `SAM: ${res.sam}`;
 }
 
 function setStudy(info) {
