@@ -88,13 +88,10 @@ def test_sam_train_bad_input(dataset, tmp_path):
     assert r.returncode == 2 and "multiple of 32" in r.stderr
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
-
-
 def test_packaged_sam_segments_an_unseen_structure_from_a_box():
     """The shipped model on a phantom it never saw: a box around the organ (mask-derived, as a user
     would draw it) gives the organ back, one click inside a part of it; the zoomed crop is pasted in place."""
+    from medfound.eval.sam_eval import _dice, _interior_point
     from medfound.infer.sam_segment import SamSession
     from medfound.models.sam import load_sam_model
 
@@ -109,7 +106,5 @@ def test_packaged_sam_segments_an_unseen_structure_from_a_box():
     m = session.segment(k, box=box)
     assert m.shape == truth.shape and _dice(m, truth) > 0.7  # 0.77 with the shipped weights
     assert not m[: max(0, box[0] - 20)].any()  # nothing far outside the box
-    from medfound.eval.sam_eval import _interior_point
-
     one = session.segment(k, points=[tuple(_interior_point(truth))], labels=[1])
     assert one.any() and (one & truth).sum() > 0.8 * one.sum()  # a click is ambiguous: a part of the organ

@@ -330,6 +330,45 @@ def sam_finetune(
               f"({cfg['training']['trainable_parameters']:,} trained of {cfg['training']['total_parameters']:,})")
 
 
+# Options of the step-indexed many-task training commands (`incontext train`, `sam train`).
+BankOpt = Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets (train where the image readers are not installed).")]
+ExcludeLabelOpt = Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never trained on (held out); repeat. DESIGN.md's held-out structures are always excluded.")]
+ExcludeDatasetOpt = Annotated[Optional[list[str]], typer.Option("--exclude-dataset", help="Dataset folder name never read (held out); repeat.")]
+LrOpt = Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")]
+WarmupOpt = Annotated[int, typer.Option(help="Linear warm-up steps.")]
+MaxMinutesOpt = Annotated[Optional[float], typer.Option(help="Stop and export after this wall time even if steps remain.")]
+PrecisionOpt = Annotated[str, typer.Option(help="bf16 or 32.")]
+AcceleratorOpt = Annotated[str, typer.Option(help="cpu, gpu or auto.")]
+DevicesOpt = Annotated[str, typer.Option(help="Devices per node (number or auto).")]
+NumNodesOpt = Annotated[int, typer.Option(help="Nodes (torchrun or SLURM sets the rest).")]
+StrategyOpt = Annotated[str, typer.Option(help="auto, ddp, ddp_spawn ...")]
+CheckpointEveryOpt = Annotated[int, typer.Option(help="Save a checkpoint every N steps.")]
+StepSeedOpt = Annotated[int, typer.Option(help="Random seed (batches are a function of seed, rank and step).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")]
+
+
+def _step_training(config_cls, run, what: str, *, out: Path, datasets, bank, exclude_label, exclude_dataset, steps: int,
+                   batch_size: int, lr: float, warmup_steps: int, max_minutes, init, precision: str, accelerator: str,
+                   devices: str, num_nodes: int, strategy: str, checkpoint_every: int, seed: int, resume: bool,
+                   **specific) -> None:
+    """Shared body of the step-indexed training commands: check, read the task data, build the
+    config (``config_cls`` with the command's ``specific`` fields), train with ``run`` and report."""
+    if steps < 1 or batch_size < 1:
+        raise InputError(None, "--steps and --batch-size must be positive")
+    chosen, prebuilt, skip = _task_data(datasets, bank, exclude_label, exclude_dataset)
+    cfg = config_cls(batch_size=batch_size, max_steps=steps, lr=lr, warmup_steps=warmup_steps, max_minutes=max_minutes,
+                     init=str(init) if init else None, precision=precision, accelerator=accelerator,
+                     devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes, strategy=strategy,
+                     checkpoint_every=checkpoint_every, seed=seed, exclude_labels=tuple(exclude_label or ()),
+                     progress=sys.stderr.isatty(), **specific)
+    cfg.extra = {"command": "medfound " + " ".join(sys.argv[1:]), "excluded_datasets": sorted(skip)}
+    config = run(chosen, out, cfg, resume=resume, bank=prebuilt)
+    if config:
+        t = config["training"]
+        print(f"{out}: {t['steps']} steps in {t['seconds']} s, final loss {t['final_loss']:.4f}; "
+              f"{config['data']['tasks']} {what} -> {out / 'model.safetensors'}")
+
+
 def _task_data(datasets, bank, exclude_label, exclude_dataset):
     """(dataset folders to read, or a loaded slice bank, excluded dataset names) for the many-task
     training commands: exactly one of --datasets / --bank, exclusions applied to either."""
@@ -351,48 +390,38 @@ def _task_data(datasets, bank, exclude_label, exclude_dataset):
 def sam_train(
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, logs/, previews/, model.safetensors, config.json.")],
     datasets: Annotated[Optional[list[Path]], typer.Option("--datasets", help="nnU-Net datasets whose labels are the training structures; repeat.")] = None,
-    bank: Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets.")] = None,
+    bank: BankOpt = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
     batch_size: Annotated[int, typer.Option(help="Prompted structures per device per step.")] = 32,
     image_size: Annotated[int, typer.Option(help="Input size (multiple of 32; the bank's size with --bank).")] = 128,
     synthetic_fraction: Annotated[float, typer.Option(help="Share of samples that are synthetic shapes.")] = 0.2,
     point_fraction: Annotated[float, typer.Option(help="Share of samples prompted with points instead of a box.")] = 0.3,
     zoom_fraction: Annotated[float, typer.Option(help="Share of samples cropped around their structure.")] = 0.5,
-    exclude_label: Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never trained on; repeat. DESIGN.md's held-out structures are always excluded.")] = None,
-    exclude_dataset: Annotated[Optional[list[str]], typer.Option("--exclude-dataset", help="Dataset folder name never read; repeat.")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 2e-3,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop and export after this wall time even if steps remain.")] = None,
+    exclude_label: ExcludeLabelOpt = None,
+    exclude_dataset: ExcludeDatasetOpt = None,
+    lr: LrOpt = 2e-3,
+    warmup_steps: WarmupOpt = 100,
+    max_minutes: MaxMinutesOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from this conv SAM run's weights.")] = None,
-    precision: Annotated[str, typer.Option(help="bf16 or 32.")] = "32",
-    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
-    devices: Annotated[str, typer.Option(help="Devices per node (number or auto).")] = "auto",
-    num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun or SLURM sets the rest).")] = 1,
-    strategy: Annotated[str, typer.Option(help="auto, ddp, ddp_spawn ...")] = "auto",
-    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 200,
-    seed: Annotated[int, typer.Option(help="Random seed (samples are a function of seed, rank and step).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+    precision: PrecisionOpt = "32",
+    accelerator: AcceleratorOpt = "auto",
+    devices: DevicesOpt = "auto",
+    num_nodes: NumNodesOpt = 1,
+    strategy: StrategyOpt = "auto",
+    checkpoint_every: CheckpointEveryOpt = 200,
+    seed: StepSeedOpt = 0,
+    resume: ResumeOpt = False,
 ) -> None:
     """Train a small promptable SAM (conv encoder, SAM's prompt encoder and mask decoder) from scratch
     on every non-held-out structure of the datasets, with simulated boxes, points and corrections."""
     from medfound.train.sam_train import SamTrainConfig, run_sam_train
 
-    if steps < 1 or batch_size < 1:
-        raise InputError(None, "--steps and --batch-size must be positive")
-    chosen, prebuilt, skip = _task_data(datasets, bank, exclude_label, exclude_dataset)
-    dev = int(devices) if devices.isdigit() else devices
-    cfg = SamTrainConfig(image_size=image_size, batch_size=batch_size, max_steps=steps,
-                         synthetic_fraction=synthetic_fraction, p_point=point_fraction, p_zoom=zoom_fraction, lr=lr,
-                         warmup_steps=warmup_steps, max_minutes=max_minutes, init=str(init) if init else None,
-                         precision=precision, accelerator=accelerator, devices=dev, num_nodes=num_nodes,
-                         strategy=strategy, checkpoint_every=checkpoint_every, seed=seed,
-                         exclude_labels=tuple(exclude_label or ()), progress=sys.stderr.isatty())
-    cfg.extra = {"command": "medfound " + " ".join(sys.argv[1:]), "excluded_datasets": sorted(skip)}
-    config = run_sam_train(chosen, out, cfg, resume=resume, bank=prebuilt)
-    if config:
-        t = config["training"]
-        print(f"{out}: {t['steps']} steps in {t['seconds']} s, final loss {t['final_loss']:.4f}; "
-              f"{config['data']['tasks']} structures -> {out / 'model.safetensors'}")
+    _step_training(SamTrainConfig, run_sam_train, "structures", out=out, datasets=datasets, bank=bank,
+                   exclude_label=exclude_label, exclude_dataset=exclude_dataset, steps=steps, batch_size=batch_size,
+                   lr=lr, warmup_steps=warmup_steps, max_minutes=max_minutes, init=init, precision=precision,
+                   accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                   checkpoint_every=checkpoint_every, seed=seed, resume=resume, image_size=image_size,
+                   synthetic_fraction=synthetic_fraction, p_point=point_fraction, p_zoom=zoom_fraction)
 
 
 def _xy(text: str, n: int, what: str) -> list[float]:
@@ -597,50 +626,40 @@ def _ints(text: str, what: str) -> list[int]:
 def incontext_train(
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, logs/, previews/, model.safetensors, config.json.")],
     datasets: Annotated[Optional[list[Path]], typer.Option("--datasets", help="nnU-Net datasets whose labels are the training tasks; repeat.")] = None,
-    bank: Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets (train where the image readers are not installed).")] = None,
+    bank: BankOpt = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Episodes per device per step.")] = 16,
     size: Annotated[int, typer.Option(help="Working slice size (multiple of 8).")] = 128,
     support_sizes: Annotated[str, typer.Option(help="Support-set sizes drawn per step (comma-separated, 1-64).")] = "1,2,4,8,12,16",
     synthetic_fraction: Annotated[float, typer.Option(help="Share of episodes that are synthetic shape tasks.")] = 0.25,
     negative_fraction: Annotated[float, typer.Option(help="Share of queries where the structure is absent.")] = 0.3,
-    exclude_label: Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never used as a task (held out); repeat. DESIGN.md's held-out structures are always excluded.")] = None,
-    exclude_dataset: Annotated[Optional[list[str]], typer.Option("--exclude-dataset", help="Dataset folder name never read (held out); repeat.")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 2e-3,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop and export after this wall time even if steps remain.")] = None,
+    exclude_label: ExcludeLabelOpt = None,
+    exclude_dataset: ExcludeDatasetOpt = None,
+    lr: LrOpt = 2e-3,
+    warmup_steps: WarmupOpt = 100,
+    max_minutes: MaxMinutesOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from this in-context run's weights.")] = None,
-    precision: Annotated[str, typer.Option(help="bf16 or 32.")] = "bf16",
-    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
-    devices: Annotated[str, typer.Option(help="Devices per node (number or auto).")] = "auto",
-    num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun or SLURM sets the rest).")] = 1,
-    strategy: Annotated[str, typer.Option(help="auto, ddp, ddp_spawn ...")] = "auto",
-    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 200,
-    seed: Annotated[int, typer.Option(help="Random seed (episodes are a function of seed, rank and step).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+    precision: PrecisionOpt = "bf16",
+    accelerator: AcceleratorOpt = "auto",
+    devices: DevicesOpt = "auto",
+    num_nodes: NumNodesOpt = 1,
+    strategy: StrategyOpt = "auto",
+    checkpoint_every: CheckpointEveryOpt = 200,
+    seed: StepSeedOpt = 0,
+    resume: ResumeOpt = False,
 ) -> None:
     """Many-task episodic training: every non-held-out label of every dataset is a task."""
     from medfound.train.incontext import InContextTrainConfig, run_incontext_train
 
-    if steps < 1 or batch_size < 1:
-        raise InputError(None, "--steps and --batch-size must be positive")
     if not 0 <= negative_fraction < 1:
         raise InputError(None, "--negative-fraction must be in [0, 1)")
-    chosen, prebuilt, skip = _task_data(datasets, bank, exclude_label, exclude_dataset)
-    dev = int(devices) if devices.isdigit() else devices
-    cfg = InContextTrainConfig(size=size, batch_size=batch_size, max_steps=steps,
-                               support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
-                               synthetic_fraction=synthetic_fraction, p_negative=negative_fraction, lr=lr,
-                               warmup_steps=warmup_steps, max_minutes=max_minutes, init=str(init) if init else None,
-                               precision=precision, accelerator=accelerator, devices=dev, num_nodes=num_nodes,
-                               strategy=strategy, checkpoint_every=checkpoint_every, seed=seed,
-                               exclude_labels=tuple(exclude_label or ()), progress=sys.stderr.isatty())
-    cfg.extra = {"command": "medfound " + " ".join(sys.argv[1:]), "excluded_datasets": sorted(skip)}
-    config = run_incontext_train(chosen, out, cfg, resume=resume, bank=prebuilt)
-    if config:
-        t = config["training"]
-        print(f"{out}: {t['steps']} steps in {t['seconds']} s, final loss {t['final_loss']:.4f}; "
-              f"{config['data']['tasks']} tasks -> {out / 'model.safetensors'}")
+    _step_training(InContextTrainConfig, run_incontext_train, "tasks", out=out, datasets=datasets, bank=bank,
+                   exclude_label=exclude_label, exclude_dataset=exclude_dataset, steps=steps, batch_size=batch_size,
+                   lr=lr, warmup_steps=warmup_steps, max_minutes=max_minutes, init=init, precision=precision,
+                   accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                   checkpoint_every=checkpoint_every, seed=seed, resume=resume, size=size,
+                   support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
+                   synthetic_fraction=synthetic_fraction, p_negative=negative_fraction)
 
 
 @incontext_app.command("bank")
@@ -711,7 +730,7 @@ def experiment_support_size(
     res = support_size_experiment(support, test, _ints(sizes, "--sizes"), out, seeds, model,
                                   tuple(m.strip() for m in methods.split(",") if m.strip()), finetune_steps,
                                   _ints(finetune_sizes, "--finetune-sizes") if finetune_sizes else None, structure, axis,
-                                  progress=sys.stderr.isatty(), post_variants=("incontext",) if also_largest else ())
+                                  progress=sys.stderr.isatty(), also_largest=also_largest)
     for r in res["by_size"]:
         print(f"{r['method']:17s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
               f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")

@@ -162,8 +162,6 @@ def adaptation_stage(out: Path, report: Report, steps: int) -> None:
 def sam_stage(out: Path, report: Report, steps: int = 300) -> None:
     """LoRA fine-tuning of SAM on the brain-tissue slices, Dice by prompt type against the un-adapted
     model with the same prompts, and a box prompt propagated through the held-back brain."""
-    import shutil
-
     import matplotlib.pyplot as plt
 
     from medfound.data.nnunet import NnUNetDataset

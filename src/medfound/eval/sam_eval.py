@@ -12,8 +12,9 @@ import torch
 from medfound.data.labeled import case_slices, label_lut, training_classes
 from medfound.data.nnunet import NnUNetDataset
 from medfound.data.prompts import jittered_box, sample_points
+from medfound.eval.metrics import summarise
 from medfound.io.atomic import write_csv
-from medfound.models.sam import decode, to_sam_input
+from medfound.models.sam import decode, sam_view, to_sam_input
 
 PROMPTS = ("box", "1 point", "3 points", "5 points")
 
@@ -30,7 +31,7 @@ def dice_by_prompt(sam, ds: NnUNetDataset, cases: list[str], image_size: int, se
         pick = np.linspace(0, len(cs.images) - 1, min(max_slices_per_case, len(cs.images))).round().astype(int)
         for i in np.unique(pick):
             x = torch.from_numpy(cs.images[i])[None, None]
-            emb = sam.image_encoder(to_sam_input(x.transpose(-1, -2)))
+            emb = sam.image_encoder(to_sam_input(sam_view(x)))
             for c in range(1, len(classes) + 1):
                 truth = cs.labels[i] == c
                 if truth.sum() < 4:
@@ -41,7 +42,7 @@ def dice_by_prompt(sam, ds: NnUNetDataset, cases: list[str], image_size: int, se
                     else:
                         pts, lab = sample_points(truth, int(prompt[0]), 0, rng)
                         boxes, points = None, (torch.from_numpy(pts)[None], torch.from_numpy(lab)[None])
-                    pred = (decode(sam, emb, boxes, points, image_size)[0, 0].T > 0).numpy()
+                    pred = (sam_view(decode(sam, emb, boxes, points, image_size))[0, 0] > 0).numpy()
                     out[prompt].append(float(2 * (pred & truth).sum() / (pred.sum() + truth.sum())))
     return out
 
@@ -130,11 +131,11 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
 
 
 def summarise_prompts(rows: list[dict]) -> list[dict]:
-    """Mean, SD and 95 % CI over structures per prompt."""
+    """Mean, SD and 95 % bootstrap CI (``eval.metrics.summarise``) over structures per prompt."""
     out = []
     for prompt in dict.fromkeys(r["prompt"] for r in rows):
-        v = np.array([r["dice"] for r in rows if r["prompt"] == prompt])
-        half = 1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-        out.append({"prompt": prompt, "dice_mean": float(v.mean()), "dice_std": float(v.std()),
-                    "ci95_low": float(v.mean() - half), "ci95_high": float(v.mean() + half), "n": len(v)})
+        v = [r["dice"] for r in rows if r["prompt"] == prompt]
+        s = summarise(v)
+        out.append({"prompt": prompt, "dice_mean": s["mean"], "dice_std": float(np.std(v)),
+                    "ci95_low": s["ci_low"], "ci95_high": s["ci_high"], "n": s["n"]})
     return out

@@ -78,8 +78,10 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             seeds: int = 3, model_run: str | os.PathLike | None = None,
                             methods: tuple[str, ...] = METHODS, finetune_steps: int = 150,
                             finetune_sizes: list[int] | None = None, structures: list[str] | None = None,
-                            axis: int = 2, progress: bool = True, post_variants: tuple[str, ...] = ()) -> dict:
-    """Run the grid; writes ``results.csv``, ``summary.json``, ``summary.csv`` and ``support_size.png``."""
+                            axis: int = 2, progress: bool = True, also_largest: bool = False) -> dict:
+    """Run the grid; writes ``results.csv``, ``summary.json``, ``summary.csv`` and ``support_size.png``.
+    ``also_largest``: score the in-context prediction a second time with only its largest connected
+    piece kept (method ``incontext+largest``; no extra inference)."""
     from rich.progress import Progress
 
     from medfound.models.incontext_weights import load_incontext
@@ -134,7 +136,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             t0 = time.perf_counter()
                             pr = segment_prepared(model, prep, enc, 32, extent_margin=margin)[sv] > 0.5
                             results["incontext"] = (pr, time.perf_counter() - t0)
-                            if "incontext" in post_variants:  # same prediction, one connected piece kept
+                            if also_largest:
                                 t0 = time.perf_counter()
                                 results["incontext+largest"] = (largest_component(pr), results["incontext"][1] + time.perf_counter() - t0)
                         if "label-fusion" in methods:

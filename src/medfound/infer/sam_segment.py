@@ -21,11 +21,7 @@ from medfound.data.normalize import apply_bounds, intensity_bounds
 from medfound.data.slicing import SquareGeometry, from_square, to_square
 from medfound.errors import InputError
 from medfound.io import MedImage
-from medfound.models.sam import decode, to_sam_input
-
-
-def _to_sam(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(-1, -2)  # (i, j) -> SAM's (rows=j, cols=i): SAM's x is our i
+from medfound.models.sam import decode, sam_view, to_sam_input
 
 
 def square_coords(xy: np.ndarray, geom: SquareGeometry) -> np.ndarray:
@@ -74,7 +70,7 @@ class SamSession:
             return self._cache[k]
         sq, geom = to_square(apply_bounds(self.slice_array(k), self.bounds), self.spacing(), self.size)
         x = torch.from_numpy(sq)[None, None]
-        emb = self.sam.image_encoder(to_sam_input(_to_sam(x)))
+        emb = self.sam.image_encoder(to_sam_input(sam_view(x)))
         self.encoder_calls += 1
         self._cache[k] = (emb, geom)
         if len(self._cache) > self.cache_size:
@@ -105,7 +101,7 @@ class SamSession:
             xy = torch.from_numpy(square_coords(np.array(points, np.float32), geom))[None]
             lab = torch.tensor([list(labels if labels is not None else [1] * len(points))], dtype=torch.long)
             pts = (xy, lab)
-        logits = _to_sam(decode(self.sam, emb, boxes, pts, self.size))[0, 0]
+        logits = sam_view(decode(self.sam, emb, boxes, pts, self.size))[0, 0]
         return from_square(logits, geom)
 
     def _logits_zoomed(self, k: int, box, points, labels) -> np.ndarray:
@@ -120,22 +116,21 @@ class SamSession:
         side = min(side, float(extent.max()))
         n = np.maximum(1, np.round(side / sp)).astype(int)        # crop shape in pixels (square in mm)
         start = np.round((lo + hi) / 2 - (n - 1) / 2).astype(int)  # crop origin in slice pixels
-        crop = np.zeros(tuple(n), np.float32)
         src_lo, src_hi = np.maximum(start, 0), np.minimum(start + n, sl.shape)
         out = np.full(sl.shape, -20.0, np.float32)  # outside the crop: certainly not the structure
         if np.any(src_hi <= src_lo):
             return out
-        dst_lo = src_lo - start
-        crop[dst_lo[0]:dst_lo[0] + src_hi[0] - src_lo[0], dst_lo[1]:dst_lo[1] + src_hi[1] - src_lo[1]] = \
-            sl[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1]]
+        in_slice = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))                  # the overlap, in the slice
+        in_crop = tuple(slice(a - o, b - o) for a, b, o in zip(src_lo, src_hi, start))  # the same pixels, in the crop
+        crop = np.zeros(tuple(n), np.float32)  # zero-padded where the crop leaves the slice
+        crop[in_crop] = sl[in_slice]
         sq, geom = to_square(crop, tuple(sp), self.size)
-        emb = self.sam.image_encoder(to_sam_input(_to_sam(torch.from_numpy(sq)[None, None])))
+        emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None])))
         self.encoder_calls += 1
         shift = np.tile(start, 2)
         pts = [list(np.asarray(p, np.float64) - start) for p in points] if points else None
         m = self._decode(emb, geom, np.asarray(box, np.float64) - shift, pts, labels)
-        out[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1]] = \
-            m[dst_lo[0]:dst_lo[0] + src_hi[0] - src_lo[0], dst_lo[1]:dst_lo[1] + src_hi[1] - src_lo[1]]
+        out[in_slice] = m[in_crop]
         return out
 
     def propagate(self, k: int, box, max_slices: int | None = None) -> np.ndarray:

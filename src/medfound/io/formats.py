@@ -7,6 +7,7 @@ The extension is used only to tell apart formats whose bytes look alike (NIfTI v
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from pathlib import Path
 
@@ -63,6 +64,21 @@ def sniff_format(path: str | os.PathLike) -> str | None:
         head = _head(p)
     except OSError:
         return None
+    return _sniff_head(head, p)
+
+
+def sniff_bytes(data: bytes, name: str = "") -> str | None:
+    """:func:`sniff_format` for a file held in memory (an upload); ``name`` plays the path's part."""
+    head = data[:1024]
+    if head[:2] == b"\x1f\x8b":
+        try:
+            head = b"GZ" + gzip.GzipFile(fileobj=io.BytesIO(data)).read(1024)
+        except (OSError, EOFError):
+            head = b"GZ"
+    return _sniff_head(head, Path(name or "upload"))
+
+
+def _sniff_head(head: bytes, p: Path) -> str | None:
     gz = head.startswith(b"GZ")
     body = head[2:] if gz else head
     if len(body) >= 348 and body[344:348] in (b"n+1\x00", b"ni1\x00"):

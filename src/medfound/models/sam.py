@@ -199,6 +199,20 @@ def trained_state(sam: Sam) -> dict[str, torch.Tensor]:
             if k in names or "lora_" in k or (k.startswith("mask_decoder.") and not k.endswith("num_batches_tracked"))}
 
 
+def sam_view(x: torch.Tensor) -> torch.Tensor:
+    """Our (i, j) slices <-> SAM's (rows, cols) images: a transpose, so SAM's x is our i and y our j
+    (the same call maps SAM's mask logits back)."""
+    return x.transpose(-1, -2)
+
+
+def append_point(points: tuple[torch.Tensor, torch.Tensor] | None, xy, label: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``points`` ((1, n, 2) coordinates, (1, n) labels) or None, with one more click appended."""
+    prev = points or (torch.zeros(1, 0, 2, device=device), torch.zeros(1, 0, dtype=torch.long, device=device))
+    return (torch.cat([prev[0], torch.as_tensor(xy, dtype=torch.float32, device=device).view(1, 1, 2)], 1),
+            torch.cat([prev[1], torch.tensor([[label]], device=device)], 1))
+
+
 def to_sam_input(slices: torch.Tensor) -> torch.Tensor:
     """(B, 1, S, S) in [0, 1] -> (B, 3, S, S) normalised as SAM was trained (RGB 0-255, ImageNet stats)."""
     x = slices.repeat(1, 3, 1, 1) * 255.0

@@ -48,8 +48,10 @@ class SamConvConfig:
         return cls(**d)
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over channels of a (B, C, H, W) map (as SAM's neck)."""
+class MapNorm(nn.Module):
+    """Normalises each (C, H, W) map over channels and positions together (one-group GroupNorm).
+    Not SAM's per-pixel LayerNorm2d, which the neck mirrors otherwise: the shipped weights were
+    trained with this one."""
 
     def __init__(self, c: int):
         super().__init__()
@@ -94,9 +96,9 @@ class ConvImageEncoder(nn.Module):
         # lateral 1x1 projections of the stride-4 .. stride-32 maps to a common width
         self.lateral = nn.ModuleList([nn.Conv2d(c, cfg.prompt_dim, 1) for c in w[1:]])
         self.smooth = ResBlock(cfg.prompt_dim, cfg.prompt_dim)
-        self.neck = nn.Sequential(nn.Conv2d(cfg.prompt_dim, cfg.prompt_dim, 1, bias=False), LayerNorm2d(cfg.prompt_dim),
+        self.neck = nn.Sequential(nn.Conv2d(cfg.prompt_dim, cfg.prompt_dim, 1, bias=False), MapNorm(cfg.prompt_dim),
                                   nn.Conv2d(cfg.prompt_dim, cfg.prompt_dim, 3, padding=1, bias=False),
-                                  LayerNorm2d(cfg.prompt_dim))
+                                  MapNorm(cfg.prompt_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -43,6 +45,38 @@ def run_folder_checkpoint(out: Path, resume: bool) -> Path:
     return last
 
 
+@dataclass
+class StepTrainConfig:
+    """What every step-indexed many-task training run takes (``incontext train``, ``sam train``):
+    the optimisation, the Lightning trainer (:func:`step_trainer`) and the data exclusions."""
+
+    batch_size: int = 16
+    max_steps: int = 2000
+    synthetic_fraction: float = 0.25
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    precision: str = "bf16"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 200
+    max_minutes: float | None = None  # stop (and export) after this wall time even if steps remain
+    exclude_labels: tuple[str, ...] = ()
+    init: str | None = None  # start from this run's weights (continue or specialise a model)
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def step_random(key: tuple, device) -> tuple[np.random.Generator, torch.Generator]:
+    """NumPy and torch random sources that are a pure function of ``key`` (seed, rank, step, ...)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+    return np.random.default_rng(key), gen
+
+
 class StepIndex(torch.utils.data.Dataset):
     """The 'data' of a step is its index: batches are drawn on the device inside the step, as a pure
     function of (seed, rank, step), so ``--resume`` and DDP ranks stay exact without a sampler."""
@@ -76,7 +110,7 @@ def allow_unused_parameters(strategy: str) -> str:
             "ddp_spawn": "ddp_spawn_find_unused_parameters_true"}.get(strategy, strategy)
 
 
-def step_trainer(cfg, out: Path, strategy: str | None = None):
+def step_trainer(cfg: StepTrainConfig, out: Path, strategy: str | None = None):
     """The Lightning trainer of the step-indexed many-task commands (``incontext train``, ``sam
     train``): max steps and optional wall-time limit, atomic checkpoints every ``checkpoint_every``
     steps plus ``last.ckpt``, CSV logs, gradient clipping; batches come from :class:`StepIndex`."""

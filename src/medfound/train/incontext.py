@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -25,35 +25,18 @@ from medfound.data.episodes import (SliceBank, augment_episodes, build_bank, cat
 from medfound.errors import InputError
 from medfound.models.incontext import InContextConfig, InContextSegmenter, count_parameters
 from medfound.models.incontext_weights import save_incontext
-from medfound.train.checkpoint import device_name, fit_by_steps, run_folder_checkpoint, step_trainer, warmup_cosine
+from medfound.train.checkpoint import (StepTrainConfig, device_name, fit_by_steps, run_folder_checkpoint, step_random,
+                                      step_trainer, warmup_cosine)
 
 SUPPORT_SIZES = (1, 2, 4, 8, 12, 16)
 
 
 @dataclass
-class InContextTrainConfig:
+class InContextTrainConfig(StepTrainConfig):
     size: int = 128
     widths: tuple[int, ...] = (16, 32, 48, 64)
-    batch_size: int = 16
-    max_steps: int = 2000
     support_sizes: tuple[int, ...] = SUPPORT_SIZES
-    synthetic_fraction: float = 0.25
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    precision: str = "bf16"
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 200
-    max_minutes: float | None = None  # stop (and export) after this wall time even if steps remain
-    exclude_labels: tuple[str, ...] = ()
     p_negative: float = 0.3  # share of queries where the label is absent (near the structure or anywhere)
-    init: str | None = None  # start from this in-context run's weights (continue or specialise a model)
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class InContextModule(L.LightningModule):
@@ -72,10 +55,7 @@ class InContextModule(L.LightningModule):
     def episodes(self, step: int, batch: int | None = None):
         """The batch of step ``step`` on this rank (deterministic)."""
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        seed = (self.cfg["seed"], rank, step)
-        rng = np.random.default_rng(seed)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        rng, gen = step_random((self.cfg["seed"], rank, step), self.device)
         sizes = self.cfg["support_sizes"]
         n = int(sizes[rng.integers(len(sizes))])
         b = batch or self.cfg["batch_size"]

@@ -29,7 +29,8 @@ from medfound.data.prompts import correction_point, jittered_box, sample_points
 from medfound.errors import InputError
 from medfound.io.atomic import atomic_file, write_text
 from medfound.models.lora import count_parameters
-from medfound.models.sam import ADAPTER_FILE, add_sam_lora, decode, load_sam, to_sam_input, trained_state
+from medfound.models.sam import (ADAPTER_FILE, add_sam_lora, append_point, decode, load_sam, sam_view, to_sam_input,
+                                 trained_state)
 from medfound.train.checkpoint import AtomicCheckpointIO, allow_unused_parameters, lightning_precision
 
 
@@ -74,11 +75,6 @@ class StructureSlices(Dataset):
         return torch.from_numpy(self.images[i][None]), torch.from_numpy(self.labels[i] == c)
 
 
-def sam_view(x: torch.Tensor) -> torch.Tensor:
-    """Our (i, j) slices -> SAM's (rows, cols) images: transpose, so SAM's x is our i and y our j."""
-    return x.transpose(-1, -2)
-
-
 def simulate_prompt(mask: np.ndarray, kind: str, rng: np.random.Generator):
     """(boxes (1, 4) or None, points ((1, n, 2), (1, n)) or None) in SAM's (x, y) = our (i, j)."""
     if kind == "both":
@@ -112,11 +108,7 @@ class SamModule(L.LightningModule):
             if self.rng.random() < 0.5:  # one interactive correction round
                 click = correction_point((logits[0, 0] > 0).detach().cpu().numpy(), m, self.rng)
                 if click is not None:
-                    p, lab = click
-                    prev = points if points is not None else (torch.zeros(1, 0, 2, device=x.device),
-                                                              torch.zeros(1, 0, dtype=torch.long, device=x.device))
-                    pts = (torch.cat([prev[0], torch.from_numpy(p)[None, None].to(x.device)], 1),
-                           torch.cat([prev[1], torch.tensor([[lab]], device=x.device)], 1))
+                    pts = append_point(points, click[0], click[1], x.device)
                     logits2 = sam_view(decode(self.sam, emb[b:b + 1], boxes, pts, S))
                     losses.append(self.loss(logits2, target))
         loss = torch.stack(losses).mean()

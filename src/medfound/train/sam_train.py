@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -29,38 +29,23 @@ from medfound.data.episodes import (SliceBank, augment_episodes, build_bank, cat
                                     synthetic_episodes)
 from medfound.data.prompts import correction_point, jittered_box, sample_points
 from medfound.errors import InputError
-from medfound.models.sam import decode, to_sam_input
+from medfound.models.sam import append_point, decode, sam_view, to_sam_input
 from medfound.models.sam_conv import SamConvConfig, build_sam_conv, load_sam_conv, save_sam_conv
-from medfound.train.checkpoint import (allow_unused_parameters, device_name, fit_by_steps, run_folder_checkpoint,
-                                       step_trainer, warmup_cosine)
+from medfound.train.checkpoint import (StepTrainConfig, allow_unused_parameters, device_name, fit_by_steps,
+                                       run_folder_checkpoint, step_random, step_trainer, warmup_cosine)
 
 
 @dataclass
-class SamTrainConfig:
+class SamTrainConfig(StepTrainConfig):
+    batch_size: int = 32
+    max_steps: int = 3000
+    synthetic_fraction: float = 0.2
     image_size: int = 128
     widths: tuple[int, ...] = (32, 48, 64, 96, 128)
     prompt_dim: int = 64
-    batch_size: int = 32
-    max_steps: int = 3000
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    synthetic_fraction: float = 0.2
     p_point: float = 0.3       # share of samples prompted with points instead of a box
     p_zoom: float = 0.5        # share of samples cropped around their structure
     p_correction: float = 0.5  # share of samples that get one corrective click
-    precision: str = "bf16"
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 200
-    max_minutes: float | None = None
-    exclude_labels: tuple[str, ...] = ()
-    init: str | None = None
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def model_config(self) -> SamConvConfig:
         return SamConvConfig(image_size=self.image_size, widths=tuple(self.widths), prompt_dim=self.prompt_dim)
@@ -106,10 +91,6 @@ def simulate_prompt(mask: np.ndarray, p_point: float, rng: np.random.Generator):
     return None, (torch.from_numpy(pts)[None], torch.from_numpy(lab)[None])
 
 
-def _sam_view(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(-1, -2)  # our (i, j) slices -> SAM's (rows = j, cols = i): SAM's x is our i
-
-
 class SamTrainModule(L.LightningModule):
     def __init__(self, cfg: dict, bank: SliceBank):
         super().__init__()
@@ -127,10 +108,7 @@ class SamTrainModule(L.LightningModule):
     def samples(self, step: int, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(images (B, 1, S, S), masks (B, 1, S, S)) of step ``step`` on this rank (deterministic)."""
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        seed = (self.cfg["seed"], rank, step, 7)
-        rng = np.random.default_rng(seed)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        rng, gen = step_random((self.cfg["seed"], rank, step, 7), self.device)
         b = batch or self.cfg["batch_size"]
         n_syn = int(round(b * self.cfg["synthetic_fraction"]))
         ep = sample_episodes(self.bank, b - n_syn, 1, rng, p_negative=0.0, p_merge=0.05, p_drop_position=1.0)
@@ -143,7 +121,7 @@ class SamTrainModule(L.LightningModule):
         step = int(self.global_step)
         x, masks = self.samples(step)
         rng = np.random.default_rng((self.cfg["seed"], step, 11))
-        emb = self.sam.image_encoder(to_sam_input(_sam_view(x)))  # (B, D, S/4, S/4)
+        emb = self.sam.image_encoder(to_sam_input(sam_view(x)))  # (B, D, S/4, S/4)
         s, dev = x.shape[-1], x.device
         losses = []
         for b in range(x.shape[0]):
@@ -153,17 +131,14 @@ class SamTrainModule(L.LightningModule):
             boxes, points = simulate_prompt(m, self.cfg["p_point"], rng)
             boxes = boxes.to(dev) if boxes is not None else None
             points = tuple(t.to(dev) for t in points) if points is not None else None
-            logits = _sam_view(decode(self.sam, emb[b:b + 1], boxes, points, s))
+            logits = sam_view(decode(self.sam, emb[b:b + 1], boxes, points, s))
             target = masks[b:b + 1]
             losses.append(self.loss(logits.float(), target))
             if rng.random() < self.cfg["p_correction"]:
                 click = correction_point((logits[0, 0] > 0).detach().cpu().numpy(), m, rng)
                 if click is not None:
-                    p, lab = click
-                    prev = points or (torch.zeros(1, 0, 2, device=dev), torch.zeros(1, 0, dtype=torch.long, device=dev))
-                    pts = (torch.cat([prev[0], torch.from_numpy(p)[None, None].to(dev)], 1),
-                           torch.cat([prev[1], torch.tensor([[lab]], device=dev)], 1))
-                    logits2 = _sam_view(decode(self.sam, emb[b:b + 1], boxes, pts, s))
+                    pts = append_point(points, click[0], click[1], dev)
+                    logits2 = sam_view(decode(self.sam, emb[b:b + 1], boxes, pts, s))
                     losses.append(self.loss(logits2.float(), target))
         loss = torch.stack(losses).mean() if losses else emb.sum() * 0
         self.log("train/loss", loss, prog_bar=True, on_step=True)
@@ -192,13 +167,13 @@ def save_prompt_preview(module: SamTrainModule, path: Path, n: int = 6) -> Path:
     x, masks = module.samples(10 ** 9, batch=n)
     rng = np.random.default_rng(0)
     fig, axes = plt.subplots(n, 2, figsize=(4, 2 * n), squeeze=False)
-    emb = sam.image_encoder(to_sam_input(_sam_view(x)))
+    emb = sam.image_encoder(to_sam_input(sam_view(x)))
     for r in range(n):
         m = masks[r, 0].numpy() > 0
         pred = np.zeros_like(m)
         if m.sum() >= 4:
             boxes, points = simulate_prompt(m, 0.0, rng)
-            pred = (_sam_view(decode(sam, emb[r:r + 1], boxes, points, x.shape[-1]))[0, 0] > 0).numpy()
+            pred = (sam_view(decode(sam, emb[r:r + 1], boxes, points, x.shape[-1]))[0, 0] > 0).numpy()
         for c, (lab, title) in enumerate(((m, "truth"), (pred, "box prompt -> mask"))):
             overlay(axes[r][c], x[r, 0].float().numpy(), lab.astype(np.uint8))
             axes[r][c].set_title(title, fontsize=7)

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from medfound.errors import InputError
+from medfound.io.figures import display  # [i, j] (RAS) -> screen rows/cols, anterior up
 from medfound.viewer.studies import ID, Study, StudyStore, safe_upload_name
 
 STATIC = Path(__file__).parent / "static"
@@ -35,11 +36,6 @@ class InContextRequest(BaseModel):
 
 class PredictRequest(BaseModel):
     model: str
-
-
-def display(slice2d: np.ndarray) -> np.ndarray:
-    """Array slice [i, j] (RAS) -> screen rows/cols: anterior up, patient right on the right."""
-    return np.flipud(slice2d.T)
 
 
 def _png(a: np.ndarray) -> bytes:

@@ -21,6 +21,7 @@ from medfound.data.normalize import intensity_bounds
 from medfound.data.orientation import from_canonical, to_canonical
 from medfound.errors import InputError
 from medfound.io import MedImage, read_image
+from medfound.io.formats import sniff_bytes
 
 ID = re.compile(r"^[0-9a-f]{32}$")
 #: suffixes some readers need to see (nibabel: .nii.gz; mgz/bmp): taken from an allow-list only
@@ -32,21 +33,9 @@ def safe_upload_name(index: int, client_name: str, data: bytes) -> str:
     name never becomes a path, its suffix only tells readers that need one which format to expect."""
     name = (client_name or "").lower()
     suffix = next((x for x in SUFFIXES if name.endswith(x)), "")
-    if not suffix:
+    if not suffix:  # the bytes tell (sniffed as the readers do); gzip that is not NIfTI is MGZ
         gz = data[:2] == b"\x1f\x8b"
-        if gz:
-            import gzip
-            import io
-
-            try:
-                head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(400)
-            except (OSError, EOFError):
-                head = b""
-            suffix = ".nii.gz" if head[344:348] in (b"n+1\x00", b"ni1\x00") else ".mgz"
-        elif len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
-            suffix = ".nii"
-        elif data[:8] == b"\x89PNG\r\n\x1a\n":
-            suffix = ".png"
+        suffix = {"nifti": ".nii.gz" if gz else ".nii", "png": ".png"}.get(sniff_bytes(data), ".mgz" if gz else "")
     return f"file{index:05d}{suffix}"
 
 UNDO_DEPTH = 20
