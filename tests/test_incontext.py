@@ -93,6 +93,35 @@ def test_incontext_train_resume_and_export(phantom_sets, cli, tmp_path):
     assert r.returncode == 2 and "resume" in r.stderr
 
 
+def test_incontext_train_on_an_mae_encoder_with_lora(phantom_sets, cli, tmp_path):
+    """The MAE variant: a pretrained ViT (here a micro one) frozen under LoRA adapters; the run
+    reloads and segments like the conv model."""
+    from medfound.models.export import save_encoder
+    from medfound.models.incontext_weights import load_incontext
+    from medfound.models.vit import VIT_CONFIGS, ViTEncoder
+
+    _, train, query = phantom_sets
+    vit = ViTEncoder(VIT_CONFIGS["vit-micro"])
+    save_encoder(vit, tmp_path / "mae", {"kind": "mae-encoder", "image_size": 32})
+    run = tmp_path / "run"
+    r = cli("incontext", "train", "--datasets", train, "--out", run, "--size", "32", "--batch-size", "2",
+            "--support-sizes", "2", "--steps", "2", "--precision", "32", "--accelerator", "cpu",
+            "--encoder", tmp_path / "mae", "--lora-rank", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["encoder"] == "mae" and cfg["encoder"]["lora_rank"] == 2
+    assert 0 < cfg["trainable_parameters"] < cfg["parameters"]
+    net, _ = load_incontext(run)
+    frozen = dict(net.encoder.vit.named_parameters())
+    base = [n for n in frozen if "blocks.0.attn.qkv.base_layer.weight" in n]
+    assert base and torch.equal(frozen[base[0]], vit.blocks[0].attn.qkv.weight)  # the MAE weights, untouched
+    r = cli("segment", "--support", train, "--input", query / "imagesTr" / "query0_0000.nii.gz", "--output",
+            tmp_path / "masks", "--model", run, "--label", "organ", "--support-size", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("incontext", "train", "--datasets", train, "--out", tmp_path / "r2", "--encoder", tmp_path / "nope")
+    assert r.returncode == 2 and "nope" in r.stderr
+
+
 def test_incontext_train_ddp_two_cpu_processes(phantom_sets, cli, tmp_path):
     _, train, _ = phantom_sets
     run = tmp_path / "ddp"
@@ -194,3 +223,49 @@ def test_bank_then_train_from_bank(phantom_sets, cli, tmp_path):
     assert r.returncode == 2 and "either" in r.stderr
     r = cli("incontext", "train", "--bank", tmp_path / "missing.npz", "--out", tmp_path / "y")
     assert r.returncode == 2 and "missing.npz" in r.stderr
+
+
+def _blobs(shape=(40, 40, 40), shift=(0, 0, 0)) -> np.ndarray:
+    """A smooth asymmetric volume (three Gaussian blobs), content moved by ``shift`` voxels."""
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
+    out = np.zeros(shape, np.float32)
+    for centre, width, value in (((20, 20, 18), 9, 1.0), ((12, 26, 26), 4, 0.6), ((27, 14, 10), 5, 0.8)):
+        d2 = ((grid - (np.array(centre) + np.array(shift))) ** 2).sum(-1)
+        out += value * np.exp(-d2 / (2 * width ** 2))
+    return out
+
+
+def test_register_affine_recovers_a_known_shift():
+    from medfound.data.correspondence import map_points, register_affine
+
+    image, _ = make_phantom("MR", shape=(64, 64, 40), seed=3)  # 1 x 1 x 3 mm
+    moved = np.zeros_like(image.array)
+    moved[:, :, :-4] = image.array[:, :, 4:]  # the same body, 4 slices (12 mm) lower in its volume
+    m = register_affine(image, image.with_array(moved))
+    assert m is not None
+    centre = image.affine[:3, :3] @ (np.array(image.shape) / 2) + image.affine[:3, 3]
+    p = map_points(m, (centre - [0, 0, 12.0])[None])[0]  # a point of the moved body -> where it is in the original
+    assert np.allclose(p, centre, atol=1.5), (p, centre)
+    from medfound.io import MedImage
+
+    assert register_affine(MedImage(image.array[:, :, 0], image.affine), image) is None  # 2D: no registration
+
+
+def test_supports_are_placed_at_the_query_height_they_show():
+    from medfound.infer.incontext import SupportPool, in_query_frame, prepare_slices, support_extent
+    from medfound.io import MedImage
+
+    query = prepare_slices(MedImage(_blobs(), np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR"), 32)
+    # two support slices whose masks are centred at world z = 20 mm and 40 mm, in a volume "c" that the
+    # registration says is the query shifted 8 mm up
+    centres = np.array([[40.0, 40.0, 20.0], [40.0, 40.0, 40.0]])
+    pool = SupportPool(1, "x", np.zeros((2, 32, 32), np.float32), np.ones((2, 32, 32), np.float32),
+                       np.array([0.9, 0.95], np.float32), ["c:10", "c:20"], ["c", "c"], centres, {})
+    shift = np.eye(4)
+    shift[2, 3] = 8.0
+    placed = in_query_frame(pool, query, {"c": shift})
+    assert np.allclose(placed.positions, query.positions[[14, 24]], atol=1e-5)
+    assert np.allclose(in_query_frame(pool, query, {"c": None}).positions, pool.positions)  # unregistered: kept
+    lo, hi = support_extent(np.array([0.2, 0.3, 0.4]))
+    assert np.isclose(lo, 0.1) and np.isclose(hi, 0.5)  # widened by the mean gap
+    assert support_extent(np.array([np.nan])) is None

@@ -330,6 +330,11 @@ def sam_finetune(
               f"({cfg['training']['trainable_parameters']:,} trained of {cfg['training']['total_parameters']:,})")
 
 
+# In-context inference (`segment`, `experiment support-size`).
+RegisterOpt = Annotated[bool, typer.Option(
+    "--register/--no-register", help="Place 3D support slices at the query height they show by an affine registration of "
+    "each support volume onto the query (else by relative position in each volume).")]
+
 # Options of the step-indexed many-task training commands (`incontext train`, `sam train`).
 BankOpt = Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets (train where the image readers are not installed).")]
 ExcludeLabelOpt = Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never trained on (held out); repeat. DESIGN.md's held-out structures are always excluded.")]
@@ -639,6 +644,8 @@ def incontext_train(
     warmup_steps: WarmupOpt = 100,
     max_minutes: MaxMinutesOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from this in-context run's weights.")] = None,
+    encoder: Annotated[str, typer.Option(help="Shared encoder: 'conv' (small convolutional, trained from scratch) or an MAE run folder from `medfound pretrain` (frozen ViT with LoRA adapters).")] = "conv",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank on the MAE encoder's attention (with --encoder RUN).")] = 4,
     precision: PrecisionOpt = "bf16",
     accelerator: AcceleratorOpt = "auto",
     devices: DevicesOpt = "auto",
@@ -653,13 +660,18 @@ def incontext_train(
 
     if not 0 <= negative_fraction < 1:
         raise InputError(None, "--negative-fraction must be in [0, 1)")
+    if encoder != "conv" and not Path(encoder).is_dir():
+        raise InputError(encoder, "--encoder must be 'conv' or an MAE run folder (from `medfound pretrain`)")
+    if lora_rank < 1:
+        raise InputError(None, "--lora-rank must be positive")
     _step_training(InContextTrainConfig, run_incontext_train, "tasks", out=out, datasets=datasets, bank=bank,
                    exclude_label=exclude_label, exclude_dataset=exclude_dataset, steps=steps, batch_size=batch_size,
                    lr=lr, warmup_steps=warmup_steps, max_minutes=max_minutes, init=init, precision=precision,
                    accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                    checkpoint_every=checkpoint_every, seed=seed, resume=resume, size=size,
                    support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
-                   synthetic_fraction=synthetic_fraction, p_negative=negative_fraction)
+                   synthetic_fraction=synthetic_fraction, p_negative=negative_fraction, encoder=encoder,
+                   lora_rank=lora_rank)
 
 
 @incontext_app.command("bank")
@@ -695,6 +707,7 @@ def segment(
     batch_size: Annotated[int, typer.Option(help="Query slices per batch.")] = 16,
     modality: Annotated[Optional[str], typer.Option(help="Modality to assume (ct, mr, pet, xray, us) when a file records none.")] = None,
     keep_largest: Annotated[bool, typer.Option(help="Keep only the largest connected piece of each label (single anatomical structures; not for lesions).")] = False,
+    register: RegisterOpt = True,
 ) -> None:
     """Segment new images from an example set, with no training (in-context)."""
     from medfound.infer.incontext import segment_path
@@ -702,7 +715,7 @@ def segment(
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
     written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
-                           progress=sys.stderr.isatty(), keep_largest=keep_largest)
+                           progress=sys.stderr.isatty(), keep_largest=keep_largest, register=register)
     for w in written:
         print(w)
 
@@ -721,6 +734,7 @@ def experiment_support_size(
     structure: Annotated[Optional[list[str]], typer.Option("--structure", help="Support label name to evaluate; repeat (default: the held-out structures found in both).")] = None,
     axis: Annotated[int, typer.Option(help="Slice axis (RAS).")] = 2,
     also_largest: Annotated[bool, typer.Option(help="Also score in-context with only the largest connected piece kept (method incontext+largest).")] = False,
+    register: RegisterOpt = True,
 ) -> None:
     """Dice vs support size: in-context vs fine-tuning on the support vs label fusion, with seeds and CIs."""
     from medfound.eval.support_size import support_size_experiment
@@ -730,7 +744,7 @@ def experiment_support_size(
     res = support_size_experiment(support, test, _ints(sizes, "--sizes"), out, seeds, model,
                                   tuple(m.strip() for m in methods.split(",") if m.strip()), finetune_steps,
                                   _ints(finetune_sizes, "--finetune-sizes") if finetune_sizes else None, structure, axis,
-                                  progress=sys.stderr.isatty(), also_largest=also_largest)
+                                  progress=sys.stderr.isatty(), also_largest=also_largest, register=register)
     for r in res["by_size"]:
         print(f"{r['method']:17s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
               f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")

@@ -25,8 +25,8 @@ from medfound.data.nnunet import NnUNetDataset
 from medfound.data.orientation import to_canonical
 from medfound.errors import InputError
 from medfound.eval.metrics import label_metrics, summarise
-from medfound.infer.incontext import (SupportEncodings, inference_settings, largest_component, prepare_slices,
-                                      segment_prepared, support_pools, to_volume)
+from medfound.infer.incontext import (SupportEncodings, in_query_frame, inference_settings, largest_component,
+                                      prepare_slices, register_supports, segment_prepared, support_pools, to_volume)
 from medfound.infer.label_fusion import label_fusion
 from medfound.io.atomic import write_csv, write_text
 
@@ -78,10 +78,13 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             seeds: int = 3, model_run: str | os.PathLike | None = None,
                             methods: tuple[str, ...] = METHODS, finetune_steps: int = 150,
                             finetune_sizes: list[int] | None = None, structures: list[str] | None = None,
-                            axis: int = 2, progress: bool = True, also_largest: bool = False) -> dict:
+                            axis: int = 2, progress: bool = True, also_largest: bool = False,
+                            register: bool = True, extent_margin: float | str | None = "model") -> dict:
     """Run the grid; writes ``results.csv``, ``summary.json``, ``summary.csv`` and ``support_size.png``.
     ``also_largest``: score the in-context prediction a second time with only its largest connected
-    piece kept (method ``incontext+largest``; no extra inference)."""
+    piece kept (method ``incontext+largest``; no extra inference). ``register``: support slices placed at
+    the query height they show (affine registration, :func:`register_supports`); ``extent_margin``:
+    the model's stored value unless given (``None``: no gate)."""
     from rich.progress import Progress
 
     from medfound.models.incontext_weights import load_incontext
@@ -97,7 +100,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     pairs = match_structures(sds, tds, structures)
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
-    margin = inference_settings(cfg)["extent_margin"]
+    margin = inference_settings(cfg)["extent_margin"] if extent_margin == "model" else extent_margin
     pools = support_pools(support, {v: n for v, n, _, _ in pairs}, size, axis)
     tests = []
     for case in tds.cases():
@@ -106,12 +109,14 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
             raise InputError(tds.image_path(case), "test case has no label")
         prep = prepare_slices(image, size, axis, tds.case_modality(case) if image.modality == "OT" else None)
         truth = to_canonical(label)[0].array if prep.ornt is not None else label.array
-        tests.append((case, prep, truth))
+        transforms = register_supports(pools, prep) if register else {}
+        tests.append((case, prep, truth, transforms))
     ft_sizes = set(finetune_sizes or sizes)
     rows: list[dict] = []
     out.mkdir(parents=True, exist_ok=True)
     meta = {"support": str(support), "test": str(test), "sizes": sizes, "seeds": seeds, "methods": list(methods),
             "model": str(model_run) if model_run else "packaged default", "finetune_steps": finetune_steps,
+            "register": register, "extent_margin": margin,
             "structures": [{"support": n, "test": tn} for _, n, _, tn in pairs],
             "queries": "every slice of each test volume (axis %d); 3D Dice and HD95 (MONAI)" % axis}
     total = len(pairs) * len(sizes) * seeds * len(tests)
@@ -122,11 +127,14 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                 for seed in range(seeds):
                     rng = np.random.default_rng([seed, sv, n])
                     sub = pools[sv].random(n, rng)
-                    enc = SupportEncodings(model, {sv: [sub]}, torch.device("cpu")) if "incontext" in methods else None
                     ft = None
                     if "finetune" in methods and n in ft_sizes:
                         ft = fit_on_support(sub.images, sub.masks, steps=finetune_steps, seed=seed)
-                    for case, prep, truth in tests:
+                    for case, prep, truth, transforms in tests:
+                        enc = None
+                        if "incontext" in methods:
+                            placed = in_query_frame(sub, prep, transforms) if register else sub
+                            enc = SupportEncodings(model, {sv: [placed]}, torch.device("cpu"))
                         t_truth = truth == tv
                         spacing = prep.view.spacing
                         base = {"structure": sname, "test_structure": tname, "test_case": case, "size": n,

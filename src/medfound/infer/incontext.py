@@ -10,7 +10,7 @@ Multi-class: one label at a time, then the most probable label above 0.5 wins ea
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +36,17 @@ class SupportPool:
     masks: np.ndarray
     positions: np.ndarray
     sources: list[str]
+    cases: list[str] = field(default_factory=list)        # support case of each slice
+    centroids: np.ndarray | None = None                   # (n, 3) world RAS mm of each mask's centre (3D)
+    volumes: dict[str, MedImage] = field(default_factory=dict)  # normalised canonical support volumes (3D)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, idx: np.ndarray) -> SupportPool:
-        return SupportPool(self.label, self.name, self.images[idx], self.masks[idx], self.positions[idx],
-                           [self.sources[i] for i in idx])
+        return replace(self, images=self.images[idx], masks=self.masks[idx], positions=self.positions[idx],
+                       sources=[self.sources[i] for i in idx], cases=[self.cases[i] for i in idx] if self.cases else [],
+                       centroids=None if self.centroids is None else self.centroids[idx])
 
     def evenly(self, n: int) -> SupportPool:
         """``n`` slices spread evenly over the pool (ordered by case, then position)."""
@@ -112,30 +116,77 @@ def support_pools(folder: str | os.PathLike, labels: dict[int, str] | None, size
     """Read the support dataset once and collect, per label, the slices that contain it."""
     ds = NnUNetDataset.open(folder)
     labels = labels or label_names(ds)
-    acc = {v: ([], [], [], []) for v in labels}
+    acc = {v: ([], [], [], [], [], []) for v in labels}
+    volumes: dict[str, MedImage] = {}
     for case in ds.cases():
         image, label = ds.read_case(case)
         if label is None:
             raise InputError(ds.image_path(case), "support image has no mask in labelsTr")
         prep = prepare_slices(image, size, axis, ds.case_modality(case) if image.modality == "OT" else None)
         lab = to_canonical(label)[0] if prep.ornt is not None else label
+        if prep.view.ndim == 3:
+            volumes[case] = prep.view
         spacing = _spacing(prep)
         for k, ls, _ in iter_slices(lab, prep.axis):
             present = np.unique(ls)
             for v in labels:
                 if v not in present:
                     continue
-                m = to_square((ls == v).astype(np.float32), spacing, size, nearest=True)[0]
+                hit = ls == v
+                m = to_square(hit.astype(np.float32), spacing, size, nearest=True)[0]
                 if m.sum() < min_pixels:
                     continue
-                for lst, item in zip(acc[v], (prep.squares[k], m, prep.positions[k], f"{case}:{k}")):
+                centre = _centroid_world(prep, k, hit)
+                for lst, item in zip(acc[v], (prep.squares[k], m, prep.positions[k], f"{case}:{k}", case, centre)):
                     lst.append(item)
     pools = {}
-    for v, (imgs, masks, pos, src) in acc.items():
+    for v, (imgs, masks, pos, src, cases, centres) in acc.items():
         if not imgs:
             raise InputError(ds.root, f"label {v} ({labels[v]}) appears in no support slice")
-        pools[v] = SupportPool(v, labels[v], np.stack(imgs), np.stack(masks), np.asarray(pos, np.float32), src)
+        pools[v] = SupportPool(v, labels[v], np.stack(imgs), np.stack(masks), np.asarray(pos, np.float32), src,
+                               cases, np.stack(centres), volumes)
     return pools
+
+
+def _centroid_world(prep: PreparedSlices, k: int, hit: np.ndarray) -> np.ndarray:
+    """World RAS mm of the centre of a mask on slice ``k`` (NaN for 2D images)."""
+    if prep.view.ndim != 3:
+        return np.full(3, np.nan)
+    ij = np.argwhere(hit).mean(0)
+    index = np.insert(ij, prep.axis, k)
+    return prep.view.affine[:3, :3] @ index + prep.view.affine[:3, 3]
+
+
+def register_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> dict[str, np.ndarray | None]:
+    """Each support volume registered (affine) onto the query volume, once for all labels:
+    case -> 4x4 support-world -> query-world matrix (``None`` where it cannot be done)."""
+    from medfound.data.correspondence import register_affine
+
+    volumes = {}
+    for pool in pools.values():
+        volumes.update(pool.volumes)
+    if prep.view.ndim != 3:
+        return {case: None for case in volumes}
+    return {case: register_affine(prep.view, vol) for case, vol in volumes.items()}
+
+
+def in_query_frame(pool: SupportPool, prep: PreparedSlices, transforms: dict[str, np.ndarray | None]) -> SupportPool:
+    """The pool with each support slice's position re-expressed as the query height it shows (through
+    the registration), so that the position bias and the extent gate compare like with like. Slices
+    whose volume could not be registered keep their own relative position."""
+    if prep.view.ndim != 3 or pool.centroids is None or len(prep.positions) < 2:
+        return pool
+    slope, start = float(prep.positions[1] - prep.positions[0]), float(prep.positions[0])
+    to_index = np.linalg.inv(prep.view.affine)
+    pos = pool.positions.copy()
+    for i, case in enumerate(pool.cases):
+        matrix = transforms.get(case)
+        if matrix is None or not np.isfinite(pool.centroids[i]).all():
+            continue
+        world = matrix[:3, :3] @ pool.centroids[i] + matrix[:3, 3]
+        index = to_index[:3, :3] @ world + to_index[:3, 3]
+        pos[i] = start + slope * index[prep.axis]
+    return replace(pool, positions=pos.astype(np.float32))
 
 
 def _spacing(prep: PreparedSlices) -> tuple[float, float]:
@@ -154,13 +205,25 @@ class SupportEncodings:
         self.extent = {}
         for v, pools in members.items():
             pos = np.concatenate([p.positions for p in pools])
-            self.extent[v] = (float(pos.min()), float(pos.max())) if np.isfinite(pos).all() else None
+            self.extent[v] = support_extent(pos)
         with torch.inference_mode():
             for v, pools in members.items():
                 self.caches[v] = [model.encode_support(
                     torch.from_numpy(p.images)[None, :, None].to(device),
                     torch.from_numpy(p.masks)[None, :, None].to(device),
                     torch.from_numpy(p.positions)[None].to(device)) for p in pools]
+
+
+def support_extent(positions: np.ndarray, single_gap: float = 0.05) -> tuple[float, float] | None:
+    """The range of query heights a support set speaks for: from its lowest to its highest slice,
+    widened at each end by the mean gap between its slices. Supports drawn from a structure stop short
+    of its ends by about that much (for k slices spread over a structure, the expected distance from
+    the outermost one to the end is span / (k - 1)); one slice gets ``single_gap``. ``None`` for 2D."""
+    if not len(positions) or not np.isfinite(positions).all():
+        return None
+    distinct = np.unique(np.round(positions, 4))
+    gap = float(distinct[-1] - distinct[0]) / (len(distinct) - 1) if len(distinct) > 1 else single_gap
+    return float(distinct[0]) - gap, float(distinct[-1]) + gap
 
 
 def ensemble_members(pool: SupportPool, support_size: int | None, ensemble: int, seed: int = 0) -> list[SupportPool]:
@@ -178,9 +241,9 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
     """Per-label probability maps (canonical view's grid, float16) for a prepared volume.
 
     ``extent_margin``: when support and query positions are known (3D), query slices further than this
-    (in relative position) outside the range the supports cover are left empty: supports that all hold
-    the structure say nothing about slices far beyond it (the model, trained 6.5 GPU-minutes, still
-    paints there). The packaged model's value was chosen on non-held-out structures."""
+    (in relative position) outside the range the supports speak for (:func:`support_extent`) are left
+    empty: supports that all hold the structure say nothing about slices beyond it (the model, trained
+    10 GPU-minutes, still paints there). The packaged model's value was chosen on non-held-out structures."""
     device = next(model.parameters()).device
     shape = prep.view.shape
     probs = {v: np.zeros(shape, dtype=np.float16) for v in enc.caches}
@@ -225,8 +288,10 @@ def to_volume(prep: PreparedSlices, squares: np.ndarray) -> np.ndarray:
 
 
 def inference_settings(cfg: dict) -> dict:
-    """Inference knobs stored with a model (``config.json["inference"]``), with neutral defaults."""
-    return {"extent_margin": None} | cfg.get("inference", {})
+    """Inference knobs stored with a model (``config.json["inference"]``). A model that stores none
+    gets the extent gate with no extra margin: which query heights a support set speaks for is a
+    property of the supports, not of the model (chosen on validation structures, see the packaged config)."""
+    return {"extent_margin": 0.0} | cfg.get("inference", {})
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -256,13 +321,17 @@ def combine(probs: dict[int, np.ndarray], threshold: float = 0.5) -> np.ndarray:
 def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, SupportPool], size: int,
                   axis: int = 2, support_size: int | None = 16, ensemble: int = 1, batch_size: int = 16,
                   modality: str | None = None, seed: int = 0, extent_margin: float | None = None,
-                  keep_largest: bool = False) -> np.ndarray:
+                  keep_largest: bool = False, register: bool = True) -> np.ndarray:
     """Label map (support label values) on ``image``'s own grid; ``keep_largest``: one connected
-    piece per label."""
+    piece per label; ``register``: place 3D support slices at the query height they show through an
+    affine registration of each support volume onto the image (else: relative position in each volume)."""
     device = next(model.parameters()).device
+    prep = prepare_slices(image, size, axis, modality)
+    if register:
+        transforms = register_supports(pools, prep)
+        pools = {v: in_query_frame(p, prep, transforms) for v, p in pools.items()}
     members = {v: ensemble_members(p, support_size, ensemble, seed) for v, p in pools.items()}
     enc = SupportEncodings(model, members, device)
-    prep = prepare_slices(image, size, axis, modality)
     labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin))
     if keep_largest:
         for v in pools:
@@ -274,7 +343,8 @@ def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, S
 def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,
                  model_run: str | os.PathLike | None = None, labels: list[str] | None = None,
                  support_size: int | None = 16, ensemble: int = 1, axis: int = 2, batch_size: int = 16,
-                 modality: str | None = None, progress: bool = True, keep_largest: bool = False) -> list[Path]:
+                 modality: str | None = None, progress: bool = True, keep_largest: bool = False,
+                 register: bool = True) -> list[Path]:
     """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``."""
     from rich.progress import Progress
 
@@ -297,7 +367,8 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         task = bar.add_task("segment", total=len(images))
         for case, image in images:
             mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, modality,
-                                 extent_margin=inference_settings(cfg)["extent_margin"], keep_largest=keep_largest)
+                                 extent_margin=inference_settings(cfg)["extent_margin"], keep_largest=keep_largest,
+                                 register=register)
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
             written.append(write_mask(mask, image, output / f"{case}{ext}"))
             bar.advance(task)

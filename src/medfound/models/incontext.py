@@ -34,6 +34,9 @@ class InContextConfig:
     value_dim: int = 32                         # attention value width (all heads, incl. the mask votes)
     heads: int = 4
     windows: tuple[int, int] = (7, 9)           # local window at 1/4 and at 1/8
+    encoder: str = "conv"                       # "conv" or "mae" (a pretrained ViT with LoRA, see ViTPyramid)
+    vit: dict | None = None                     # the ViT's architecture when encoder == "mae"
+    lora_rank: int = 4
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -79,6 +82,53 @@ class Encoder(nn.Module):
             x = stage(x)
             feats.append(x)
         return feats
+
+
+class ViTPyramid(nn.Module):
+    """A pretrained MAE encoder (frozen, LoRA on its attention) as the in-context encoder.
+
+    The ViT sees 16-px patches, so its tokens (S/16) are brought to the two attention scales with
+    transposed convolutions (ViTDet's simple feature pyramid); the full- and half-resolution levels
+    that the decoder's skip connections need come from a small convolutional stem on the image, as in
+    UNETR. Output: the same four maps as :class:`Encoder`, (B, w_i, S / 2^i, S / 2^i)."""
+
+    def __init__(self, widths: tuple[int, ...], vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        d = vit.config.width
+        self.stem = nn.ModuleList([ConvBlock(1, widths[0]), ConvBlock(widths[0], widths[1], 2)])
+        self.up8 = nn.Sequential(nn.ConvTranspose2d(d, widths[3], 2, 2), nn.GroupNorm(min(8, widths[3] // 4), widths[3]), nn.GELU())
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(widths[3], widths[2], 2, 2), nn.GroupNorm(min(8, widths[2] // 4), widths[2]), nn.GELU())
+        self.fuse8 = ConvBlock(widths[3], widths[3])
+        self.fuse4 = ConvBlock(widths[2], widths[2])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b, _, h, w = x.shape
+        p = self.vit.config.patch_size
+        tokens = self.vit(x)[:, 1:]                                    # (B, HW/p^2, D), class token dropped
+        grid = tokens.transpose(1, 2).reshape(b, -1, h // p, w // p)    # (B, D, S/16, S/16)
+        f8 = self.fuse8(self.up8(grid))                                  # (B, w3, S/8, S/8)
+        f4 = self.fuse4(self.up4(f8))                                    # (B, w2, S/4, S/4)
+        f1 = self.stem[0](x)
+        return [f1, self.stem[1](f1), f4, f8]
+
+
+def build_encoder(cfg: InContextConfig, vit: nn.Module | None = None) -> nn.Module:
+    """The convolutional encoder, or a ViT (``vit``: pretrained weights, else built from ``cfg.vit``)
+    with LoRA adapters for ``encoder == "mae"``."""
+    if cfg.encoder == "conv":
+        return Encoder(cfg.widths)
+    if cfg.encoder != "mae" or not cfg.vit:
+        raise ValueError(f"unknown in-context encoder {cfg.encoder!r} (conv, or mae with a ViT architecture)")
+    from medfound.models.lora import add_lora
+    from medfound.models.vit import ViTConfig, ViTEncoder
+
+    if vit is None:
+        vit = ViTEncoder(ViTConfig(**{k: v for k, v in cfg.vit.items() if k != "type"}))
+    if vit.config.patch_size != 16 or cfg.size % 16:
+        raise ValueError(f"the in-context MAE encoder needs 16-px patches and a working size that is a multiple of "
+                         f"16 (patch {vit.config.patch_size}, size {cfg.size})")
+    return ViTPyramid(cfg.widths, add_lora(vit, cfg.lora_rank))
 
 
 class LocalCrossAttention(nn.Module):
@@ -158,11 +208,11 @@ class SupportCache:
 
 
 class InContextSegmenter(nn.Module):
-    def __init__(self, config: InContextConfig | None = None):
+    def __init__(self, config: InContextConfig | None = None, vit: nn.Module | None = None):
         super().__init__()
         self.config = cfg = config or InContextConfig()
         w = cfg.widths
-        self.encoder = Encoder(w)
+        self.encoder = build_encoder(cfg, vit)
         self.attn = nn.ModuleList([LocalCrossAttention(w[2], cfg.key_dim, cfg.value_dim, cfg.heads, cfg.windows[0]),
                                    LocalCrossAttention(w[3], cfg.key_dim, cfg.value_dim, cfg.heads, cfg.windows[1])])
         self.pool_q = nn.Linear(w[3], cfg.key_dim)

@@ -37,6 +37,25 @@ class InContextTrainConfig(StepTrainConfig):
     widths: tuple[int, ...] = (16, 32, 48, 64)
     support_sizes: tuple[int, ...] = SUPPORT_SIZES
     p_negative: float = 0.3  # share of queries where the label is absent (near the structure or anywhere)
+    encoder: str = "conv"    # "conv", or an MAE run folder: its ViT, frozen, with LoRA adapters
+    lora_rank: int = 4
+
+
+def build_incontext_net(cfg: dict) -> InContextSegmenter:
+    """A fresh in-context net for a training config: the conv encoder, or the MAE run's ViT (its
+    pretrained weights loaded before the LoRA adapters go in)."""
+    encoder = cfg.get("encoder", "conv")
+    if encoder == "conv":
+        return InContextSegmenter(InContextConfig(size=cfg["size"], widths=tuple(cfg["widths"])))
+    from medfound.models.export import load_encoder
+
+    vit, enc_cfg = load_encoder(encoder)
+    config = InContextConfig(size=cfg["size"], widths=tuple(cfg["widths"]), encoder="mae",
+                             vit=enc_cfg["architecture"], lora_rank=int(cfg.get("lora_rank", 4)))
+    try:
+        return InContextSegmenter(config, vit)
+    except ValueError as e:
+        raise InputError(encoder, str(e)) from None
 
 
 class InContextModule(L.LightningModule):
@@ -44,7 +63,7 @@ class InContextModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["bank"])
         self.cfg = cfg
-        self.net = InContextSegmenter(InContextConfig(size=cfg["size"], widths=tuple(cfg["widths"])))
+        self.net = build_incontext_net(cfg)
         self.bank_cpu = bank
         self.bank: SliceBank | None = None
         self.last_loss = float("nan")
@@ -80,7 +99,8 @@ class InContextModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
+        trainable = [p for p in self.net.parameters() if p.requires_grad]  # a pretrained ViT stays frozen (LoRA)
+        opt = torch.optim.AdamW(trainable, lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.cfg["warmup_steps"], self.cfg["max_steps"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -145,6 +165,8 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
             "image_size": cfg.size,
             "normalisation": "medfound.data.normalize per modality (CT windows; MR/PET foreground percentiles)",
             "parameters": count_parameters(module.net),
+            "trainable_parameters": sum(p.numel() for p in module.net.parameters() if p.requires_grad),
+            "encoder": "conv" if cfg.encoder == "conv" else {"mae_run": str(cfg.encoder), "lora_rank": cfg.lora_rank},
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
                          "global_batch": cfg.batch_size * trainer.world_size, "support_sizes": list(cfg.support_sizes),
                          "synthetic_fraction": cfg.synthetic_fraction, "lr": cfg.lr, "precision": cfg.precision,

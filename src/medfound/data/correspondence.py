@@ -1,0 +1,82 @@
+"""Where a point of one volume lies in another: a fast affine registration between two scans.
+
+In-context segmentation leans on *position*: a query slice should listen to the support slices taken
+at the same anatomical height. A position relative to each volume's own extent of content is not
+comparable across scans: one whole-head T1 and one skull-stripped brain disagree by a tenth of the
+volume (measured on Colin27 vs MNI152), more than most deep structures are tall. An affine
+registration of the support volume onto the query volume maps each support slice to the query height
+it shows, whatever the field of view or skull stripping. Both volumes are smoothed and resampled to
+``resolution_mm`` first, so one registration takes well under a second at 4 mm (SimpleITK, Mattes
+mutual information, so a contrast change between the two scans is no obstacle).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from medfound.io.image import LPS_TO_RAS, MedImage
+from medfound.io.itk import medimage_to_sitk
+
+
+def _coarse(image: sitk.Image, mm: float) -> sitk.Image:
+    """Gaussian-smoothed copy on an isotropic ``mm`` grid (the registration's working image)."""
+    smooth = sitk.SmoothingRecursiveGaussian(image, mm / 2)
+    size = [max(4, int(round(n * s / mm))) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    return sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (mm,) * 3,
+                         image.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
+def register_affine(fixed: MedImage, moving: MedImage, resolution_mm: float = 4.0,
+                    max_scale_change: float = 1.5) -> np.ndarray | None:
+    """4x4 matrix taking world RAS mm of ``moving`` to world RAS mm of ``fixed``, or ``None`` when the
+    two cannot be registered (2D images, a failed optimisation, or an implausible result: a volume
+    change beyond ``max_scale_change`` either way)."""
+    if fixed.ndim != 3 or moving.ndim != 3 or min(fixed.shape) < 4 or min(moving.shape) < 4:
+        return None
+    f = _coarse(medimage_to_sitk(fixed.with_array(fixed.array.astype(np.float32))), resolution_mm)
+    m = _coarse(medimage_to_sitk(moving.with_array(moving.array.astype(np.float32))), resolution_mm)
+    try:
+        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
+                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.25, seed=0)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1, 0])
+        reg.SetInitialTransform(init, inPlace=False)
+        tx = _as_affine(reg.Execute(f, m))
+    except RuntimeError:
+        return None
+    if tx is None:
+        return None
+    # ITK's transform maps fixed (LPS) points to moving points: y = A (x - c) + c + t
+    a = np.array(tx.GetMatrix()).reshape(3, 3)
+    c, t = np.array(tx.GetCenter()), np.array(tx.GetTranslation())
+    fixed_to_moving = np.eye(4)
+    fixed_to_moving[:3, :3] = a
+    fixed_to_moving[:3, 3] = c + t - a @ c
+    det = np.linalg.det(a)
+    if not np.isfinite(det) or not 1 / max_scale_change <= det <= max_scale_change:
+        return None
+    # moving RAS -> moving LPS -> fixed LPS -> fixed RAS
+    return LPS_TO_RAS @ np.linalg.inv(fixed_to_moving) @ LPS_TO_RAS
+
+
+def _as_affine(tx: sitk.Transform) -> sitk.AffineTransform | None:
+    """The registration's result as one AffineTransform (it may come wrapped in a composite)."""
+    if tx.GetName() == "CompositeTransform":
+        tx = sitk.CompositeTransform(tx)
+        if tx.GetNumberOfTransforms() != 1:
+            return None
+        tx = tx.GetNthTransform(0)
+    return sitk.AffineTransform(tx) if tx.GetName() == "AffineTransform" else None
+
+
+def map_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(n, 3) world points through a 4x4 matrix."""
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
