@@ -253,8 +253,8 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     import torch
 
     from medfound.eval.support_size import support_size_experiment
-    from medfound.infer.incontext import (SupportEncodings, ensemble_members, in_query_frame, inference_settings,
-                                          prepare_slices, register_supports, segment_prepared, support_pools)
+    from medfound.infer.incontext import (SupportEncodings, ensemble_members, inference_settings, place_supports,
+                                          prepare_slices, segment_prepared, support_pools)
     from medfound.models.incontext_weights import load_incontext
 
     support, test = out / "data" / "Dataset021_Colin27_AAL", out / "data" / "Dataset011_MNI152_AAL"
@@ -270,8 +270,8 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     image, label = tds.read_case(tds.cases()[0])
     prep = prepare_slices(image, size)
     truth = to_canonical(label)[0].array
-    transforms = register_supports(pools, prep)  # support slices placed at the MNI152 height they show
-    members = {v: ensemble_members(in_query_frame(p, prep, transforms), n_support, 1) for v, p in pools.items()}
+    placed = place_supports(pools, prep)  # support slices at the MNI152 height they show
+    members = {v: ensemble_members(p, n_support, 1) for v, p in placed.items()}
     probs = segment_prepared(model, prep, SupportEncodings(model, members, torch.device("cpu")), 32,
                              extent_margin=inference_settings(cfg)["extent_margin"])
     fig, axes = plt.subplots(len(wanted), 4, figsize=(12, 3.2 * len(wanted)), squeeze=False)

@@ -133,7 +133,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                     for case, prep, truth, transforms in tests:
                         enc = None
                         if "incontext" in methods:
-                            placed = in_query_frame(sub, prep, transforms) if register else sub
+                            placed = in_query_frame(sub, prep, transforms)  # no transforms: unchanged
                             enc = SupportEncodings(model, {sv: [placed]}, torch.device("cpu"))
                         t_truth = truth == tv
                         spacing = prep.view.spacing

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medfound.data.correspondence import map_points, register_affine
 from medfound.data.episodes import content_mask, relative_positions
 from medfound.data.nnunet import NnUNetDataset
 from medfound.data.normalize import normalize
@@ -152,16 +153,13 @@ def _centroid_world(prep: PreparedSlices, k: int, hit: np.ndarray) -> np.ndarray
     """World RAS mm of the centre of a mask on slice ``k`` (NaN for 2D images)."""
     if prep.view.ndim != 3:
         return np.full(3, np.nan)
-    ij = np.argwhere(hit).mean(0)
-    index = np.insert(ij, prep.axis, k)
-    return prep.view.affine[:3, :3] @ index + prep.view.affine[:3, 3]
+    index = np.insert(np.argwhere(hit).mean(0), prep.axis, k)
+    return map_points(prep.view.affine, index[None])[0]
 
 
 def register_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> dict[str, np.ndarray | None]:
     """Each support volume registered (affine) onto the query volume, once for all labels:
     case -> 4x4 support-world -> query-world matrix (``None`` where it cannot be done)."""
-    from medfound.data.correspondence import register_affine
-
     volumes = {}
     for pool in pools.values():
         volumes.update(pool.volumes)
@@ -174,19 +172,26 @@ def in_query_frame(pool: SupportPool, prep: PreparedSlices, transforms: dict[str
     """The pool with each support slice's position re-expressed as the query height it shows (through
     the registration), so that the position bias and the extent gate compare like with like. Slices
     whose volume could not be registered keep their own relative position."""
-    if prep.view.ndim != 3 or pool.centroids is None or len(prep.positions) < 2:
+    if prep.view.ndim != 3 or pool.centroids is None or len(pool.cases) != len(pool) or len(prep.positions) < 2:
         return pool
     slope, start = float(prep.positions[1] - prep.positions[0]), float(prep.positions[0])
     to_index = np.linalg.inv(prep.view.affine)
     pos = pool.positions.copy()
-    for i, case in enumerate(pool.cases):
-        matrix = transforms.get(case)
-        if matrix is None or not np.isfinite(pool.centroids[i]).all():
+    cases = np.asarray(pool.cases)
+    for case, matrix in transforms.items():
+        rows = (cases == case) & np.isfinite(pool.centroids).all(1)
+        if matrix is None or not rows.any():
             continue
-        world = matrix[:3, :3] @ pool.centroids[i] + matrix[:3, 3]
-        index = to_index[:3, :3] @ world + to_index[:3, 3]
-        pos[i] = start + slope * index[prep.axis]
+        index = map_points(to_index, map_points(matrix, pool.centroids[rows]))
+        pos[rows] = start + slope * index[:, prep.axis]
     return replace(pool, positions=pos.astype(np.float32))
+
+
+def place_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> dict[int, SupportPool]:
+    """Every label's pool placed in the query's frame: support volumes registered once, then
+    :func:`in_query_frame` per label."""
+    transforms = register_supports(pools, prep)
+    return {v: in_query_frame(p, prep, transforms) for v, p in pools.items()}
 
 
 def _spacing(prep: PreparedSlices) -> tuple[float, float]:
@@ -328,8 +333,7 @@ def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, S
     device = next(model.parameters()).device
     prep = prepare_slices(image, size, axis, modality)
     if register:
-        transforms = register_supports(pools, prep)
-        pools = {v: in_query_frame(p, prep, transforms) for v, p in pools.items()}
+        pools = place_supports(pools, prep)
     members = {v: ensemble_members(p, support_size, ensemble, seed) for v, p in pools.items()}
     enc = SupportEncodings(model, members, device)
     labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin))

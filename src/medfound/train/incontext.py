@@ -23,8 +23,9 @@ import torch
 from medfound.data.episodes import (SliceBank, augment_episodes, build_bank, cat_episodes, episode_loss,
                                     sample_episodes, synthetic_episodes)
 from medfound.errors import InputError
-from medfound.models.incontext import InContextConfig, InContextSegmenter, count_parameters
+from medfound.models.incontext import InContextConfig, InContextSegmenter
 from medfound.models.incontext_weights import save_incontext
+from medfound.models.lora import count_parameters as count_trainable
 from medfound.train.checkpoint import (StepTrainConfig, device_name, fit_by_steps, run_folder_checkpoint, step_random,
                                       step_trainer, warmup_cosine)
 
@@ -161,11 +162,12 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
     config = {}
     if trainer.is_global_zero:
         device = device_name(trainer)
+        trainable, total = count_trainable(module.net)
         config = {
             "image_size": cfg.size,
             "normalisation": "medfound.data.normalize per modality (CT windows; MR/PET foreground percentiles)",
-            "parameters": count_parameters(module.net),
-            "trainable_parameters": sum(p.numel() for p in module.net.parameters() if p.requires_grad),
+            "parameters": total,
+            "trainable_parameters": trainable,
             "encoder": "conv" if cfg.encoder == "conv" else {"mae_run": str(cfg.encoder), "lora_rank": cfg.lora_rank},
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
                          "global_batch": cfg.batch_size * trainer.world_size, "support_sizes": list(cfg.support_sizes),
