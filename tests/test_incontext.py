@@ -143,6 +143,10 @@ def test_segment_with_packaged_model_keeps_geometry(phantom_sets, cli, tmp_path)
     img, mask = nib.load(src), nib.load(out / "query0.nii.gz")
     assert mask.shape == img.shape and np.allclose(mask.affine, img.affine)
     assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 3}
+    r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "plain", "--label", "organ",
+            "--support-size", "4", "--no-refine", "--no-register")  # the first pass alone
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert nib.load(tmp_path / "plain" / "query0.nii.gz").shape == img.shape
 
 
 def test_segment_bad_input(phantom_sets, cli, tmp_path):
@@ -269,3 +273,77 @@ def test_supports_are_placed_at_the_query_height_they_show():
     lo, hi = support_extent(np.array([0.2, 0.3, 0.4]))
     assert np.isclose(lo, 0.1) and np.isclose(hi, 0.5)  # widened by the mean gap
     assert support_extent(np.array([np.nan])) is None
+
+
+def test_windows_keep_geometry_both_ways():
+    from medfound.data.slicing import crop_windows, paste_windows
+
+    yy, xx = np.mgrid[:90, :70]
+    disk = (((yy - 40) * 0.8) ** 2 + ((xx - 30) * 1.2) ** 2 <= 15 ** 2).astype(np.float32)  # 15 mm radius
+    centre = np.array([[40.0, 30.0]])
+    win = crop_windows(disk[None], (0.8, 1.2), centre, 48.0, 96)  # 0.5 mm pixels
+    assert np.isclose(win.sum() * 0.25, np.pi * 15 ** 2, rtol=0.03)  # area in mm^2 kept
+    assert win[0, 48, 48] == 1 and win[0, 0, 0] == 0  # centred on the disk
+    back = paste_windows(win, (0.8, 1.2), disk.shape, centre, 48.0) > 0.5
+    assert (back != (disk > 0.5)).sum() <= 0.03 * disk.sum()
+
+
+def test_refinement_windows_match_between_supports_and_query():
+    """Support and query cut the same window of the frame: a support taken from the query volume itself
+    gives, for its slice, exactly the query's window; the refined map stays inside the window."""
+    from medfound.infer.incontext import SupportPool, prepare_slices
+    from medfound.infer.refine import crop_support, from_frame, frame_pixel_mm, plan_window, refine_label
+    from medfound.data.slicing import crop_windows
+    from medfound.io import MedImage
+    from medfound.models.incontext import InContextConfig, InContextSegmenter
+
+    vol = _blobs((48, 40, 12))
+    truth = (vol > 0.6).astype(np.uint8)
+    image = MedImage(vol, np.diag([1.0, 1.5, 3.0, 1.0]), modality="MR")
+    prep = prepare_slices(image, 32)
+    ks = [k for k in range(12) if truth[:, :, k].any()][::2]
+    from medfound.data.slicing import to_square
+
+    sp = (1.0, 1.5)
+    masks = np.stack([to_square(truth[:, :, k].astype(np.float32), sp, 32, nearest=True)[0] for k in ks])
+    pool = SupportPool(1, "blob", prep.squares[ks], masks, prep.positions[ks], [f"q:{k}" for k in ks], ["q"] * len(ks),
+                       None, {"q": prep.view}, {"q": truth}, 2)
+    geom = prep.geoms[0]
+    window = plan_window(truth.any(2), geom, masks)
+    assert window is not None and window.size % 8 == 0 and 64 <= window.size <= 256
+    cropped = crop_support(pool, window, geom.size)
+    assert cropped.images.shape == (len(ks), window.size, window.size)
+    centre, side = from_frame(geom, window.centre), window.side * frame_pixel_mm(geom, sp)
+    q = crop_windows(prep.view.array[:, :, ks[0]][None], sp, centre[None], side, window.size)[0]
+    assert np.allclose(q, cropped.images[0], atol=1e-5)
+    assert cropped.masks.sum() > 0
+    model = InContextSegmenter(InContextConfig(size=32, widths=(8, 8, 8, 8), key_dim=8, value_dim=8, heads=2)).eval()
+    prob = truth.astype(np.float16)
+    out = refine_label(model, prep, [pool], prob, np.ones(12, bool), batch_size=4)
+    assert out.shape == prob.shape and np.isfinite(out.astype(np.float32)).all()
+    rows = (np.abs(np.arange(48) - centre[0]) * sp[0] > side / 2 + 1)
+    cols = (np.abs(np.arange(40) - centre[1]) * sp[1] > side / 2 + 1)
+    assert not out[rows].any() and not out[:, cols].any()  # nothing painted outside the window
+    empty = np.zeros_like(prob)
+    assert refine_label(model, prep, [pool], empty, np.ones(12, bool)) is empty  # nothing found: first pass kept
+
+
+def test_zoom_episodes_cut_one_window_per_episode():
+    from medfound.data.episodes import Episodes, zoom_episodes
+
+    b, n, big = 3, 2, 64
+    img = torch.rand(b, n + 1, 1, big, big)
+    mask = torch.zeros(b, n + 1, 1, big, big)
+    mask[:, :, :, 10:18, 40:48] = 1  # an 8x8 structure off-centre in every image
+    ep = Episodes(img[:, 0], mask[:, 0], img[:, 1:], mask[:, 1:], torch.zeros(b), torch.zeros(b, n))
+    gen = torch.Generator().manual_seed(0)
+    whole = zoom_episodes(ep, 32, gen, p_zoom=0.0)
+    assert whole.query.shape == (b, 1, 32, 32) and whole.support.shape == (b, n, 1, 32, 32)
+    assert torch.allclose(whole.query, torch.nn.functional.avg_pool2d(img[:, 0], 2))
+    assert whole.query_mask.sum((1, 2, 3)).eq(16).all()  # 4x4 at half the resolution
+    zoomed = zoom_episodes(ep, 32, gen, p_zoom=1.0, zoom=(2.0, 2.0), jitter=0.0)
+    # twice the frame's density: the 8x8 source structure (4x4 in the frame) is 8x8 and centred
+    assert zoomed.query_mask.sum((1, 2, 3)).eq(64).all() and zoomed.support_mask.sum((2, 3, 4)).eq(64).all()
+    assert zoomed.query_mask[0, 0, 12:20, 12:20].all()
+    with pytest.raises(ValueError):
+        zoom_episodes(whole, 32, gen)

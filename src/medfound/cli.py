@@ -334,6 +334,9 @@ def sam_finetune(
 RegisterOpt = Annotated[bool, typer.Option(
     "--register/--no-register", help="Place 3D support slices at the query height they show by an affine registration of "
     "each support volume onto the query (else by relative position in each volume).")]
+RefineOpt = Annotated[Optional[bool], typer.Option(
+    "--refine/--no-refine", help="A second pass on a window around each structure at 2-3x the resolution "
+    "(default: the model's setting; the shipped model refines).")]
 
 # Options of the step-indexed many-task training commands (`incontext train`, `sam train`).
 BankOpt = Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets (train where the image readers are not installed).")]
@@ -638,6 +641,7 @@ def incontext_train(
     support_sizes: Annotated[str, typer.Option(help="Support-set sizes drawn per step (comma-separated, 1-64).")] = "1,2,4,8,12,16",
     synthetic_fraction: Annotated[float, typer.Option(help="Share of episodes that are synthetic shape tasks.")] = 0.25,
     negative_fraction: Annotated[float, typer.Option(help="Share of queries where the structure is absent.")] = 0.3,
+    zoom_fraction: Annotated[float, typer.Option(help="Share of real episodes cut to a window around the task at 2-3x the resolution (the refinement pass's view); reads the data at twice --size.")] = 0.0,
     exclude_label: ExcludeLabelOpt = None,
     exclude_dataset: ExcludeDatasetOpt = None,
     lr: LrOpt = 2e-3,
@@ -671,7 +675,7 @@ def incontext_train(
                    checkpoint_every=checkpoint_every, seed=seed, resume=resume, size=size,
                    support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
                    synthetic_fraction=synthetic_fraction, p_negative=negative_fraction, encoder=encoder,
-                   lora_rank=lora_rank)
+                   lora_rank=lora_rank, zoom_fraction=zoom_fraction)
 
 
 @incontext_app.command("bank")
@@ -708,6 +712,7 @@ def segment(
     modality: Annotated[Optional[str], typer.Option(help="Modality to assume (ct, mr, pet, xray, us) when a file records none.")] = None,
     keep_largest: Annotated[bool, typer.Option(help="Keep only the largest connected piece of each label (single anatomical structures; not for lesions).")] = False,
     register: RegisterOpt = True,
+    refine: RefineOpt = None,
 ) -> None:
     """Segment new images from an example set, with no training (in-context)."""
     from medfound.infer.incontext import segment_path
@@ -715,7 +720,7 @@ def segment(
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
     written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
-                           progress=sys.stderr.isatty(), keep_largest=keep_largest, register=register)
+                           progress=sys.stderr.isatty(), keep_largest=keep_largest, register=register, refine=refine)
     for w in written:
         print(w)
 
@@ -735,6 +740,7 @@ def experiment_support_size(
     axis: Annotated[int, typer.Option(help="Slice axis (RAS).")] = 2,
     also_largest: Annotated[bool, typer.Option(help="Also score in-context with only the largest connected piece kept (method incontext+largest).")] = False,
     register: RegisterOpt = True,
+    refine: RefineOpt = None,
 ) -> None:
     """Dice vs support size: in-context vs fine-tuning on the support vs label fusion, with seeds and CIs."""
     from medfound.eval.support_size import support_size_experiment
@@ -744,7 +750,8 @@ def experiment_support_size(
     res = support_size_experiment(support, test, _ints(sizes, "--sizes"), out, seeds, model,
                                   tuple(m.strip() for m in methods.split(",") if m.strip()), finetune_steps,
                                   _ints(finetune_sizes, "--finetune-sizes") if finetune_sizes else None, structure, axis,
-                                  progress=sys.stderr.isatty(), also_largest=also_largest, register=register)
+                                  progress=sys.stderr.isatty(), also_largest=also_largest, register=register,
+                                  refine="model" if refine is None else refine)
     for r in res["by_size"]:
         print(f"{r['method']:17s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
               f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")

@@ -273,7 +273,8 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     placed = place_supports(pools, prep)  # support slices at the MNI152 height they show
     members = {v: ensemble_members(p, n_support, 1) for v, p in placed.items()}
     probs = segment_prepared(model, prep, SupportEncodings(model, members, torch.device("cpu")), 32,
-                             extent_margin=inference_settings(cfg)["extent_margin"])
+                             extent_margin=inference_settings(cfg)["extent_margin"],
+                             refine=inference_settings(cfg)["refine"])
     fig, axes = plt.subplots(len(wanted), 4, figsize=(12, 3.2 * len(wanted)), squeeze=False)
     rows = []
     for r, (v, name) in enumerate(wanted.items()):

@@ -312,6 +312,52 @@ def augment_episodes(ep: Episodes, generator: torch.Generator, p_shared_contrast
     return Episodes(imgs[:, 0], masks[:, 0], imgs[:, 1:], masks[:, 1:], ep.query_pos, ep.support_pos)
 
 
+def zoom_episodes(ep: Episodes, size: int, generator: torch.Generator, p_zoom: float = 0.5,
+                  zoom: tuple[float, float] = (2.0, 3.0), jitter: float = 0.1) -> Episodes:
+    """Episodes drawn from a bank at twice the working ``size`` -> ``size``: with ``p_zoom`` per episode,
+    query and supports all cut to one window of the frame around the task's masks at ``zoom`` times
+    the density (the view of the refinement pass, :mod:`medfound.infer.refine`); otherwise the whole
+    slice, averaged down 2x. One window per episode, so the frame correspondence holds within it."""
+    b, n = ep.support.shape[:2]
+    big = ep.query.shape[-1]
+    if big != 2 * size:
+        raise ValueError(f"zoom episodes need a bank at twice the working size ({2 * size}), got {big}")
+    dev = ep.query.device
+    m = n + 1
+    imgs = torch.cat([ep.query[:, None], ep.support], 1)                      # (B, m, 1, 2S, 2S)
+    masks = torch.cat([ep.query_mask[:, None], ep.support_mask], 1)
+    union = masks.amax((1, 2)) > 0.5                                            # (B, 2S, 2S)
+    rows, cols = union.any(2), union.any(1)
+    coord = torch.arange(big, device=dev, dtype=torch.float32)
+    inf = torch.tensor(float("inf"), device=dev)
+    lo_r = torch.where(rows, coord, inf).amin(1)
+    hi_r = torch.where(rows, coord, -inf).amax(1)
+    lo_c = torch.where(cols, coord, inf).amin(1)
+    hi_c = torch.where(cols, coord, -inf).amax(1)
+    r = lambda k: torch.rand(k, generator=generator, device=dev)  # noqa: E731
+    z = zoom[0] + (zoom[1] - zoom[0]) * r(b)
+    use = (r(b) < p_zoom) & union.flatten(1).any(1)
+    scale = torch.where(use, 1.0 / z, torch.ones_like(z))  # window side / source side: size / z frame px
+    centre_r = torch.where(use, (lo_r + hi_r) / 2, torch.full_like(z, (big - 1) / 2))
+    centre_c = torch.where(use, (lo_c + hi_c) / 2, torch.full_like(z, (big - 1) / 2))
+    shift = jitter * scale * big * (r(2 * b).view(2, b) * 2 - 1) * use
+    ty = (2 * (centre_r + shift[0]) + 1) / big - 1                             # normalised, align_corners=False
+    tx = (2 * (centre_c + shift[1]) + 1) / big - 1
+    zeros = torch.zeros_like(z)
+    theta = torch.stack([torch.stack([scale, zeros, tx], 1), torch.stack([zeros, scale, ty], 1)], 1)
+    theta = theta.repeat_interleave(m, 0)                                       # (B*m, 2, 3)
+    grid = F.affine_grid(theta, (b * m, 1, size, size), align_corners=False)
+    flat = lambda t: t.flatten(0, 1).float()  # noqa: E731
+    whole_i = F.avg_pool2d(flat(imgs), 2)
+    whole_m = (F.avg_pool2d(flat(masks), 2) > 0.5).float()
+    crop_i = F.grid_sample(flat(imgs), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    crop_m = (F.grid_sample(flat(masks), grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    sel = use.repeat_interleave(m)[:, None, None, None]
+    out_i = torch.where(sel, crop_i, whole_i).view(b, m, 1, size, size)
+    out_m = torch.where(sel, crop_m, whole_m).view(b, m, 1, size, size)
+    return Episodes(out_i[:, 0], out_m[:, 0], out_i[:, 1:], out_m[:, 1:], ep.query_pos, ep.support_pos)
+
+
 def cat_episodes(a: Episodes, b: Episodes) -> Episodes:
     return Episodes(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in Episodes.__dataclass_fields__))
 

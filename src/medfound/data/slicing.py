@@ -77,3 +77,51 @@ def iter_slices(image: MedImage, axis: int = 2) -> Iterator[tuple[int, np.ndarra
     spacing = tuple(s for d, s in enumerate(image.spacing) if d != axis)
     for k in range(image.shape[axis]):
         yield k, np.take(image.array, k, axis=axis), spacing
+
+
+def _window_grid(centres: np.ndarray, spacing: tuple[float, float], shape: tuple[int, int], side_mm: float,
+                 size: int) -> torch.Tensor:
+    """``grid_sample`` grid (B, size, size, 2) of square windows ``side_mm`` wide, centred at ``centres``
+    (B, 2) (pixel index coordinates of slices of ``shape``)."""
+    offs = (torch.arange(size, dtype=torch.float64) + 0.5 - size / 2) * (side_mm / size)  # mm from the centre
+    c = torch.as_tensor(centres, dtype=torch.float64)
+    rows = c[:, :1] + offs[None] / spacing[0]  # (B, size) index coordinates along the slice's first dim
+    cols = c[:, 1:] + offs[None] / spacing[1]
+    gy = 2 * rows / max(shape[0] - 1, 1) - 1
+    gx = 2 * cols / max(shape[1] - 1, 1) - 1
+    grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], -1)
+    return grid.float()
+
+
+def crop_windows(slices: np.ndarray, spacing: tuple[float, float], centres: np.ndarray, side_mm: float, size: int,
+                 nearest: bool = False) -> np.ndarray:
+    """(B, H, W) slices -> (B, size, size) square windows of ``side_mm`` x ``side_mm`` around ``centres``
+    (B, 2) with square pixels; zero outside the slice. The structure-centred view of the in-context
+    refinement pass: a fixed physical pixel size, whatever each scan's field of view. Slices are
+    smoothed first where the window's pixels are coarser than the slice's (no aliasing)."""
+    from scipy import ndimage
+
+    px = side_mm / size
+    sigma = [max(0.0, (px / s - 1) / 2) for s in spacing]
+    arr = np.asarray(slices, dtype=np.float32)
+    if not nearest and max(sigma) > 0.1:
+        arr = np.stack([ndimage.gaussian_filter(a, sigma) for a in arr])
+    grid = _window_grid(centres, spacing, arr.shape[1:], side_mm, size)
+    out = F.grid_sample(torch.from_numpy(arr)[:, None], grid, mode="nearest" if nearest else "bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out[:, 0].numpy()
+
+
+def paste_windows(windows: np.ndarray | torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int],
+                  centres: np.ndarray, side_mm: float) -> np.ndarray:
+    """The inverse of :func:`crop_windows`: (B, size, size) window results -> (B, H, W) on the slices'
+    pixels, zero outside each window."""
+    w = torch.as_tensor(windows, dtype=torch.float32)
+    size = w.shape[-1]
+    px = side_mm / size
+    c = torch.as_tensor(centres, dtype=torch.float64)
+    u = (torch.arange(shape[0], dtype=torch.float64)[None] - c[:, :1]) * spacing[0] / px + size / 2 - 0.5
+    v = (torch.arange(shape[1], dtype=torch.float64)[None] - c[:, 1:]) * spacing[1] / px + size / 2 - 0.5
+    gy, gx = 2 * u / (size - 1) - 1, 2 * v / (size - 1) - 1
+    grid = torch.stack([gx[:, None, :].expand(-1, shape[0], -1), gy[:, :, None].expand(-1, -1, shape[1])], -1)
+    return F.grid_sample(w[:, None], grid.float(), mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0].numpy()

@@ -79,7 +79,8 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             methods: tuple[str, ...] = METHODS, finetune_steps: int = 150,
                             finetune_sizes: list[int] | None = None, structures: list[str] | None = None,
                             axis: int = 2, progress: bool = True, also_largest: bool = False,
-                            register: bool = True, extent_margin: float | str | None = "model") -> dict:
+                            register: bool = True, extent_margin: float | str | None = "model",
+                            refine: bool | str = "model") -> dict:
     """Run the grid; writes ``results.csv``, ``summary.json``, ``summary.csv`` and ``support_size.png``.
     ``also_largest``: score the in-context prediction a second time with only its largest connected
     piece kept (method ``incontext+largest``; no extra inference). ``register``: support slices placed at
@@ -100,7 +101,9 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     pairs = match_structures(sds, tds, structures)
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
-    margin = inference_settings(cfg)["extent_margin"] if extent_margin == "model" else extent_margin
+    settings = inference_settings(cfg)
+    margin = settings["extent_margin"] if extent_margin == "model" else extent_margin
+    refine = settings["refine"] if refine == "model" else bool(refine)
     pools = support_pools(support, {v: n for v, n, _, _ in pairs}, size, axis)
     tests = []
     for case in tds.cases():
@@ -116,7 +119,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     meta = {"support": str(support), "test": str(test), "sizes": sizes, "seeds": seeds, "methods": list(methods),
             "model": str(model_run) if model_run else "packaged default", "finetune_steps": finetune_steps,
-            "register": register, "extent_margin": margin,
+            "register": register, "extent_margin": margin, "refine": refine,
             "structures": [{"support": n, "test": tn} for _, n, _, tn in pairs],
             "queries": "every slice of each test volume (axis %d); 3D Dice and HD95 (MONAI)" % axis}
     total = len(pairs) * len(sizes) * seeds * len(tests)
@@ -142,7 +145,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                         results = {}
                         if enc is not None:
                             t0 = time.perf_counter()
-                            pr = segment_prepared(model, prep, enc, 32, extent_margin=margin)[sv] > 0.5
+                            pr = segment_prepared(model, prep, enc, 32, extent_margin=margin, refine=refine)[sv] > 0.5
                             results["incontext"] = (pr, time.perf_counter() - t0)
                             if also_largest:
                                 t0 = time.perf_counter()

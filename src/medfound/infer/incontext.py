@@ -39,7 +39,9 @@ class SupportPool:
     sources: list[str]
     cases: list[str] = field(default_factory=list)        # support case of each slice
     centroids: np.ndarray | None = None                   # (n, 3) world RAS mm of each mask's centre (3D)
-    volumes: dict[str, MedImage] = field(default_factory=dict)  # normalised canonical support volumes (3D)
+    volumes: dict[str, MedImage] = field(default_factory=dict)  # normalised canonical support images
+    label_maps: dict[str, np.ndarray] = field(default_factory=dict)  # their label arrays (same grid)
+    axis: int = 2                                         # slice axis of 3D support volumes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -119,14 +121,14 @@ def support_pools(folder: str | os.PathLike, labels: dict[int, str] | None, size
     labels = labels or label_names(ds)
     acc = {v: ([], [], [], [], [], []) for v in labels}
     volumes: dict[str, MedImage] = {}
+    label_maps: dict[str, np.ndarray] = {}
     for case in ds.cases():
         image, label = ds.read_case(case)
         if label is None:
             raise InputError(ds.image_path(case), "support image has no mask in labelsTr")
         prep = prepare_slices(image, size, axis, ds.case_modality(case) if image.modality == "OT" else None)
         lab = to_canonical(label)[0] if prep.ornt is not None else label
-        if prep.view.ndim == 3:
-            volumes[case] = prep.view
+        volumes[case], label_maps[case] = prep.view, lab.array
         spacing = _spacing(prep)
         for k, ls, _ in iter_slices(lab, prep.axis):
             present = np.unique(ls)
@@ -145,7 +147,7 @@ def support_pools(folder: str | os.PathLike, labels: dict[int, str] | None, size
         if not imgs:
             raise InputError(ds.root, f"label {v} ({labels[v]}) appears in no support slice")
         pools[v] = SupportPool(v, labels[v], np.stack(imgs), np.stack(masks), np.asarray(pos, np.float32), src,
-                               cases, np.stack(centres), volumes)
+                               cases, np.stack(centres), volumes, label_maps, prep.axis)
     return pools
 
 
@@ -162,7 +164,7 @@ def register_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> di
     case -> 4x4 support-world -> query-world matrix (``None`` where it cannot be done)."""
     volumes = {}
     for pool in pools.values():
-        volumes.update(pool.volumes)
+        volumes.update({c: v for c, v in pool.volumes.items() if v.ndim == 3})
     if prep.view.ndim != 3:
         return {case: None for case in volumes}
     return {case: register_affine(prep.view, vol) for case, vol in volumes.items()}
@@ -206,6 +208,7 @@ class SupportEncodings:
     positions the supports cover (for the extent gate)."""
 
     def __init__(self, model: InContextSegmenter, members: dict[int, list[SupportPool]], device: torch.device):
+        self.members = members
         self.caches = {}
         self.extent = {}
         for v, pools in members.items():
@@ -217,6 +220,14 @@ class SupportEncodings:
                     torch.from_numpy(p.images)[None, :, None].to(device),
                     torch.from_numpy(p.masks)[None, :, None].to(device),
                     torch.from_numpy(p.positions)[None].to(device)) for p in pools]
+
+    def gate(self, v: int, prep: PreparedSlices, margin: float | None) -> np.ndarray:
+        """(n,) bool: the query slices that label ``v``'s supports speak for (all of them for 2D
+        images, unknown positions or no margin)."""
+        ext = self.extent.get(v)
+        if prep.view.ndim != 3 or margin is None or ext is None:
+            return np.ones(len(prep.squares), bool)
+        return (prep.positions >= ext[0] - margin) & (prep.positions <= ext[1] + margin)
 
 
 def support_extent(positions: np.ndarray, single_gap: float = 0.05) -> tuple[float, float] | None:
@@ -242,34 +253,40 @@ def ensemble_members(pool: SupportPool, support_size: int | None, ensemble: int,
 
 
 def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: SupportEncodings,
-                     batch_size: int = 16, progress=None, extent_margin: float | None = None) -> dict[int, np.ndarray]:
+                     batch_size: int = 16, progress=None, extent_margin: float | None = None,
+                     refine: bool = False) -> dict[int, np.ndarray]:
     """Per-label probability maps (canonical view's grid, float16) for a prepared volume.
 
     ``extent_margin``: when support and query positions are known (3D), query slices further than this
     (in relative position) outside the range the supports speak for (:func:`support_extent`) are left
     empty: supports that all hold the structure say nothing about slices beyond it (the model, trained
-    10 GPU-minutes, still paints there). The packaged model's value was chosen on non-held-out structures."""
+    10 GPU-minutes, still paints there). The packaged model's value was chosen on non-held-out structures.
+    ``refine``: a second pass on a window around each structure at 2-3x the resolution
+    (:mod:`medfound.infer.refine`)."""
     device = next(model.parameters()).device
     shape = prep.view.shape
     probs = {v: np.zeros(shape, dtype=np.float16) for v in enc.caches}
     use_pos = prep.view.ndim == 3
+    gates = {v: enc.gate(v, prep, extent_margin) for v in enc.caches}
     with torch.inference_mode():
         for start in range(0, len(prep.squares), batch_size):
             x = torch.from_numpy(prep.squares[start:start + batch_size])[:, None].to(device)
             qpos = torch.from_numpy(prep.positions[start:start + batch_size]).to(device) if use_pos else None
             for v, caches in enc.caches.items():
-                ext = enc.extent.get(v) if (use_pos and extent_margin is not None) else None
-                if ext is not None:
-                    qp = prep.positions[start:start + batch_size]
-                    inside = (qp >= ext[0] - extent_margin) & (qp <= ext[1] + extent_margin)
-                    if not inside.any():
-                        continue  # the slices stay empty (zeros)
+                inside = gates[v][start:start + batch_size]
+                if not inside.any():
+                    continue  # the slices stay empty (zeros)
                 p = sum(torch.sigmoid(model.decode(x, c, qpos)) for c in caches) / len(caches)
                 for j, pr in enumerate(p[:, 0].float().cpu()):
-                    if ext is None or inside[j]:
+                    if inside[j]:
                         paste_slice(prep, start + j, pr, probs[v])
             if progress is not None:
                 progress(min(batch_size, len(prep.squares) - start))
+    if refine:
+        from medfound.infer.refine import refine_label  # builds on this module's types
+
+        for v in probs:
+            probs[v] = refine_label(model, prep, enc.members[v], probs[v], gates[v], batch_size)
     return probs
 
 
@@ -296,7 +313,7 @@ def inference_settings(cfg: dict) -> dict:
     """Inference knobs stored with a model (``config.json["inference"]``). A model that stores none
     gets the extent gate with no extra margin: which query heights a support set speaks for is a
     property of the supports, not of the model (chosen on validation structures, see the packaged config)."""
-    return {"extent_margin": 0.0} | cfg.get("inference", {})
+    return {"extent_margin": 0.0, "refine": False} | cfg.get("inference", {})
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -326,17 +343,18 @@ def combine(probs: dict[int, np.ndarray], threshold: float = 0.5) -> np.ndarray:
 def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, SupportPool], size: int,
                   axis: int = 2, support_size: int | None = 16, ensemble: int = 1, batch_size: int = 16,
                   modality: str | None = None, seed: int = 0, extent_margin: float | None = None,
-                  keep_largest: bool = False, register: bool = True) -> np.ndarray:
+                  keep_largest: bool = False, register: bool = True, refine: bool = False) -> np.ndarray:
     """Label map (support label values) on ``image``'s own grid; ``keep_largest``: one connected
     piece per label; ``register``: place 3D support slices at the query height they show through an
-    affine registration of each support volume onto the image (else: relative position in each volume)."""
+    affine registration of each support volume onto the image (else: relative position in each volume);
+    ``refine``: a second pass around each structure at a finer resolution."""
     device = next(model.parameters()).device
     prep = prepare_slices(image, size, axis, modality)
     if register:
         pools = place_supports(pools, prep)
     members = {v: ensemble_members(p, support_size, ensemble, seed) for v, p in pools.items()}
     enc = SupportEncodings(model, members, device)
-    labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin))
+    labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin, refine=refine))
     if keep_largest:
         for v in pools:
             part = labels == v
@@ -348,8 +366,9 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                  model_run: str | os.PathLike | None = None, labels: list[str] | None = None,
                  support_size: int | None = 16, ensemble: int = 1, axis: int = 2, batch_size: int = 16,
                  modality: str | None = None, progress: bool = True, keep_largest: bool = False,
-                 register: bool = True) -> list[Path]:
-    """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``."""
+                 register: bool = True, refine: bool | None = None) -> list[Path]:
+    """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``
+    (``refine``: the model's setting when ``None``)."""
     from rich.progress import Progress
 
     from medfound.infer.predict import inputs_of
@@ -361,6 +380,7 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         raise InputError(None, f"--ensemble must be at least 1, got {ensemble}")
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
+    settings = inference_settings(cfg)
     ds = NnUNetDataset.open(support)
     pools = support_pools(support, resolve_labels(ds, labels), size, axis)
     items = inputs_of(Path(input_path))
@@ -371,8 +391,8 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         task = bar.add_task("segment", total=len(images))
         for case, image in images:
             mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, modality,
-                                 extent_margin=inference_settings(cfg)["extent_margin"], keep_largest=keep_largest,
-                                 register=register)
+                                 extent_margin=settings["extent_margin"], keep_largest=keep_largest,
+                                 register=register, refine=settings["refine"] if refine is None else refine)
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
             written.append(write_mask(mask, image, output / f"{case}{ext}"))
             bar.advance(task)

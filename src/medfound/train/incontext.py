@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from medfound.data.episodes import (SliceBank, augment_episodes, build_bank, cat_episodes, episode_loss,
-                                    sample_episodes, synthetic_episodes)
+                                    sample_episodes, synthetic_episodes, zoom_episodes)
 from medfound.errors import InputError
 from medfound.models.incontext import InContextConfig, InContextSegmenter
 from medfound.models.incontext_weights import save_incontext
@@ -40,6 +40,12 @@ class InContextTrainConfig(StepTrainConfig):
     p_negative: float = 0.3  # share of queries where the label is absent (near the structure or anywhere)
     encoder: str = "conv"    # "conv", or an MAE run folder: its ViT, frozen, with LoRA adapters
     lora_rank: int = 4
+    zoom_fraction: float = 0.0  # share of real episodes cut to a window around the task at 2-3x (bank at 2x size)
+
+    @property
+    def bank_size(self) -> int:
+        """Zoomed episodes are cut from a bank at twice the working size."""
+        return self.size * (2 if self.zoom_fraction > 0 else 1)
 
 
 def build_incontext_net(cfg: dict) -> InContextSegmenter:
@@ -81,6 +87,8 @@ class InContextModule(L.LightningModule):
         b = batch or self.cfg["batch_size"]
         n_syn = int(round(b * self.cfg["synthetic_fraction"]))
         ep = sample_episodes(self.bank, b - n_syn, n, rng, p_negative=self.cfg.get("p_negative", 0.3))
+        if self.cfg.get("zoom_fraction", 0.0) > 0:
+            ep = zoom_episodes(ep, self.cfg["size"], gen, self.cfg["zoom_fraction"])
         if n_syn:
             ep = cat_episodes(ep, synthetic_episodes(n_syn, n, self.cfg["size"], gen, self.device))
         return augment_episodes(ep, gen)
@@ -144,7 +152,12 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
             raise InputError(d, "no such dataset folder")
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    bank = bank or build_bank(datasets, cfg.size, exclude_labels=cfg.exclude_labels, progress=cfg.progress)
+    if not 0 <= cfg.zoom_fraction <= 1:
+        raise InputError(None, "--zoom-fraction must be between 0 and 1")
+    bank = bank or build_bank(datasets, cfg.bank_size, exclude_labels=cfg.exclude_labels, progress=cfg.progress)
+    if bank.images.shape[-1] != cfg.bank_size:
+        raise InputError(None, f"the slice bank is at {bank.images.shape[-1]} px; this run needs {cfg.bank_size} "
+                         f"(--size {cfg.size}{', twice that for --zoom-fraction' if cfg.zoom_fraction > 0 else ''})")
     summary = bank.summary() | {"exclude_labels": list(cfg.exclude_labels)}
 
     trainer = step_trainer(cfg, out)
@@ -175,7 +188,8 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
                          "world_size": trainer.world_size, "seconds": seconds, "device": device,
                          "datasets": summary["datasets"], "exclude_labels": list(cfg.exclude_labels),
                          "heldout_rule": "DESIGN.md held-out structures are never tasks",
-                         "init": str(cfg.init) if cfg.init else None, "p_negative": cfg.p_negative},
+                         "init": str(cfg.init) if cfg.init else None, "p_negative": cfg.p_negative,
+                         "zoom_fraction": cfg.zoom_fraction},
             "command": cfg.extra.get("command"),
             "data": summary,
         }
