@@ -128,8 +128,9 @@ def support_pools(folder: str | os.PathLike, labels: dict[int, str] | None, size
             raise InputError(ds.image_path(case), "support image has no mask in labelsTr")
         prep = prepare_slices(image, size, axis, ds.case_modality(case) if image.modality == "OT" else None)
         lab = to_canonical(label)[0] if prep.ornt is not None else label
-        volumes[case], label_maps[case] = prep.view, lab.array
-        spacing = _spacing(prep)
+        volumes[case] = prep.view
+        label_maps[case] = lab.array.astype(np.uint16 if 0 <= lab.array.min() and lab.array.max() < 2 ** 16 else np.int32)
+        spacing = plane_spacing(prep.view, prep.axis)
         for k, ls, _ in iter_slices(lab, prep.axis):
             present = np.unique(ls)
             for v in labels:
@@ -196,11 +197,11 @@ def place_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> dict[
     return {v: in_query_frame(p, prep, transforms) for v, p in pools.items()}
 
 
-def _spacing(prep: PreparedSlices) -> tuple[float, float]:
-    """In-plane pixel spacing of the prepared slices."""
-    if prep.view.ndim == 2:
-        return tuple(prep.view.spacing[:2])
-    return tuple(s for d, s in enumerate(prep.view.spacing) if d != prep.axis)
+def plane_spacing(image: MedImage, axis: int) -> tuple[float, float]:
+    """In-plane pixel spacing of ``image``'s slices along ``axis`` (a 2D image: its own)."""
+    if image.ndim == 2:
+        return float(image.spacing[0]), float(image.spacing[1])
+    return tuple(float(s) for d, s in enumerate(image.spacing) if d != axis)
 
 
 class SupportEncodings:
@@ -292,13 +293,17 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
 
 def paste_slice(prep: PreparedSlices, k: int, square: np.ndarray | torch.Tensor, volume: np.ndarray) -> None:
     """Map the square-slice result ``k`` back onto its pixels in the canonical ``volume``."""
-    back = from_square(square, prep.geoms[k])
-    if prep.view.ndim == 2:
-        volume[:] = back
+    put_slice(volume, prep.axis, k, from_square(square, prep.geoms[k]))
+
+
+def put_slice(volume: np.ndarray, axis: int, k: int, values: np.ndarray) -> None:
+    """``volume``'s slice ``k`` along ``axis`` := ``values`` (a 2D ``volume`` is its one slice)."""
+    if volume.ndim == 2:
+        volume[:] = values
         return
     idx = [slice(None)] * 3
-    idx[prep.axis] = k
-    volume[tuple(idx)] = back
+    idx[axis] = k
+    volume[tuple(idx)] = values
 
 
 def to_volume(prep: PreparedSlices, squares: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from medfound.data.slicing import SquareGeometry, crop_windows, paste_windows, square_geometry
-from medfound.infer.incontext import PreparedSlices, SupportEncodings, SupportPool, largest_component
+from medfound.infer.incontext import (PreparedSlices, SupportEncodings, SupportPool, largest_component,
+                                      plane_spacing, put_slice)
 from medfound.models.incontext import InContextSegmenter
 
 
@@ -34,12 +35,6 @@ class Window:
     size: int
 
 
-def _plane_spacing(spacing, axis: int, ndim: int) -> tuple[float, float]:
-    if ndim == 2:
-        return float(spacing[0]), float(spacing[1])
-    return tuple(float(s) for d, s in enumerate(spacing) if d != axis)
-
-
 def _slice(array: np.ndarray, axis: int, k: int) -> np.ndarray:
     return array if array.ndim == 2 else np.take(array, k, axis=axis)
 
@@ -51,7 +46,7 @@ def native_supports(pool: SupportPool) -> list[tuple[np.ndarray, np.ndarray, tup
         case, k = src.rsplit(":", 1)
         vol = pool.volumes[case]
         out.append((_slice(vol.array, pool.axis, int(k)), _slice(pool.label_maps[case], pool.axis, int(k)) == pool.label,
-                    _plane_spacing(vol.spacing, pool.axis, vol.ndim)))
+                    plane_spacing(vol, pool.axis)))
     return out
 
 
@@ -114,7 +109,7 @@ def refine_label(model: InContextSegmenter, prep: PreparedSlices, members: list[
         return prob
     device = next(model.parameters()).device
     enc = SupportEncodings(model, {0: [crop_support(p, window, geom.size) for p in members]}, device)
-    sp = _plane_spacing(prep.view.spacing, prep.axis, prep.view.ndim)
+    sp = plane_spacing(prep.view, prep.axis)
     centre, side_mm = from_frame(geom, window.centre), window.side * frame_pixel_mm(geom, sp)
     out = np.zeros_like(prob)
     todo = np.flatnonzero(slices)
@@ -128,10 +123,5 @@ def refine_label(model: InContextSegmenter, prep: PreparedSlices, members: list[
             p = sum(torch.sigmoid(model.decode(x, c, qpos)) for c in enc.caches[0]) / len(enc.caches[0])
             back = paste_windows(p[:, 0].float().cpu(), sp, native.shape[1:], centres, side_mm)
             for k, b in zip(ks, back):
-                if not three_d:
-                    out[:] = b
-                    continue
-                index = [slice(None)] * 3
-                index[prep.axis] = k
-                out[tuple(index)] = b
+                put_slice(out, prep.axis, k, b)
     return out
