@@ -292,7 +292,8 @@ def test_refinement_windows_match_between_supports_and_query():
     """Support and query cut the same window of the frame: a support taken from the query volume itself
     gives, for its slice, exactly the query's window; the refined map stays inside the window."""
     from medfound.infer.incontext import SupportPool, prepare_slices
-    from medfound.infer.refine import crop_support, from_frame, frame_pixel_mm, plan_window, refine_label
+    from medfound.data.slicing import slice_coords
+    from medfound.infer.refine import crop_support, plan_window, refine_label
     from medfound.data.slicing import crop_windows
     from medfound.io import MedImage
     from medfound.models.incontext import InContextConfig, InContextSegmenter
@@ -313,7 +314,7 @@ def test_refinement_windows_match_between_supports_and_query():
     assert window is not None and window.size % 8 == 0 and 64 <= window.size <= 256
     cropped = crop_support(pool, window, geom.size)
     assert cropped.images.shape == (len(ks), window.size, window.size)
-    centre, side = from_frame(geom, window.centre), window.side * frame_pixel_mm(geom, sp)
+    centre, side = slice_coords(window.centre, geom), window.side * geom.pixel_mm
     q = crop_windows(prep.view.array[:, :, ks[0]][None], sp, centre[None], side, window.size)[0]
     assert np.allclose(q, cropped.images[0], atol=1e-5)
     assert cropped.masks.sum() > 0

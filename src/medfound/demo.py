@@ -272,9 +272,9 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     truth = to_canonical(label)[0].array
     placed = place_supports(pools, prep)  # support slices at the MNI152 height they show
     members = {v: ensemble_members(p, n_support, 1) for v, p in placed.items()}
+    settings = inference_settings(cfg)
     probs = segment_prepared(model, prep, SupportEncodings(model, members, torch.device("cpu")), 32,
-                             extent_margin=inference_settings(cfg)["extent_margin"],
-                             refine=inference_settings(cfg)["refine"])
+                             extent_margin=settings["extent_margin"], refine=settings["refine"])
     fig, axes = plt.subplots(len(wanted), 4, figsize=(12, 3.2 * len(wanted)), squeeze=False)
     rows = []
     for r, (v, name) in enumerate(wanted.items()):

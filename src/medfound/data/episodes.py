@@ -327,13 +327,13 @@ def zoom_episodes(ep: Episodes, size: int, generator: torch.Generator, p_zoom: f
     imgs = torch.cat([ep.query[:, None], ep.support], 1)                      # (B, m, 1, 2S, 2S)
     masks = torch.cat([ep.query_mask[:, None], ep.support_mask], 1)
     union = masks.amax((1, 2)) > 0.5                                            # (B, 2S, 2S)
-    rows, cols = union.any(2), union.any(1)
     coord = torch.arange(big, device=dev, dtype=torch.float32)
     inf = torch.tensor(float("inf"), device=dev)
-    lo_r = torch.where(rows, coord, inf).amin(1)
-    hi_r = torch.where(rows, coord, -inf).amax(1)
-    lo_c = torch.where(cols, coord, inf).amin(1)
-    hi_c = torch.where(cols, coord, -inf).amax(1)
+
+    def span(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, 2S) -> first, last index present
+        return torch.where(present, coord, inf).amin(1), torch.where(present, coord, -inf).amax(1)
+
+    (lo_r, hi_r), (lo_c, hi_c) = span(union.any(2)), span(union.any(1))
     r = lambda k: torch.rand(k, generator=generator, device=dev)  # noqa: E731
     z = zoom[0] + (zoom[1] - zoom[0]) * r(b)
     use = (r(b) < p_zoom) & union.flatten(1).any(1)

@@ -25,6 +25,7 @@ class SquareGeometry:
     resized: tuple[int, int]
     offset: tuple[int, int]
     size: int
+    pixel_mm: float  # side of one square pixel in mm (the slice's longer physical side / size)
 
 
 def square_geometry(shape: tuple[int, int], spacing: tuple[float, float], size: int) -> SquareGeometry:
@@ -32,7 +33,19 @@ def square_geometry(shape: tuple[int, int], spacing: tuple[float, float], size: 
     scale = size / max(extent)
     resized = tuple(max(1, min(size, int(round(e * scale)))) for e in extent)
     offset = tuple((size - r) // 2 for r in resized)
-    return SquareGeometry(shape=tuple(shape), resized=resized, offset=offset, size=size)
+    return SquareGeometry(shape=tuple(shape), resized=resized, offset=offset, size=size, pixel_mm=1.0 / scale)
+
+
+def square_coords(index: np.ndarray, geom: SquareGeometry) -> np.ndarray:
+    """Pixel coordinates (..., 2) of the original slice -> coordinates in the square."""
+    scale = np.array(geom.resized, np.float32) / np.array(geom.shape, np.float32)
+    return (np.asarray(index, np.float32) + 0.5) * scale - 0.5 + np.array(geom.offset, np.float32)
+
+
+def slice_coords(point: np.ndarray, geom: SquareGeometry) -> np.ndarray:
+    """The inverse of :func:`square_coords`: square coordinates (..., 2) -> original slice pixels."""
+    scale = np.array(geom.shape, np.float32) / np.array(geom.resized, np.float32)
+    return (np.asarray(point, np.float32) - np.array(geom.offset, np.float32) + 0.5) * scale - 0.5
 
 
 def _resize(a: torch.Tensor, shape: tuple[int, int], nearest: bool) -> torch.Tensor:
@@ -74,9 +87,31 @@ def iter_slices(image: MedImage, axis: int = 2) -> Iterator[tuple[int, np.ndarra
         return
     if axis not in (0, 1, 2):
         raise ValueError(f"slice axis must be 0, 1 or 2, got {axis}")
-    spacing = tuple(s for d, s in enumerate(image.spacing) if d != axis)
+    spacing = plane_spacing(image, axis)
     for k in range(image.shape[axis]):
-        yield k, np.take(image.array, k, axis=axis), spacing
+        yield k, take_slice(image.array, axis, k), spacing
+
+
+def plane_spacing(image: MedImage, axis: int) -> tuple[float, float]:
+    """In-plane pixel spacing of ``image``'s slices along ``axis`` (a 2D image: its own)."""
+    if image.ndim == 2:
+        return float(image.spacing[0]), float(image.spacing[1])
+    return tuple(float(s) for d, s in enumerate(image.spacing) if d != axis)
+
+
+def take_slice(array: np.ndarray, axis: int, k: int) -> np.ndarray:
+    """Slice ``k`` of ``array`` along ``axis`` (a 2D ``array`` is its one slice)."""
+    return array if array.ndim == 2 else np.take(array, k, axis=axis)
+
+
+def put_slice(volume: np.ndarray, axis: int, k: int, values: np.ndarray) -> None:
+    """``volume``'s slice ``k`` along ``axis`` := ``values`` (a 2D ``volume`` is its one slice)."""
+    if volume.ndim == 2:
+        volume[:] = values
+        return
+    idx = [slice(None)] * 3
+    idx[axis] = k
+    volume[tuple(idx)] = values
 
 
 def _window_grid(centres: np.ndarray, spacing: tuple[float, float], shape: tuple[int, int], side_mm: float,

@@ -21,7 +21,7 @@ from medfound.data.episodes import content_mask, relative_positions
 from medfound.data.nnunet import NnUNetDataset
 from medfound.data.normalize import normalize
 from medfound.data.orientation import from_canonical, to_canonical
-from medfound.data.slicing import from_square, iter_slices, to_square
+from medfound.data.slicing import from_square, iter_slices, plane_spacing, put_slice, to_square
 from medfound.errors import InputError
 from medfound.io import MedImage, mask_extension, read_image, write_mask
 from medfound.models.incontext import InContextSegmenter
@@ -197,13 +197,6 @@ def place_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> dict[
     return {v: in_query_frame(p, prep, transforms) for v, p in pools.items()}
 
 
-def plane_spacing(image: MedImage, axis: int) -> tuple[float, float]:
-    """In-plane pixel spacing of ``image``'s slices along ``axis`` (a 2D image: its own)."""
-    if image.ndim == 2:
-        return float(image.spacing[0]), float(image.spacing[1])
-    return tuple(float(s) for d, s in enumerate(image.spacing) if d != axis)
-
-
 class SupportEncodings:
     """Support features of each label's ensemble members, encoded once, and the range of relative
     positions the supports cover (for the extent gate)."""
@@ -294,16 +287,6 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
 def paste_slice(prep: PreparedSlices, k: int, square: np.ndarray | torch.Tensor, volume: np.ndarray) -> None:
     """Map the square-slice result ``k`` back onto its pixels in the canonical ``volume``."""
     put_slice(volume, prep.axis, k, from_square(square, prep.geoms[k]))
-
-
-def put_slice(volume: np.ndarray, axis: int, k: int, values: np.ndarray) -> None:
-    """``volume``'s slice ``k`` along ``axis`` := ``values`` (a 2D ``volume`` is its one slice)."""
-    if volume.ndim == 2:
-        volume[:] = values
-        return
-    idx = [slice(None)] * 3
-    idx[axis] = k
-    volume[tuple(idx)] = values
 
 
 def to_volume(prep: PreparedSlices, squares: np.ndarray) -> np.ndarray:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from medfound.data.slicing import SquareGeometry, crop_windows, paste_windows, square_geometry
-from medfound.infer.incontext import (PreparedSlices, SupportEncodings, SupportPool, largest_component,
-                                      plane_spacing, put_slice)
+from medfound.data.slicing import (SquareGeometry, crop_windows, paste_windows, plane_spacing, put_slice,
+                                   slice_coords, square_coords, square_geometry, take_slice)
+from medfound.infer.incontext import PreparedSlices, SupportEncodings, SupportPool, largest_component
 from medfound.models.incontext import InContextSegmenter
 
 
@@ -35,33 +35,15 @@ class Window:
     size: int
 
 
-def _slice(array: np.ndarray, axis: int, k: int) -> np.ndarray:
-    return array if array.ndim == 2 else np.take(array, k, axis=axis)
-
-
 def native_supports(pool: SupportPool) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
     """Each support slice of ``pool`` at its original resolution: (image, mask, in-plane spacing)."""
     out = []
     for src in pool.sources:
         case, k = src.rsplit(":", 1)
         vol = pool.volumes[case]
-        out.append((_slice(vol.array, pool.axis, int(k)), _slice(pool.label_maps[case], pool.axis, int(k)) == pool.label,
+        out.append((take_slice(vol.array, pool.axis, int(k)), take_slice(pool.label_maps[case], pool.axis, int(k)) == pool.label,
                     plane_spacing(vol, pool.axis)))
     return out
-
-
-def to_frame(geom: SquareGeometry, index: np.ndarray) -> np.ndarray:
-    """Slice pixel indices (..., 2) -> square-frame pixel coordinates."""
-    return (index + 0.5) * np.asarray(geom.resized) / np.asarray(geom.shape) - 0.5 + np.asarray(geom.offset)
-
-
-def from_frame(geom: SquareGeometry, point: np.ndarray) -> np.ndarray:
-    """Square-frame pixel coordinates (..., 2) -> slice pixel indices."""
-    return (point - np.asarray(geom.offset) + 0.5) * np.asarray(geom.shape) / np.asarray(geom.resized) - 0.5
-
-
-def frame_pixel_mm(geom: SquareGeometry, spacing: tuple[float, float]) -> float:
-    return max(geom.shape[0] * spacing[0], geom.shape[1] * spacing[1]) / geom.size
 
 
 def plan_window(query_plane: np.ndarray, geom: SquareGeometry, support_masks: np.ndarray, context: float = 2.0,
@@ -73,7 +55,7 @@ def plan_window(query_plane: np.ndarray, geom: SquareGeometry, support_masks: np
         return None
     idx = np.argwhere(query_plane)
     sidx = np.argwhere(support_masks.max(0) > 0.5)
-    lo, hi = to_frame(geom, idx.min(0)), to_frame(geom, idx.max(0))
+    lo, hi = square_coords(idx.min(0), geom), square_coords(idx.max(0), geom)
     if len(sidx):
         lo, hi = np.minimum(lo, sidx.min(0)), np.maximum(hi, sidx.max(0))
     side = float(context * (hi - lo + 1).max())
@@ -87,7 +69,7 @@ def crop_support(pool: SupportPool, window: Window, frame_size: int) -> SupportP
     images, masks = [], []
     for img, mask, sp in native_supports(pool):
         geom = square_geometry(img.shape, sp, frame_size)
-        centre, side_mm = from_frame(geom, window.centre)[None], window.side * frame_pixel_mm(geom, sp)
+        centre, side_mm = slice_coords(window.centre, geom)[None], window.side * geom.pixel_mm
         images.append(crop_windows(img[None], sp, centre, side_mm, window.size)[0])
         masks.append(crop_windows(mask[None].astype(np.float32), sp, centre, side_mm, window.size)[0] > 0.5)
     return replace(pool, images=np.stack(images).astype(np.float32), masks=np.stack(masks).astype(np.float32))
@@ -110,13 +92,13 @@ def refine_label(model: InContextSegmenter, prep: PreparedSlices, members: list[
     device = next(model.parameters()).device
     enc = SupportEncodings(model, {0: [crop_support(p, window, geom.size) for p in members]}, device)
     sp = plane_spacing(prep.view, prep.axis)
-    centre, side_mm = from_frame(geom, window.centre), window.side * frame_pixel_mm(geom, sp)
+    centre, side_mm = slice_coords(window.centre, geom), window.side * geom.pixel_mm
     out = np.zeros_like(prob)
     todo = np.flatnonzero(slices)
     with torch.inference_mode():
         for start in range(0, len(todo), batch_size):
             ks = todo[start:start + batch_size]
-            native = np.stack([_slice(prep.view.array, prep.axis, k) for k in ks])
+            native = np.stack([take_slice(prep.view.array, prep.axis, k) for k in ks])
             centres = np.repeat(centre[None], len(ks), 0)
             x = torch.from_numpy(crop_windows(native, sp, centres, side_mm, window.size))[:, None].to(device)
             qpos = torch.from_numpy(prep.positions[ks]).to(device) if three_d else None

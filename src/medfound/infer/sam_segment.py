@@ -18,17 +18,10 @@ import numpy as np
 import torch
 
 from medfound.data.normalize import apply_bounds, intensity_bounds
-from medfound.data.slicing import SquareGeometry, from_square, to_square
+from medfound.data.slicing import SquareGeometry, from_square, square_coords, to_square
 from medfound.errors import InputError
 from medfound.io import MedImage
 from medfound.models.sam import decode, sam_view, to_sam_input
-
-
-def square_coords(xy: np.ndarray, geom: SquareGeometry) -> np.ndarray:
-    """Pixel coordinates of the original slice -> coordinates in the square input."""
-    xy = np.asarray(xy, dtype=np.float32).reshape(-1, 2)
-    scale = np.array(geom.resized, np.float32) / np.array(geom.shape, np.float32)
-    return (xy + 0.5) * scale - 0.5 + np.array(geom.offset, np.float32)
 
 
 class SamSession:
@@ -98,7 +91,7 @@ class SamSession:
             boxes = torch.from_numpy(corners)
         pts = None
         if points:
-            xy = torch.from_numpy(square_coords(np.array(points, np.float32), geom))[None]
+            xy = torch.from_numpy(square_coords(np.array(points, np.float32).reshape(-1, 2), geom))[None]
             lab = torch.tensor([list(labels if labels is not None else [1] * len(points))], dtype=torch.long)
             pts = (xy, lab)
         logits = sam_view(decode(self.sam, emb, boxes, pts, self.size))[0, 0]
