@@ -223,6 +223,15 @@ def test_bank_then_train_from_bank(phantom_sets, cli, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["datasets"] == ["Dataset900_Train"] and "--bank" in cfg["command"]
+    # a run continued with --init keeps the inference settings its parent was validated with
+    cfg["inference"] = {"refine": True, "register": True, "extent_margin": 0.01}
+    (run / "config.json").write_text(json.dumps(cfg))
+    r = cli("incontext", "train", "--bank", bank, "--out", tmp_path / "child", "--init", run, "--size", "32",
+            "--batch-size", "2", "--steps", "1", "--support-sizes", "2", "--precision", "32", "--accelerator", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    child = json.loads((tmp_path / "child" / "config.json").read_text())
+    assert child["inference"]["refine"] is True and child["inference"]["extent_margin"] == 0.01
+    assert child["inference"]["inherited_from"] == str(run)
     r = cli("incontext", "train", "--bank", bank, "--datasets", train, "--out", tmp_path / "x")
     assert r.returncode == 2 and "either" in r.stderr
     r = cli("incontext", "train", "--bank", tmp_path / "missing.npz", "--out", tmp_path / "y")
@@ -348,3 +357,31 @@ def test_zoom_episodes_cut_one_window_per_episode():
     assert zoomed.query_mask[0, 0, 12:20, 12:20].all()
     with pytest.raises(ValueError):
         zoom_episodes(whole, 32, gen)
+
+
+def test_cross_subject_episodes_take_query_and_supports_from_different_subjects():
+    from medfound.data.episodes import Block, SliceBank, _tasks, cross_subject_tasks, sample_episodes
+
+    n, s = 6, 16
+    images, labels, blocks = [], [], []
+    for k, (case, level) in enumerate([("a", 0.2), ("b", 0.8), ("c", 0.5)]):
+        images.append(torch.full((n, s, s), level, dtype=torch.float16))
+        lab = torch.zeros(n, s, s, dtype=torch.int16)
+        lab[:, 4:10, 4:10] = 1
+        if case == "c":
+            lab[:, 1:4, 1:4] = 2  # "only_c" is drawn in one subject: never a cross-subject task
+        labels.append(lab)
+        names = {"organ": 1} | ({"only_c": 2} if case == "c" else {})
+        block = Block("D", case, "MR", 0, k * n, n, names)
+        block.positives = {v: np.arange(n) for v in names.values()}
+        blocks.append(block)
+    bank = SliceBank(torch.cat(images), torch.cat(labels), torch.zeros(3 * n), blocks, _tasks(blocks))
+    assert cross_subject_tasks(bank) == [("organ", "MR")]
+    rng = np.random.default_rng(0)
+    ep = sample_episodes(bank, 64, 3, rng, p_cross=1.0)
+    q = ep.query.flatten(1)[:, 0]
+    sup = ep.support.flatten(2)[:, :, 0]
+    assert (sup != q[:, None]).all()  # every support from another subject than its query
+    assert (sup == sup[:, :1]).all()  # all supports of an episode from one subject
+    mixed = sample_episodes(bank, 64, 3, rng, p_cross=0.0)
+    assert (mixed.support.flatten(2)[:, 0, 0] == mixed.query.flatten(1)[:, 0]).any()  # same-subject ones too

@@ -642,6 +642,7 @@ def incontext_train(
     synthetic_fraction: Annotated[float, typer.Option(help="Share of episodes that are synthetic shape tasks.")] = 0.25,
     negative_fraction: Annotated[float, typer.Option(help="Share of queries where the structure is absent.")] = 0.3,
     zoom_fraction: Annotated[float, typer.Option(help="Share of real episodes cut to a window around the task at 2-3x the resolution (the refinement pass's view); reads the data at twice --size.")] = 0.0,
+    cross_subject_fraction: Annotated[float, typer.Option(help="Share of real episodes whose supports and query come from different subjects (tasks drawn in several), as in use: one patient's labels, another patient segmented.")] = 0.0,
     exclude_label: ExcludeLabelOpt = None,
     exclude_dataset: ExcludeDatasetOpt = None,
     lr: LrOpt = 2e-3,
@@ -675,14 +676,15 @@ def incontext_train(
                    checkpoint_every=checkpoint_every, seed=seed, resume=resume, size=size,
                    support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
                    synthetic_fraction=synthetic_fraction, p_negative=negative_fraction, encoder=encoder,
-                   lora_rank=lora_rank, zoom_fraction=zoom_fraction)
+                   lora_rank=lora_rank, zoom_fraction=zoom_fraction,
+                   cross_subject_fraction=cross_subject_fraction)
 
 
 @incontext_app.command("bank")
 def incontext_bank(
     datasets: Annotated[list[Path], typer.Option("--datasets", help="nnU-Net datasets to read; repeat.")],
     out: Annotated[Path, typer.Option("--out", help="Bank file (.npz): uint8 slices, label maps, positions, task index.")],
-    size: Annotated[int, typer.Option(help="Working slice size (multiple of 8).")] = 128,
+    size: Annotated[int, typer.Option(help="Slice size of the bank (multiple of 8): the training --size, twice it for --zoom-fraction.")] = 128,
     exclude_label: Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never used as a task; repeat.")] = None,
 ) -> None:
     """Read task datasets once into a slice bank (held-out labels erased) for `incontext train --bank`."""

@@ -63,14 +63,27 @@ class SliceBank:
     positions: torch.Tensor  # (T,) relative slice position, NaN for 2D images
     blocks: list[Block]
     tasks: dict[tuple[str, str], list[tuple[int, int]]]  # (name, modality) -> [(block, value)]
+    _subjects: list[str] | None = field(default=None, repr=False)
 
     def to(self, device) -> SliceBank:
-        return SliceBank(self.images.to(device), self.labels.to(device), self.positions.to(device), self.blocks, self.tasks)
+        return SliceBank(self.images.to(device), self.labels.to(device), self.positions.to(device), self.blocks,
+                         self.tasks, self._subjects)
+
+    def subjects(self) -> list[str]:
+        """One id per block naming the image it was cut from: blocks of two datasets that label the
+        same scan (one template, several atlases) are one subject, so "cross-subject" means another scan."""
+        if self._subjects is None:
+            ids = []
+            for b in self.blocks:
+                mid = self.images[b.start + b.n // 2].cpu().numpy().tobytes()
+                ids.append(f"{b.n}:{hashlib.sha1(mid).hexdigest()}")
+            self._subjects = ids
+        return self._subjects
 
     def summary(self) -> dict:
         return {"slices": int(self.images.shape[0]), "blocks": len(self.blocks), "tasks": len(self.tasks),
                 "datasets": sorted({b.dataset for b in self.blocks}),
-                "cross_subject_tasks": sum(1 for v in self.tasks.values() if len({self.blocks[b].case + self.blocks[b].dataset for b, _ in v}) > 1)}
+                "cross_subject_tasks": len(cross_subject_tasks(self))}
 
 
 def build_bank(datasets: list[str], size: int = 128, axes: tuple[int, ...] = (0, 1, 2),
@@ -162,17 +175,44 @@ class Episodes:
     support_pos: torch.Tensor      # (B, N)
 
 
+def _subject(bank: SliceBank, entry: tuple[int, int]) -> str:
+    return bank.subjects()[entry[0]]
+
+
+def cross_subject_tasks(bank: SliceBank) -> list[tuple[str, str]]:
+    """Tasks whose label is drawn in more than one subject along some slice axis."""
+    keys = []
+    for key, entries in bank.tasks.items():
+        by_axis: dict[int, set] = {}
+        for e in entries:
+            by_axis.setdefault(bank.blocks[e[0]].axis, set()).add(_subject(bank, e))
+        if any(len(s) > 1 for s in by_axis.values()):
+            keys.append(key)
+    return keys
+
+
 def sample_episodes(bank: SliceBank, batch: int, n_support: int, rng: np.random.Generator,
-                    p_negative: float = 0.3, p_merge: float = 0.1, p_drop_position: float = 0.2) -> Episodes:
-    """Draw ``batch`` episodes of ``n_support`` supports each from real tasks."""
+                    p_negative: float = 0.3, p_merge: float = 0.1, p_drop_position: float = 0.2,
+                    p_cross: float = 0.0) -> Episodes:
+    """Draw ``batch`` episodes of ``n_support`` supports each from real tasks. With ``p_cross`` an
+    episode is a cross-subject one (supports from one subject, the query from another), the way the
+    model is used: a label drawn on one patient or atlas, another patient segmented."""
     keys = list(bank.tasks)
+    cross = cross_subject_tasks(bank) if p_cross > 0 else []
     q_idx, s_idx, q_val, s_val, q_val2, s_val2, drop = [], [], [], [], [], [], []
     for _ in range(batch):
-        entries = bank.tasks[keys[rng.integers(len(keys))]]
-        axis = bank.blocks[entries[rng.integers(len(entries))][0]].axis
+        want_cross = bool(cross) and rng.random() < p_cross
+        entries = bank.tasks[(cross if want_cross else keys)[rng.integers(len(cross if want_cross else keys))]]
+        if want_cross:  # an axis along which the task has at least two subjects
+            axes = sorted({bank.blocks[e[0]].axis for e in entries
+                           if len({_subject(bank, f) for f in entries if bank.blocks[f[0]].axis == bank.blocks[e[0]].axis}) > 1})
+            axis = axes[rng.integers(len(axes))]
+        else:
+            axis = bank.blocks[entries[rng.integers(len(entries))][0]].axis
         same_axis = [e for e in entries if bank.blocks[e[0]].axis == axis]
         sb, sv = same_axis[rng.integers(len(same_axis))]
-        qb, qv = same_axis[rng.integers(len(same_axis))]
+        others = [e for e in same_axis if _subject(bank, e) != _subject(bank, (sb, sv))] if want_cross else same_axis
+        qb, qv = others[rng.integers(len(others))]
         sblock, qblock = bank.blocks[sb], bank.blocks[qb]
         qpos = qblock.positives[qv]
         if rng.random() < p_negative:  # the answer is "nothing": half just outside the structure, half anywhere

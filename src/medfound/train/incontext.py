@@ -41,6 +41,7 @@ class InContextTrainConfig(StepTrainConfig):
     encoder: str = "conv"    # "conv", or an MAE run folder: its ViT, frozen, with LoRA adapters
     lora_rank: int = 4
     zoom_fraction: float = 0.0  # share of real episodes cut to a window around the task at 2-3x (bank at 2x size)
+    cross_subject_fraction: float = 0.0  # share of real episodes with supports and query from different subjects
 
     @property
     def bank_size(self) -> int:
@@ -86,7 +87,8 @@ class InContextModule(L.LightningModule):
         n = int(sizes[rng.integers(len(sizes))])
         b = batch or self.cfg["batch_size"]
         n_syn = int(round(b * self.cfg["synthetic_fraction"]))
-        ep = sample_episodes(self.bank, b - n_syn, n, rng, p_negative=self.cfg.get("p_negative", 0.3))
+        ep = sample_episodes(self.bank, b - n_syn, n, rng, p_negative=self.cfg.get("p_negative", 0.3),
+                             p_cross=self.cfg.get("cross_subject_fraction", 0.0))
         if self.cfg.get("zoom_fraction", 0.0) > 0:
             ep = zoom_episodes(ep, self.cfg["size"], gen, self.cfg["zoom_fraction"])
         if n_syn:
@@ -154,6 +156,8 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if not 0 <= cfg.zoom_fraction <= 1:
         raise InputError(None, "--zoom-fraction must be between 0 and 1")
+    if not 0 <= cfg.cross_subject_fraction <= 1:
+        raise InputError(None, "--cross-subject-fraction must be between 0 and 1")
     bank = bank or build_bank(datasets, cfg.bank_size, exclude_labels=cfg.exclude_labels, progress=cfg.progress)
     if bank.images.shape[-1] != cfg.bank_size:
         raise InputError(None, f"the slice bank is at {bank.images.shape[-1]} px; this run needs {cfg.bank_size} "
@@ -164,13 +168,18 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
     params = vars(cfg) | {"widths": list(cfg.widths), "support_sizes": list(cfg.support_sizes),
                           "exclude_labels": list(cfg.exclude_labels)}
     module = InContextModule(params, bank)
-    if cfg.init and not resume:
+    inherited = None
+    if cfg.init:  # also on --resume: the run's config keeps what it inherited
         from medfound.models.incontext_weights import load_incontext
 
         init_net, init_cfg = load_incontext(cfg.init)
         if init_net.config.as_dict() | {"extra": {}} != module.net.config.as_dict() | {"extra": {}}:
             raise InputError(cfg.init, "--init model has another architecture (size/widths) than this run")
-        module.net.load_state_dict(init_net.state_dict())
+        if not resume:
+            module.net.load_state_dict(init_net.state_dict())
+        # the inference knobs (gate, registration, refinement) belong to the pipeline the --init model
+        # was validated in; a continued model starts from them rather than from bare defaults
+        inherited = init_cfg.get("inference")
     seconds = fit_by_steps(trainer, module, out, summary, cfg.max_steps, last, resume)
     config = {}
     if trainer.is_global_zero:
@@ -189,10 +198,12 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
                          "datasets": summary["datasets"], "exclude_labels": list(cfg.exclude_labels),
                          "heldout_rule": "DESIGN.md held-out structures are never tasks",
                          "init": str(cfg.init) if cfg.init else None, "p_negative": cfg.p_negative,
-                         "zoom_fraction": cfg.zoom_fraction},
+                         "zoom_fraction": cfg.zoom_fraction, "cross_subject_fraction": cfg.cross_subject_fraction},
             "command": cfg.extra.get("command"),
             "data": summary,
         }
+        if inherited:
+            config["inference"] = inherited | {"inherited_from": str(cfg.init)}
         module.cpu()  # the preview runs where the module now is; the bank follows it
         module.bank = module.bank_cpu
         save_episode_preview(module.net, module, out / "previews" / "episodes.png")
