@@ -179,16 +179,17 @@ def _subject(bank: SliceBank, entry: tuple[int, int]) -> str:
     return bank.subjects()[entry[0]]
 
 
+def _cross_axes(bank: SliceBank, entries: list[tuple[int, int]]) -> list[int]:
+    """The slice axes along which a task is drawn in at least two subjects."""
+    by_axis: dict[int, set[str]] = {}
+    for e in entries:
+        by_axis.setdefault(bank.blocks[e[0]].axis, set()).add(_subject(bank, e))
+    return sorted(a for a, subjects in by_axis.items() if len(subjects) > 1)
+
+
 def cross_subject_tasks(bank: SliceBank) -> list[tuple[str, str]]:
     """Tasks whose label is drawn in more than one subject along some slice axis."""
-    keys = []
-    for key, entries in bank.tasks.items():
-        by_axis: dict[int, set] = {}
-        for e in entries:
-            by_axis.setdefault(bank.blocks[e[0]].axis, set()).add(_subject(bank, e))
-        if any(len(s) > 1 for s in by_axis.values()):
-            keys.append(key)
-    return keys
+    return [key for key, entries in bank.tasks.items() if _cross_axes(bank, entries)]
 
 
 def sample_episodes(bank: SliceBank, batch: int, n_support: int, rng: np.random.Generator,
@@ -202,10 +203,10 @@ def sample_episodes(bank: SliceBank, batch: int, n_support: int, rng: np.random.
     q_idx, s_idx, q_val, s_val, q_val2, s_val2, drop = [], [], [], [], [], [], []
     for _ in range(batch):
         want_cross = bool(cross) and rng.random() < p_cross
-        entries = bank.tasks[(cross if want_cross else keys)[rng.integers(len(cross if want_cross else keys))]]
-        if want_cross:  # an axis along which the task has at least two subjects
-            axes = sorted({bank.blocks[e[0]].axis for e in entries
-                           if len({_subject(bank, f) for f in entries if bank.blocks[f[0]].axis == bank.blocks[e[0]].axis}) > 1})
+        pool = cross if want_cross else keys
+        entries = bank.tasks[pool[rng.integers(len(pool))]]
+        if want_cross:
+            axes = _cross_axes(bank, entries)
             axis = axes[rng.integers(len(axes))]
         else:
             axis = bank.blocks[entries[rng.integers(len(entries))][0]].axis
