@@ -301,9 +301,8 @@ def test_refinement_windows_match_between_supports_and_query():
     """Support and query cut the same window of the frame: a support taken from the query volume itself
     gives, for its slice, exactly the query's window; the refined map stays inside the window."""
     from medfound.infer.incontext import SupportPool, prepare_slices
-    from medfound.data.slicing import slice_coords
+    from medfound.data.slicing import crop_windows, slice_coords
     from medfound.infer.refine import crop_support, plan_window, refine_label
-    from medfound.data.slicing import crop_windows
     from medfound.io import MedImage
     from medfound.models.incontext import InContextConfig, InContextSegmenter
 

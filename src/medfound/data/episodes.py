@@ -70,8 +70,9 @@ class SliceBank:
                          self.tasks, self._subjects)
 
     def subjects(self) -> list[str]:
-        """One id per block naming the image it was cut from: blocks of two datasets that label the
-        same scan (one template, several atlases) are one subject, so "cross-subject" means another scan."""
+        """One id per block naming the scan it was cut from, by the pixels of its middle slice: blocks of
+        two datasets that label the same scan (one template, several atlases) share an id, so
+        "cross-subject" means another scan. Ids are comparable only between blocks of one slice axis."""
         if self._subjects is None:
             ids = []
             for b in self.blocks:
@@ -212,7 +213,8 @@ def sample_episodes(bank: SliceBank, batch: int, n_support: int, rng: np.random.
             axis = bank.blocks[entries[rng.integers(len(entries))][0]].axis
         same_axis = [e for e in entries if bank.blocks[e[0]].axis == axis]
         sb, sv = same_axis[rng.integers(len(same_axis))]
-        others = [e for e in same_axis if _subject(bank, e) != _subject(bank, (sb, sv))] if want_cross else same_axis
+        support_subject = _subject(bank, (sb, sv))
+        others = [e for e in same_axis if _subject(bank, e) != support_subject] if want_cross else same_axis
         qb, qv = others[rng.integers(len(others))]
         sblock, qblock = bank.blocks[sb], bank.blocks[qb]
         qpos = qblock.positives[qv]
