@@ -57,6 +57,31 @@ def test_model_is_order_invariant_and_shares_support_features():
     assert one.shape == (1, 1, 32, 32) and torch.isfinite(one).all()
 
 
+def test_flip_augmentation_makes_predictions_mirror_equivariant():
+    """With mirrored test-time augmentation, mirroring the whole task (query and supports) mirrors the
+    prediction exactly; the plain model owes no such thing."""
+    from medfound.infer.incontext import SupportEncodings, SupportPool
+    from medfound.models.incontext import InContextConfig, InContextSegmenter
+
+    torch.manual_seed(0)
+    m = InContextSegmenter(InContextConfig(size=32, widths=(8, 16, 16, 16))).eval()
+    rng = np.random.default_rng(0)
+    imgs, masks = rng.random((4, 32, 32), np.float32), (rng.random((4, 32, 32)) > 0.5).astype(np.float32)
+    pool = SupportPool(1, "x", imgs, masks, np.linspace(0.2, 0.8, 4).astype(np.float32), ["s"] * 4)
+    mirrored = SupportPool(1, "x", imgs[..., ::-1].copy(), masks[..., ::-1].copy(), pool.positions, ["s"] * 4)
+    q, qpos = torch.rand(2, 1, 32, 32), torch.tensor([0.3, 0.6])
+    with torch.inference_mode():
+        for flip in (False, True):
+            enc = SupportEncodings(m, {1: [pool]}, torch.device("cpu"), flip)
+            enc_m = SupportEncodings(m, {1: [mirrored]}, torch.device("cpu"), flip)
+            p, p_m = enc.probability(1, q, qpos), enc_m.probability(1, q.flip(-1), qpos)
+            assert p.shape == (2, 1, 32, 32) and ((p >= 0) & (p <= 1)).all()
+            assert torch.allclose(p, p_m.flip(-1), atol=1e-5) == flip
+        plain = SupportEncodings(m, {1: [pool]}, torch.device("cpu")).probability(1, q, qpos)
+        both = (plain + SupportEncodings(m, {1: [mirrored]}, torch.device("cpu")).probability(1, q.flip(-1), qpos).flip(-1)) / 2
+    assert torch.allclose(p, both, atol=1e-5)  # the augmented prediction is the mean of the two views
+
+
 def test_bank_never_holds_heldout_labels(phantom_sets):
     from medfound.data.episodes import augment_episodes, build_bank, sample_episodes, synthetic_episodes
 
@@ -138,13 +163,13 @@ def test_segment_with_packaged_model_keeps_geometry(phantom_sets, cli, tmp_path)
     out = tmp_path / "masks"
     src = query / "imagesTr" / "query0_0000.nii.gz"
     r = cli("segment", "--support", train, "--input", src, "--output", out, "--label", "organ", "--label", "3",
-            "--support-size", "4", "--ensemble", "2", "--keep-largest")
+            "--support-size", "4", "--ensemble", "2", "--keep-largest", "--prior-weight", "0.33")
     assert r.returncode == 0, r.stderr[-2000:]
     img, mask = nib.load(src), nib.load(out / "query0.nii.gz")
     assert mask.shape == img.shape and np.allclose(mask.affine, img.affine)
     assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 3}
     r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "plain", "--label", "organ",
-            "--support-size", "4", "--no-refine", "--no-register")  # the first pass alone
+            "--support-size", "4", "--no-refine", "--no-register", "--flip")  # the first pass alone, mirrored TTA
     assert r.returncode == 0, r.stderr[-2000:]
     assert nib.load(tmp_path / "plain" / "query0.nii.gz").shape == img.shape
 
@@ -156,6 +181,8 @@ def test_segment_bad_input(phantom_sets, cli, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(tmp_path) in r.stderr
     r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--label", "liver")
     assert r.returncode == 2 and "liver" in r.stderr
+    r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--prior-weight", "2")
+    assert r.returncode == 2 and "--prior-weight" in r.stderr and not (tmp_path / "o").exists()
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not an image")
     r = cli("segment", "--support", train, "--input", bad, "--output", tmp_path / "o2")
@@ -170,6 +197,42 @@ def test_label_fusion_copies_the_matching_support():
     masks = (rng.random((3, 32, 32)) > 0.5).astype(np.float32)
     out = label_fusion(sup[[2, 0]] * 2 + 0.1, sup, masks)  # same images up to contrast
     assert np.array_equal(out, masks[[2, 0]])
+
+
+def test_registered_label_fusion_takes_the_nearest_height_within_the_supports_range():
+    from medfound.infer.label_fusion import registered_label_fusion
+
+    masks = np.stack([np.full((4, 4), v, np.float32) for v in (1, 2, 3)])
+    out = registered_label_fusion(np.array([0.0, 0.31, 0.44, 0.62, 0.9]), np.array([0.3, 0.5, 0.45]), masks, (0.2, 0.7))
+    assert [float(o.max()) for o in out] == [0, 1, 3, 2, 0]  # outside the range: empty
+    assert registered_label_fusion(np.array([0.0]), np.array([0.3]), masks[:1], None).max() == 1  # 2D: everywhere
+
+
+def test_prior_weight_blends_in_the_registered_supports_masks():
+    """prior_weight 1 gives registered label fusion on the slices the supports speak for; 0 the model."""
+    from medfound.data.slicing import from_square
+    from medfound.infer.incontext import SupportEncodings, SupportPool, prepare_slices, segment_prepared
+    from medfound.infer.label_fusion import registered_label_fusion
+    from medfound.io import MedImage
+    from medfound.models.incontext import InContextConfig, InContextSegmenter
+
+    torch.manual_seed(0)
+    m = InContextSegmenter(InContextConfig(size=32, widths=(8, 16, 16, 16))).eval()
+    prep = prepare_slices(MedImage(_blobs(), np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR"), 32)
+    ks = [12, 18, 24]
+    masks = np.zeros((3, 32, 32), np.float32)
+    masks[:, 8:20, 10:22] = 1
+    pool = SupportPool(1, "x", prep.squares[ks], masks, prep.positions[ks], [f"c:{k}" for k in ks])
+    enc = SupportEncodings(m, {1: [pool]}, torch.device("cpu"))
+    model_only = segment_prepared(m, prep, enc, extent_margin=0.0)[1].astype(np.float32)
+    prior = segment_prepared(m, prep, enc, extent_margin=0.0, prior_weight=1.0)[1].astype(np.float32)
+    third = segment_prepared(m, prep, enc, extent_margin=0.0, prior_weight=1 / 3)[1].astype(np.float32)
+    expect = np.zeros(prep.view.shape, np.float32)
+    for k, sq in enumerate(registered_label_fusion(prep.positions, pool.positions, masks, None)):
+        if enc.gate(1, prep, 0.0)[k]:
+            expect[:, :, k] = from_square(sq, prep.geoms[k])
+    assert np.allclose(prior, expect, atol=2e-3) and prior[:, :, 18].max() > 0.99 and prior[:, :, 0].max() == 0
+    assert np.allclose(third, (2 * model_only + expect) / 3, atol=2e-3)
 
 
 def test_largest_component_keeps_one_piece():
@@ -198,9 +261,10 @@ def test_support_size_experiment(phantom_sets, cli, tmp_path):
             "--seeds", "1", "--structure", "organ", "--finetune-steps", "3", "--also-largest")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("structure,") and len(rows) == 1 + 2 * 2 * 4  # sizes x query cases x methods
+    assert rows[0].startswith("structure,") and len(rows) == 1 + 2 * 2 * 5  # sizes x query cases x methods
     s = json.loads((out / "summary.json").read_text())
-    assert {r["method"] for r in s["by_size"]} == {"incontext", "incontext+largest", "label-fusion", "finetune"}
+    assert {r["method"] for r in s["by_size"]} == {"incontext", "incontext+largest", "label-fusion",
+                                                  "registered-label-fusion", "finetune"}
     assert (out / "support_size.png").stat().st_size > 1000
 
 
@@ -282,6 +346,49 @@ def test_supports_are_placed_at_the_query_height_they_show():
     lo, hi = support_extent(np.array([0.2, 0.3, 0.4]))
     assert np.isclose(lo, 0.1) and np.isclose(hi, 0.5)  # widened by the mean gap
     assert support_extent(np.array([np.nan])) is None
+
+
+def test_support_slices_are_resampled_onto_the_query_grid():
+    """A support scan with another field of view and pixel size than the query: once warped through
+    the registration, its support mask falls on the query's own structure in the square frame."""
+    from medfound.infer.incontext import SupportPool, in_query_frame, prepare_slices
+    from medfound.infer.refine import native_supports
+    from medfound.io import MedImage
+
+    blobs = _blobs((48, 48, 40))
+    label = (blobs > 0.6).astype(np.uint8)
+    # the query: the same anatomy on a 1.5 mm grid with 24 mm more field of view on one side
+    q_aff = np.diag([1.5, 1.5, 2.0, 1.0])
+    q_aff[0, 3] = -24.0
+    world = np.indices((80, 64, 40), dtype=np.float64)
+    idx = np.stack([(world[0] * 1.5 - 24.0) / 2.0, world[1] * 1.5 / 2.0, world[2]])
+    from scipy import ndimage
+
+    q_img = ndimage.map_coordinates(blobs, idx, order=1).astype(np.float32)
+    q_lab = ndimage.map_coordinates(label.astype(np.float32), idx, order=1) > 0.5
+    query = prepare_slices(MedImage(q_img, q_aff, modality="MR"), 32)
+    support = prepare_slices(MedImage(blobs, np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR"), 32)
+    ks = [14, 18, 22]
+    masks = np.stack([to_sq(label[:, :, k], 2.0) for k in ks])
+    centres = np.array([[*np.argwhere(label[:, :, k]).mean(0) * 2.0, 2.0 * k] for k in ks])
+    pool = SupportPool(1, "x", support.squares[ks], masks, support.positions[ks], [f"c:{k}" for k in ks],
+                       ["c"] * 3, centres, {"c": support.view}, {"c": label}, 2)
+    placed = in_query_frame(pool, query, {"c": np.eye(4)})  # the scans share world coordinates
+    for i, k in enumerate(ks):
+        truth = to_sq(q_lab[:, :, k], 1.5) > 0.5
+        before = 2 * (truth & (masks[i] > 0.5)).sum() / (truth.sum() + masks[i].sum())
+        after = 2 * (truth & (placed.masks[i] > 0.5)).sum() / (truth.sum() + placed.masks[i].sum())
+        assert after > 0.9 and after > before + 0.1, (k, before, after)
+        image, mask, spacing = native_supports(placed)[i]
+        assert image.shape == mask.shape == (80, 64) and spacing == (1.5, 1.5)
+    assert np.array_equal(in_query_frame(pool, query, {"c": None}).masks, pool.masks)  # unregistered: kept
+    assert np.array_equal(in_query_frame(pool, query, {"c": np.eye(4)}, in_plane=False).masks, pool.masks)
+
+
+def to_sq(plane: np.ndarray, mm: float) -> np.ndarray:
+    from medfound.data.slicing import to_square
+
+    return to_square(plane.astype(np.float32), (mm, mm), 32, nearest=True)[0]
 
 
 def test_windows_keep_geometry_both_ways():

@@ -337,6 +337,12 @@ RegisterOpt = Annotated[bool, typer.Option(
 RefineOpt = Annotated[Optional[bool], typer.Option(
     "--refine/--no-refine", help="A second pass on a window around each structure at 2-3x the resolution "
     "(default: the model's setting; the shipped model refines).")]
+FlipOpt = Annotated[Optional[bool], typer.Option(
+    "--flip/--no-flip", help="Test-time augmentation: query and supports also mirrored, both averaged; twice the time "
+    "(default: the model's setting).")]
+PriorOpt = Annotated[Optional[float], typer.Option(
+    "--prior-weight", help="3D: share of each voxel's probability given to the registration prior (the mask of the "
+    "support registered nearest in height; 0 = the model alone, 1 = registered label fusion; default: the model's setting).")]
 
 # Options of the step-indexed many-task training commands (`incontext train`, `sam train`).
 BankOpt = Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets (train where the image readers are not installed).")]
@@ -715,6 +721,8 @@ def segment(
     keep_largest: Annotated[bool, typer.Option(help="Keep only the largest connected piece of each label (single anatomical structures; not for lesions).")] = False,
     register: RegisterOpt = True,
     refine: RefineOpt = None,
+    flip: FlipOpt = None,
+    prior_weight: PriorOpt = None,
 ) -> None:
     """Segment new images from an example set, with no training (in-context)."""
     from medfound.infer.incontext import segment_path
@@ -722,7 +730,8 @@ def segment(
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
     written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
-                           progress=sys.stderr.isatty(), keep_largest=keep_largest, register=register, refine=refine)
+                           progress=sys.stderr.isatty(), keep_largest=keep_largest, register=register, refine=refine,
+                           flip=flip, prior_weight=prior_weight)
     for w in written:
         print(w)
 
@@ -735,7 +744,7 @@ def experiment_support_size(
     sizes: Annotated[str, typer.Option(help="Support sizes (comma-separated).")] = "1,2,4,8,16,32",
     seeds: Annotated[int, typer.Option(help="Random support subsets per size and structure.")] = 3,
     model: Annotated[Optional[Path], typer.Option(help="In-context run (default: the shipped model).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated of incontext, label-fusion, finetune.")] = "incontext,label-fusion,finetune",
+    methods: Annotated[str, typer.Option(help="Comma-separated of incontext, label-fusion, registered-label-fusion, finetune.")] = "incontext,label-fusion,registered-label-fusion,finetune",
     finetune_steps: Annotated[int, typer.Option(help="Steps of the fine-tuning baseline per support set.")] = 150,
     finetune_sizes: Annotated[Optional[str], typer.Option(help="Sizes at which to run the (slow) fine-tuning baseline (default: all).")] = None,
     structure: Annotated[Optional[list[str]], typer.Option("--structure", help="Support label name to evaluate; repeat (default: the held-out structures found in both).")] = None,
@@ -743,6 +752,8 @@ def experiment_support_size(
     also_largest: Annotated[bool, typer.Option(help="Also score in-context with only the largest connected piece kept (method incontext+largest).")] = False,
     register: RegisterOpt = True,
     refine: RefineOpt = None,
+    flip: FlipOpt = None,
+    prior_weight: PriorOpt = None,
 ) -> None:
     """Dice vs support size: in-context vs fine-tuning on the support vs label fusion, with seeds and CIs."""
     from medfound.eval.support_size import support_size_experiment
@@ -753,7 +764,8 @@ def experiment_support_size(
                                   tuple(m.strip() for m in methods.split(",") if m.strip()), finetune_steps,
                                   _ints(finetune_sizes, "--finetune-sizes") if finetune_sizes else None, structure, axis,
                                   progress=sys.stderr.isatty(), also_largest=also_largest, register=register,
-                                  refine="model" if refine is None else refine)
+                                  refine="model" if refine is None else refine, flip="model" if flip is None else flip,
+                                  prior_weight="model" if prior_weight is None else prior_weight)
     for r in res["by_size"]:
         print(f"{r['method']:17s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
               f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")

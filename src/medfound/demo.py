@@ -253,8 +253,8 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     import torch
 
     from medfound.eval.support_size import support_size_experiment
-    from medfound.infer.incontext import (SupportEncodings, ensemble_members, inference_settings, place_supports,
-                                          prepare_slices, segment_prepared, support_pools)
+    from medfound.infer.incontext import (SupportEncodings, inference_settings, place_members, prepare_slices,
+                                          segment_prepared, support_pools)
     from medfound.models.incontext_weights import load_incontext
 
     support, test = out / "data" / "Dataset021_Colin27_AAL", out / "data" / "Dataset011_MNI152_AAL"
@@ -270,11 +270,11 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     image, label = tds.read_case(tds.cases()[0])
     prep = prepare_slices(image, size)
     truth = to_canonical(label)[0].array
-    placed = place_supports(pools, prep)  # support slices at the MNI152 height they show
-    members = {v: ensemble_members(p, n_support, 1) for v, p in placed.items()}
+    members = place_members(pools, prep, n_support)  # support slices at the MNI152 height and grid they show
     settings = inference_settings(cfg)
-    probs = segment_prepared(model, prep, SupportEncodings(model, members, torch.device("cpu")), 32,
-                             extent_margin=settings["extent_margin"], refine=settings["refine"])
+    probs = segment_prepared(model, prep, SupportEncodings(model, members, torch.device("cpu"), settings["flip"]), 32,
+                             extent_margin=settings["extent_margin"], refine=settings["refine"],
+                             prior_weight=settings["prior_weight"])
     fig, axes = plt.subplots(len(wanted), 4, figsize=(12, 3.2 * len(wanted)), squeeze=False)
     rows = []
     for r, (v, name) in enumerate(wanted.items()):

@@ -7,8 +7,9 @@ already encoded (how ``medfound segment`` runs a volume: supports once, then eve
 the resize of the 256x256 slice to the model's working size and of the mask back; ``support_encode_ms``
 — the one-time cost of encoding the support set; ``cold_ms`` — both, for a single slice;
 ``refined_query_ms`` — a query with the refinement pass (:mod:`medfound.infer.refine`) on a
-``--window``-px window after the first pass (window crop and paste-back included); and the peak
-resident memory. Uses the packaged model unless ``--model`` is given; weights do not change speed.
+``--window``-px window after the first pass (window crop and paste-back included);
+``refined_flip_query_ms`` — the same with mirrored test-time augmentation (``--flip``: every decode
+twice); and the peak resident memory. Uses the packaged model unless ``--model`` is given; weights do not change speed.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
             cache = model.encode_support(simg, smask, spos)
             qpos = torch.tensor([0.45])
 
-            def one_query():
+            def one_query(views=1):
                 x = F.interpolate(query, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-                logits = model.decode(x, cache, qpos)
-                F.interpolate(torch.sigmoid(logits), size=(q, q), mode="bilinear", align_corners=False)
+                p = sum(torch.sigmoid(model.decode(x.flip(-1) if v else x, cache, qpos)) for v in range(views))
+                F.interpolate(p, size=(q, q), mode="bilinear", align_corners=False)
 
             query_ms = mean_ms(one_query, args.repeats)
             w = args.window
@@ -65,15 +66,17 @@ def main(argv: list[str] | None = None) -> dict:
             native = query[0].numpy()
             centre = np.array([[q / 2, q / 2]])
 
-            def refined_query():
-                one_query()
-                x = crop_windows(native, (1.0, 1.0), centre, q / 2, w)
-                p = torch.sigmoid(model.decode(torch.from_numpy(x)[:, None], wcache, qpos))
+            def refined_query(views=1):
+                one_query(views)
+                x = torch.from_numpy(crop_windows(native, (1.0, 1.0), centre, q / 2, w))[:, None]
+                p = sum(torch.sigmoid(model.decode(x.flip(-1) if v else x, wcache, qpos)) for v in range(views))
                 paste_windows(p[:, 0], (1.0, 1.0), (q, q), centre, q / 2)
 
             refined_ms = mean_ms(refined_query, args.repeats)
+            flip_ms = mean_ms(lambda: refined_query(2), args.repeats)
             enc_ms = mean_ms(lambda: model.encode_support(simg, smask, spos), max(2, args.repeats // 5))
-            result["results"].append({"supports": n, "query_ms": round(query_ms, 2), "refined_query_ms": round(refined_ms, 2), "support_encode_ms": round(enc_ms, 1),
+            result["results"].append({"supports": n, "query_ms": round(query_ms, 2), "refined_query_ms": round(refined_ms, 2),
+                                      "refined_flip_query_ms": round(flip_ms, 2), "support_encode_ms": round(enc_ms, 1),
                                       "cold_ms": round(query_ms + enc_ms, 1),
                                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
     result["target"] = "query_ms <= 50 with 16 supports on 2 cores (DESIGN.md)"

@@ -1,6 +1,8 @@
 """``medfound experiment support-size``: Dice vs support-set size on held-out structures, in-context
-against the two things a user would do instead — fine-tune a small network on the same support slices
-(the retraining path, with its wall time) and training-free label fusion (nearest support's mask).
+against the things a user would do instead — fine-tune a small network on the same support slices
+(the retraining path, with its wall time) and training-free label fusion: the most similar support's
+mask, or (``registered-label-fusion``) the mask of the support registered nearest in height, resampled
+onto the query's grid.
 
 Support slices come from the support dataset, queries are *whole test volumes* (every slice, so a method
 that paints the structure where it is absent pays for it), 3D Dice and HD95 through MONAI. Each
@@ -26,11 +28,12 @@ from medfound.data.orientation import to_canonical
 from medfound.errors import InputError
 from medfound.eval.metrics import label_metrics, summarise
 from medfound.infer.incontext import (SupportEncodings, in_query_frame, inference_settings, largest_component,
-                                      prepare_slices, register_supports, segment_prepared, support_pools, to_volume)
-from medfound.infer.label_fusion import label_fusion
+                                      prepare_slices, register_supports, segment_prepared, support_extent,
+                                      support_pools, to_volume)
+from medfound.infer.label_fusion import label_fusion, registered_label_fusion
 from medfound.io.atomic import write_csv, write_text
 
-METHODS = ("incontext", "label-fusion", "finetune")
+METHODS = ("incontext", "label-fusion", "registered-label-fusion", "finetune")
 _SIDE = {"l": "L", "left": "L", "lh": "L", "r": "R", "right": "R", "rh": "R"}
 _DROP = {"proper", "area"}
 
@@ -80,12 +83,14 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             finetune_sizes: list[int] | None = None, structures: list[str] | None = None,
                             axis: int = 2, progress: bool = True, also_largest: bool = False,
                             register: bool = True, extent_margin: float | str | None = "model",
-                            refine: bool | str = "model") -> dict:
+                            refine: bool | str = "model", flip: bool | str = "model",
+                            prior_weight: float | str = "model") -> dict:
     """Run the grid; writes ``results.csv``, ``summary.json``, ``summary.csv`` and ``support_size.png``.
     ``also_largest``: score the in-context prediction a second time with only its largest connected
     piece kept (method ``incontext+largest``; no extra inference). ``register``: support slices placed at
     the query height they show (affine registration, :func:`register_supports`); ``extent_margin``:
-    the model's stored value unless given (``None``: no gate)."""
+    the model's stored value unless given (``None``: no gate); ``refine``, ``flip``, ``prior_weight``:
+    the model's setting unless given."""
     from rich.progress import Progress
 
     from medfound.models.incontext_weights import load_incontext
@@ -104,6 +109,8 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     settings = inference_settings(cfg)
     margin = settings["extent_margin"] if extent_margin == "model" else extent_margin
     refine = settings["refine"] if refine == "model" else bool(refine)
+    flip = settings["flip"] if flip == "model" else bool(flip)
+    prior_weight = settings["prior_weight"] if prior_weight == "model" else float(prior_weight)
     pools = support_pools(support, {v: n for v, n, _, _ in pairs}, size, axis)
     tests = []
     for case in tds.cases():
@@ -120,6 +127,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     meta = {"support": str(support), "test": str(test), "sizes": sizes, "seeds": seeds, "methods": list(methods),
             "model": str(model_run) if model_run else "packaged default", "finetune_steps": finetune_steps,
             "register": register, "extent_margin": margin, "refine": refine,
+            "flip": flip, "prior_weight": prior_weight,
             "structures": [{"support": n, "test": tn} for _, n, _, tn in pairs],
             "queries": "every slice of each test volume (axis %d); 3D Dice and HD95 (MONAI)" % axis}
     total = len(pairs) * len(sizes) * seeds * len(tests)
@@ -135,9 +143,9 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                         ft = fit_on_support(sub.images, sub.masks, steps=finetune_steps, seed=seed)
                     for case, prep, truth, transforms in tests:
                         enc = None
+                        placed = in_query_frame(sub, prep, transforms)  # no transforms: unchanged
                         if "incontext" in methods:
-                            placed = in_query_frame(sub, prep, transforms)  # no transforms: unchanged
-                            enc = SupportEncodings(model, {sv: [placed]}, torch.device("cpu"))
+                            enc = SupportEncodings(model, {sv: [placed]}, torch.device("cpu"), flip)
                         t_truth = truth == tv
                         spacing = prep.view.spacing
                         base = {"structure": sname, "test_structure": tname, "test_case": case, "size": n,
@@ -145,7 +153,8 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                         results = {}
                         if enc is not None:
                             t0 = time.perf_counter()
-                            pr = segment_prepared(model, prep, enc, 32, extent_margin=margin, refine=refine)[sv] > 0.5
+                            pr = segment_prepared(model, prep, enc, 32, extent_margin=margin, refine=refine,
+                                                  prior_weight=prior_weight)[sv] > 0.5
                             results["incontext"] = (pr, time.perf_counter() - t0)
                             if also_largest:
                                 t0 = time.perf_counter()
@@ -154,6 +163,13 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             t0 = time.perf_counter()
                             pr = to_volume(prep, label_fusion(prep.squares, sub.images, sub.masks)) > 0.5
                             results["label-fusion"] = (pr, time.perf_counter() - t0)
+                        if "registered-label-fusion" in methods:
+                            t0 = time.perf_counter()
+                            ext = support_extent(placed.positions) if margin is not None else None  # as the gate
+                            ext = (ext[0] - margin, ext[1] + margin) if ext is not None else None
+                            pr = to_volume(prep, registered_label_fusion(prep.positions, placed.positions, placed.masks,
+                                                                          ext)) > 0.5
+                            results["registered-label-fusion"] = (pr, time.perf_counter() - t0)
                         if ft is not None:
                             t0 = time.perf_counter()
                             pr = to_volume(prep, predict_slices(ft[0], prep.squares)) > 0.5
@@ -183,7 +199,7 @@ def _summarise(rows: list[dict], methods, sizes) -> dict:
                             "ci_high": s["ci_high"], "seconds_mean": float(np.mean([r["seconds"] for r in sel]))})
     # where in-context wins and loses: per structure and size, against each baseline (mean over seeds)
     verdicts = []
-    for base in ("label-fusion", "finetune"):
+    for base in METHODS[1:]:
         for st in sorted({r["structure"] for r in rows}):
             for n in sizes:
                 a = [r["dice"] for r in rows if r["method"] == "incontext" and r["structure"] == st and r["size"] == n]

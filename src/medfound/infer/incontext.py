@@ -21,8 +21,9 @@ from medfound.data.episodes import content_mask, relative_positions
 from medfound.data.nnunet import NnUNetDataset
 from medfound.data.normalize import normalize
 from medfound.data.orientation import from_canonical, to_canonical
-from medfound.data.slicing import from_square, iter_slices, plane_spacing, put_slice, to_square
+from medfound.data.slicing import from_square, iter_slices, plane_spacing, put_slice, take_slice, to_square
 from medfound.errors import InputError
+from medfound.infer.label_fusion import registered_label_fusion
 from medfound.io import MedImage, mask_extension, read_image, write_mask
 from medfound.models.incontext import InContextSegmenter
 
@@ -42,6 +43,7 @@ class SupportPool:
     volumes: dict[str, MedImage] = field(default_factory=dict)  # normalised canonical support images
     label_maps: dict[str, np.ndarray] = field(default_factory=dict)  # their label arrays (same grid)
     axis: int = 2                                         # slice axis of 3D support volumes
+    planes: list | None = None  # per slice (image, mask, spacing) on the query's slice grid, once warped there
 
     def __len__(self) -> int:
         return len(self.images)
@@ -49,7 +51,8 @@ class SupportPool:
     def subset(self, idx: np.ndarray) -> SupportPool:
         return replace(self, images=self.images[idx], masks=self.masks[idx], positions=self.positions[idx],
                        sources=[self.sources[i] for i in idx], cases=[self.cases[i] for i in idx] if self.cases else [],
-                       centroids=None if self.centroids is None else self.centroids[idx])
+                       centroids=None if self.centroids is None else self.centroids[idx],
+                       planes=None if self.planes is None else [self.planes[i] for i in idx])
 
     def evenly(self, n: int) -> SupportPool:
         """``n`` slices spread evenly over the pool (ordered by case, then position)."""
@@ -171,38 +174,92 @@ def register_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> di
     return {case: register_affine(prep.view, vol) for case, vol in volumes.items()}
 
 
-def in_query_frame(pool: SupportPool, prep: PreparedSlices, transforms: dict[str, np.ndarray | None]) -> SupportPool:
-    """The pool with each support slice's position re-expressed as the query height it shows (through
-    the registration), so that the position bias and the extent gate compare like with like. Slices
-    whose volume could not be registered keep their own relative position."""
+def in_query_frame(pool: SupportPool, prep: PreparedSlices, transforms: dict[str, np.ndarray | None],
+                   in_plane: bool = True) -> SupportPool:
+    """The pool in the query's frame, through each support volume's registration: each slice's
+    position re-expressed as the query height it shows (so that the position bias and the extent gate
+    compare like with like) and, with ``in_plane``, the slice itself resampled onto the query's slice
+    grid (:func:`warp_in_plane`). Slices whose volume could not be registered stay as they are."""
     if prep.view.ndim != 3 or pool.centroids is None or len(pool.cases) != len(pool) or len(prep.positions) < 2:
         return pool
     slope, start = float(prep.positions[1] - prep.positions[0]), float(prep.positions[0])
     to_index = np.linalg.inv(prep.view.affine)
     pos = pool.positions.copy()
+    heights = np.full(len(pool), np.nan)
     cases = np.asarray(pool.cases)
     for case, matrix in transforms.items():
         rows = (cases == case) & np.isfinite(pool.centroids).all(1)
         if matrix is None or not rows.any():
             continue
-        index = map_points(to_index, map_points(matrix, pool.centroids[rows]))
-        pos[rows] = start + slope * index[:, prep.axis]
-    return replace(pool, positions=pos.astype(np.float32))
+        heights[rows] = map_points(to_index, map_points(matrix, pool.centroids[rows]))[:, prep.axis]
+        pos[rows] = start + slope * heights[rows]
+    placed = replace(pool, positions=pos.astype(np.float32))
+    return warp_in_plane(placed, prep, transforms, heights) if in_plane else placed
 
 
-def place_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> dict[int, SupportPool]:
-    """Every label's pool placed in the query's frame: support volumes registered once, then
-    :func:`in_query_frame` per label."""
-    transforms = register_supports(pools, prep)
-    return {v: in_query_frame(p, prep, transforms) for v, p in pools.items()}
+def warp_in_plane(pool: SupportPool, prep: PreparedSlices, transforms: dict[str, np.ndarray | None],
+                  heights: np.ndarray, min_pixels: int = 4) -> SupportPool:
+    """Each registered support slice resampled onto the query's slice grid at the query height it shows
+    (``heights``, query slice index units): the same anatomy then falls on the same pixels of the square
+    frame whatever each scan's field of view, pixel size or head position. Only the chosen slice is
+    read (the through-plane part of the mapping is projected onto it), so N support slices stay N slices
+    of labelled information. Slices that land (almost) outside the query keep their own frame."""
+    from scipy import ndimage
+
+    if not pool.volumes or not any(m is not None for m in transforms.values()):
+        return pool
+    size = pool.images.shape[-1]
+    in_plane = [d for d in range(3) if d != prep.axis]
+    shape_q = [prep.view.shape[d] for d in in_plane]
+    spacing_q = plane_spacing(prep.view, prep.axis)
+    grid = np.indices(shape_q, dtype=np.float64).reshape(2, -1)           # (2, P) query in-plane indices
+    images, masks = pool.images.copy(), pool.masks.copy()
+    planes = list(pool.planes) if pool.planes is not None else [None] * len(pool)
+    for i, src in enumerate(pool.sources):
+        case, k = src.rsplit(":", 1)
+        matrix = transforms.get(case)
+        if matrix is None or not np.isfinite(heights[i]) or case not in pool.volumes:
+            continue
+        vol = pool.volumes[case]
+        # query voxel index -> query world -> support world -> support voxel index
+        q_to_s = np.linalg.inv(vol.affine) @ np.linalg.inv(matrix) @ prep.view.affine
+        index_q = np.empty((3, grid.shape[1]))
+        index_q[in_plane] = grid
+        index_q[prep.axis] = heights[i]
+        index_s = (q_to_s[:3, :3] @ index_q + q_to_s[:3, 3:])[in_plane]   # (2, P), projected onto slice k
+        image = ndimage.map_coordinates(take_slice(vol.array, pool.axis, int(k)).astype(np.float32), index_s,
+                                        order=1, cval=0.0).reshape(shape_q)
+        hit = take_slice(pool.label_maps[case], pool.axis, int(k)) == pool.label
+        mask = ndimage.map_coordinates(hit.astype(np.float32), index_s, order=1, cval=0.0).reshape(shape_q) > 0.5
+        square_mask = to_square(mask.astype(np.float32), spacing_q, size, nearest=True)[0]
+        if square_mask.sum() < min_pixels:
+            continue
+        images[i], masks[i] = to_square(image, spacing_q, size)[0], square_mask
+        planes[i] = (image, mask, spacing_q)
+    return replace(pool, images=images, masks=masks, planes=planes)
+
+
+def place_members(pools: dict[int, SupportPool], prep: PreparedSlices, support_size: int | None, ensemble: int = 1,
+                  seed: int = 0, register: bool = True) -> dict[int, list[SupportPool]]:
+    """Each label's ensemble members (:func:`ensemble_members`), placed in the query's frame
+    (:func:`in_query_frame`) after the support volumes are registered once onto the query (with
+    ``register``). Members are chosen first, so only their slices are resampled."""
+    transforms = register_supports(pools, prep) if register else {}
+    return {v: [in_query_frame(m, prep, transforms) for m in ensemble_members(p, support_size, ensemble, seed)]
+            for v, p in pools.items()}
 
 
 class SupportEncodings:
     """Support features of each label's ensemble members, encoded once, and the range of relative
-    positions the supports cover (for the extent gate)."""
+    positions the supports cover (for the extent gate). ``flip``: every member is also encoded
+    mirrored (the last in-plane axis, as in training's episode-wide mirror), and queries are decoded
+    both ways and averaged (test-time augmentation, twice the time)."""
 
-    def __init__(self, model: InContextSegmenter, members: dict[int, list[SupportPool]], device: torch.device):
+    def __init__(self, model: InContextSegmenter, members: dict[int, list[SupportPool]], device: torch.device,
+                 flip: bool = False):
+        self.model = model
         self.members = members
+        self.flip = flip
         self.caches = {}
         self.extent = {}
         for v, pools in members.items():
@@ -210,10 +267,23 @@ class SupportEncodings:
             self.extent[v] = support_extent(pos)
         with torch.inference_mode():
             for v, pools in members.items():
-                self.caches[v] = [model.encode_support(
-                    torch.from_numpy(p.images)[None, :, None].to(device),
-                    torch.from_numpy(p.masks)[None, :, None].to(device),
-                    torch.from_numpy(p.positions)[None].to(device)) for p in pools]
+                self.caches[v] = []
+                for p in pools:
+                    images = torch.from_numpy(p.images)[None, :, None].to(device)
+                    masks = torch.from_numpy(p.masks)[None, :, None].to(device)
+                    positions = torch.from_numpy(p.positions)[None].to(device)
+                    for mirrored in ((False, True) if flip else (False,)):
+                        cache = model.encode_support(images.flip(-1) if mirrored else images,
+                                                     masks.flip(-1) if mirrored else masks, positions)
+                        self.caches[v].append((cache, mirrored))
+
+    def probability(self, v: int, x: torch.Tensor, query_positions: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1, S, S) queries -> label ``v``'s probability, averaged over members (and mirrors)."""
+        total = 0.0
+        for cache, mirrored in self.caches[v]:
+            p = torch.sigmoid(self.model.decode(x.flip(-1) if mirrored else x, cache, query_positions))
+            total = total + (p.flip(-1) if mirrored else p)
+        return total / len(self.caches[v])
 
     def gate(self, v: int, prep: PreparedSlices, margin: float | None) -> np.ndarray:
         """(n,) bool: the query slices that label ``v``'s supports speak for (all of them for 2D
@@ -248,7 +318,7 @@ def ensemble_members(pool: SupportPool, support_size: int | None, ensemble: int,
 
 def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: SupportEncodings,
                      batch_size: int = 16, progress=None, extent_margin: float | None = None,
-                     refine: bool = False) -> dict[int, np.ndarray]:
+                     refine: bool = False, prior_weight: float = 0.0) -> dict[int, np.ndarray]:
     """Per-label probability maps (canonical view's grid, float16) for a prepared volume.
 
     ``extent_margin``: when support and query positions are known (3D), query slices further than this
@@ -256,7 +326,11 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
     empty: supports that all hold the structure say nothing about slices beyond it (the model, trained
     10 GPU-minutes, still paints there). The packaged model's value was chosen on non-held-out structures.
     ``refine``: a second pass on a window around each structure at 2-3x the resolution
-    (:mod:`medfound.infer.refine`)."""
+    (:mod:`medfound.infer.refine`). ``prior_weight``: 3D only, the share of the final probability given
+    to the registration prior — each query slice the mask of the support registered nearest in height
+    (:func:`~medfound.infer.label_fusion.registered_label_fusion`, the supports placed by
+    :func:`in_query_frame`); with 1/3, the model decides where the prior is unsure and the prior moves
+    the model's threshold to 0.25 inside it and 0.75 outside."""
     device = next(model.parameters()).device
     shape = prep.view.shape
     probs = {v: np.zeros(shape, dtype=np.float16) for v in enc.caches}
@@ -266,11 +340,11 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
         for start in range(0, len(prep.squares), batch_size):
             x = torch.from_numpy(prep.squares[start:start + batch_size])[:, None].to(device)
             qpos = torch.from_numpy(prep.positions[start:start + batch_size]).to(device) if use_pos else None
-            for v, caches in enc.caches.items():
+            for v in enc.caches:
                 inside = gates[v][start:start + batch_size]
                 if not inside.any():
                     continue  # the slices stay empty (zeros)
-                p = sum(torch.sigmoid(model.decode(x, c, qpos)) for c in caches) / len(caches)
+                p = enc.probability(v, x, qpos)
                 for j, pr in enumerate(p[:, 0].float().cpu()):
                     if inside[j]:
                         paste_slice(prep, start + j, pr, probs[v])
@@ -280,7 +354,12 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
         from medfound.infer.refine import refine_label  # builds on this module's types
 
         for v in probs:
-            probs[v] = refine_label(model, prep, enc.members[v], probs[v], gates[v], batch_size)
+            probs[v] = refine_label(model, prep, enc.members[v], probs[v], gates[v], batch_size, flip=enc.flip)
+    if prior_weight > 0 and use_pos:
+        for v in probs:
+            prior = np.mean([to_volume(prep, registered_label_fusion(prep.positions, m.positions, m.masks, None)
+                                       * gates[v][:, None, None]) for m in enc.members[v]], 0)
+            probs[v] = ((1 - prior_weight) * probs[v].astype(np.float32) + prior_weight * prior).astype(np.float16)
     return probs
 
 
@@ -301,7 +380,7 @@ def inference_settings(cfg: dict) -> dict:
     """Inference knobs stored with a model (``config.json["inference"]``). A model that stores none
     gets the extent gate with no extra margin: which query heights a support set speaks for is a
     property of the supports, not of the model (chosen on validation structures, see the packaged config)."""
-    return {"extent_margin": 0.0, "refine": False} | cfg.get("inference", {})
+    return {"extent_margin": 0.0, "refine": False, "flip": False, "prior_weight": 0.0} | cfg.get("inference", {})
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -331,18 +410,21 @@ def combine(probs: dict[int, np.ndarray], threshold: float = 0.5) -> np.ndarray:
 def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, SupportPool], size: int,
                   axis: int = 2, support_size: int | None = 16, ensemble: int = 1, batch_size: int = 16,
                   modality: str | None = None, seed: int = 0, extent_margin: float | None = None,
-                  keep_largest: bool = False, register: bool = True, refine: bool = False) -> np.ndarray:
+                  keep_largest: bool = False, register: bool = True, refine: bool = False,
+                  flip: bool = False, prior_weight: float = 0.0) -> np.ndarray:
     """Label map (support label values) on ``image``'s own grid; ``keep_largest``: one connected
     piece per label; ``register``: place 3D support slices at the query height they show through an
     affine registration of each support volume onto the image (else: relative position in each volume);
-    ``refine``: a second pass around each structure at a finer resolution."""
+    ``refine``: a second pass around each structure at a finer resolution (registration also resamples
+    each support slice onto the image's slice grid, :func:`warp_in_plane`); ``flip``: mirrored
+    test-time augmentation (:class:`SupportEncodings`); ``prior_weight``: the registration prior's share
+    (:func:`segment_prepared`)."""
     device = next(model.parameters()).device
     prep = prepare_slices(image, size, axis, modality)
-    if register:
-        pools = place_supports(pools, prep)
-    members = {v: ensemble_members(p, support_size, ensemble, seed) for v, p in pools.items()}
-    enc = SupportEncodings(model, members, device)
-    labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin, refine=refine))
+    members = place_members(pools, prep, support_size, ensemble, seed, register)
+    enc = SupportEncodings(model, members, device, flip)
+    labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin, refine=refine,
+                                      prior_weight=prior_weight))
     if keep_largest:
         for v in pools:
             part = labels == v
@@ -354,9 +436,10 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                  model_run: str | os.PathLike | None = None, labels: list[str] | None = None,
                  support_size: int | None = 16, ensemble: int = 1, axis: int = 2, batch_size: int = 16,
                  modality: str | None = None, progress: bool = True, keep_largest: bool = False,
-                 register: bool = True, refine: bool | None = None) -> list[Path]:
+                 register: bool = True, refine: bool | None = None, flip: bool | None = None,
+                 prior_weight: float | None = None) -> list[Path]:
     """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``
-    (``refine``: the model's setting when ``None``)."""
+    (``refine``, ``flip``, ``prior_weight``: the model's setting when ``None``)."""
     from rich.progress import Progress
 
     from medfound.infer.predict import inputs_of
@@ -366,6 +449,8 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         raise InputError(None, f"--support-size must be between 1 and 64, got {support_size}")
     if ensemble < 1:
         raise InputError(None, f"--ensemble must be at least 1, got {ensemble}")
+    if prior_weight is not None and not 0 <= prior_weight <= 1:
+        raise InputError(None, f"--prior-weight must be between 0 and 1, got {prior_weight}")
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
     settings = inference_settings(cfg)
@@ -380,7 +465,9 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         for case, image in images:
             mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, modality,
                                  extent_margin=settings["extent_margin"], keep_largest=keep_largest,
-                                 register=register, refine=settings["refine"] if refine is None else refine)
+                                 register=register, refine=settings["refine"] if refine is None else refine,
+                                 flip=settings["flip"] if flip is None else flip,
+                                 prior_weight=settings["prior_weight"] if prior_weight is None else prior_weight)
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
             written.append(write_mask(mask, image, output / f"{case}{ext}"))
             bar.advance(task)

@@ -1,8 +1,11 @@
-"""Training-free baseline for example-set segmentation: for every query slice, the support slice that
-looks most alike (normalised cross-correlation of the square slices) lends it its mask.
+"""Training-free baselines for example-set segmentation.
 
-It is the bar an in-context model must clear (DESIGN.md): no training, no parameters, and on
-registered brains it is hard to beat.
+:func:`label_fusion`: for every query slice, the support slice that looks most alike (normalised
+cross-correlation of the square slices) lends it its mask. :func:`registered_label_fusion`: the
+support slices already registered onto the query (placed at the query height they show and resampled
+onto its grid), every query slice within their range takes the mask of the one nearest in height —
+slice-wise atlas propagation, the bar an in-context model must clear on registered brains (DESIGN.md):
+no training, no parameters.
 """
 
 from __future__ import annotations
@@ -28,3 +31,15 @@ def nearest_support(query: np.ndarray, support: np.ndarray) -> np.ndarray:
 def label_fusion(query: np.ndarray, support: np.ndarray, support_masks: np.ndarray) -> np.ndarray:
     """(n, S, S) masks for the query slices: each the mask of its nearest support slice."""
     return support_masks[nearest_support(query, support)].astype(np.float32)
+
+
+def registered_label_fusion(query_positions: np.ndarray, support_positions: np.ndarray, support_masks: np.ndarray,
+                            extent: tuple[float, float] | None) -> np.ndarray:
+    """(n, S, S) masks for query slices at ``query_positions`` (n,): each the mask of the support slice
+    nearest in (registered) position; empty outside ``extent`` (the range the supports speak for;
+    ``None``: everywhere, as for 2D images)."""
+    nearest = np.abs(np.asarray(query_positions)[:, None] - np.asarray(support_positions)[None]).argmin(1)
+    out = support_masks[nearest].astype(np.float32)
+    if extent is not None:
+        out[(query_positions < extent[0]) | (query_positions > extent[1])] = 0
+    return out

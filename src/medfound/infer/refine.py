@@ -36,9 +36,13 @@ class Window:
 
 
 def native_supports(pool: SupportPool) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
-    """Each support slice of ``pool`` at its original resolution: (image, mask, in-plane spacing)."""
+    """Each support slice of ``pool`` at its original resolution: (image, mask, in-plane spacing); a
+    slice resampled onto the query's grid (:func:`~medfound.infer.incontext.warp_in_plane`) as such."""
     out = []
-    for src in pool.sources:
+    for i, src in enumerate(pool.sources):
+        if pool.planes is not None and pool.planes[i] is not None:
+            out.append(pool.planes[i])
+            continue
         case, k = src.rsplit(":", 1)
         vol = pool.volumes[case]
         out.append((take_slice(vol.array, pool.axis, int(k)), take_slice(pool.label_maps[case], pool.axis, int(k)) == pool.label,
@@ -77,9 +81,10 @@ def crop_support(pool: SupportPool, window: Window, frame_size: int) -> SupportP
 
 def refine_label(model: InContextSegmenter, prep: PreparedSlices, members: list[SupportPool], prob: np.ndarray,
                  slices: np.ndarray, batch_size: int = 16, context: float = 2.0,
-                 zoom: tuple[float, float] = (2.0, 3.0)) -> np.ndarray:
+                 zoom: tuple[float, float] = (2.0, 3.0), flip: bool = False) -> np.ndarray:
     """One label's refined probability map (the grid of ``prob``, the first pass's map) on the query
-    ``slices`` the first pass segmented; ``prob`` itself when the first pass found nothing."""
+    ``slices`` the first pass segmented; ``prob`` itself when the first pass found nothing. ``flip``:
+    mirrored test-time augmentation, as in the first pass."""
     if any(not p.label_maps for p in members):
         return prob  # supports without their original slices (built by hand): nothing to cut windows from
     three_d = prep.view.ndim == 3
@@ -90,7 +95,7 @@ def refine_label(model: InContextSegmenter, prep: PreparedSlices, members: list[
     if window is None:
         return prob
     device = next(model.parameters()).device
-    enc = SupportEncodings(model, {0: [crop_support(p, window, geom.size) for p in members]}, device)
+    enc = SupportEncodings(model, {0: [crop_support(p, window, geom.size) for p in members]}, device, flip)
     sp = plane_spacing(prep.view, prep.axis)
     centre, side_mm = slice_coords(window.centre, geom), window.side * geom.pixel_mm
     out = np.zeros_like(prob)
@@ -102,7 +107,7 @@ def refine_label(model: InContextSegmenter, prep: PreparedSlices, members: list[
             centres = np.repeat(centre[None], len(ks), 0)
             x = torch.from_numpy(crop_windows(native, sp, centres, side_mm, window.size))[:, None].to(device)
             qpos = torch.from_numpy(prep.positions[ks]).to(device) if three_d else None
-            p = sum(torch.sigmoid(model.decode(x, c, qpos)) for c in enc.caches[0]) / len(enc.caches[0])
+            p = enc.probability(0, x, qpos)
             back = paste_windows(p[:, 0].float().cpu(), sp, native.shape[1:], centres, side_mm)
             for k, b in zip(ks, back):
                 put_slice(out, prep.axis, k, b)
