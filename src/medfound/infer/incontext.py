@@ -197,13 +197,27 @@ def in_query_frame(pool: SupportPool, prep: PreparedSlices, transforms: dict[str
     return warp_in_plane(placed, prep, transforms, heights) if in_plane else placed
 
 
+def slice_tilt(matrix: np.ndarray, support: MedImage, query: MedImage, axis: int) -> float:
+    """Sine of the largest angle between the query's slice plane and a support slice plane carried
+    into the query through ``matrix`` (support world -> query world): 0 for parallel planes."""
+    in_plane = [d for d in range(3) if d != axis]
+    to_support = np.linalg.inv(matrix)[:3, :3]
+    normal = np.cross(support.affine[:3, in_plane[0]], support.affine[:3, in_plane[1]])
+    normal /= np.linalg.norm(normal)
+    dirs = [to_support @ query.affine[:3, d] for d in in_plane]
+    return float(max(abs(d @ normal) / np.linalg.norm(d) for d in dirs))
+
+
 def warp_in_plane(pool: SupportPool, prep: PreparedSlices, transforms: dict[str, np.ndarray | None],
-                  heights: np.ndarray, min_pixels: int = 4) -> SupportPool:
+                  heights: np.ndarray, min_pixels: int = 4, max_tilt: float = 0.17) -> SupportPool:
     """Each registered support slice resampled onto the query's slice grid at the query height it shows
     (``heights``, query slice index units): the same anatomy then falls on the same pixels of the square
     frame whatever each scan's field of view, pixel size or head position. Only the chosen slice is
     read (the through-plane part of the mapping is projected onto it), so N support slices stay N slices
-    of labelled information. Slices that land (almost) outside the query keep their own frame."""
+    of labelled information. Slices that land (almost) outside the query keep their own frame, and so
+    do all slices of a volume whose slice planes are tilted against the query's by more than
+    ``max_tilt`` (sine; 0.17 is 10 degrees): an oblique cut through the query cannot be projected onto
+    one support slice."""
     from scipy import ndimage
 
     if not pool.volumes or not any(m is not None for m in transforms.values()):
@@ -221,6 +235,8 @@ def warp_in_plane(pool: SupportPool, prep: PreparedSlices, transforms: dict[str,
         if matrix is None or not np.isfinite(heights[i]) or case not in pool.volumes:
             continue
         vol = pool.volumes[case]
+        if slice_tilt(matrix, vol, prep.view, prep.axis) > max_tilt:
+            continue
         # query voxel index -> query world -> support world -> support voxel index
         q_to_s = np.linalg.inv(vol.affine) @ np.linalg.inv(matrix) @ prep.view.affine
         index_q = np.empty((3, grid.shape[1]))

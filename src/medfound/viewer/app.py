@@ -217,7 +217,8 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
             # the study's view is already canonical RAS, so the result lands on the view's grid
             settings = inference_settings(cfg)
             result = segment_image(model, st.view, pools, size, 2, req.support_size,
-                                   extent_margin=settings["extent_margin"], refine=settings["refine"])
+                                   extent_margin=settings["extent_margin"], refine=settings["refine"],
+                                   flip=settings["flip"])
             st.push_undo()
             for v in labels:
                 st.mask[st.mask == v] = 0
