@@ -385,6 +385,19 @@ def test_support_slices_are_resampled_onto_the_query_grid():
     assert np.array_equal(in_query_frame(pool, query, {"c": np.eye(4)}, in_plane=False).masks, pool.masks)
 
 
+def test_slice_tilt_measures_how_oblique_the_support_planes_are():
+    from medfound.infer.incontext import slice_tilt
+    from medfound.io import MedImage
+
+    vol = MedImage(np.zeros((8, 8, 8), np.float32), np.diag([1.0, 1.0, 3.0, 1.0]))
+    assert slice_tilt(np.eye(4), vol, vol, 2) < 1e-9
+    turn = np.eye(4)
+    a = np.deg2rad(30)
+    turn[1:3, 1:3] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]  # 30 degrees about x
+    assert np.isclose(slice_tilt(turn, vol, vol, 2), 0.5)
+    assert slice_tilt(turn, vol, vol, 0) < 1e-9  # a turn within the sagittal plane keeps sagittal slices parallel
+
+
 def to_sq(plane: np.ndarray, mm: float) -> np.ndarray:
     from medfound.data.slicing import to_square
 
