@@ -203,9 +203,10 @@ def test_registered_label_fusion_takes_the_nearest_height_within_the_supports_ra
     from medfound.infer.label_fusion import registered_label_fusion
 
     masks = np.stack([np.full((4, 4), v, np.float32) for v in (1, 2, 3)])
-    out = registered_label_fusion(np.array([0.0, 0.31, 0.44, 0.62, 0.9]), np.array([0.3, 0.5, 0.45]), masks, (0.2, 0.7))
+    query = np.array([0.0, 0.31, 0.44, 0.62, 0.9])
+    out = registered_label_fusion(query, np.array([0.3, 0.5, 0.45]), masks, (query > 0.2) & (query < 0.7))
     assert [float(o.max()) for o in out] == [0, 1, 3, 2, 0]  # outside the range: empty
-    assert registered_label_fusion(np.array([0.0]), np.array([0.3]), masks[:1], None).max() == 1  # 2D: everywhere
+    assert registered_label_fusion(np.array([0.0]), np.array([0.3]), masks[:1]).max() == 1  # 2D: everywhere
 
 
 def test_prior_weight_blends_in_the_registered_supports_masks():
@@ -228,9 +229,8 @@ def test_prior_weight_blends_in_the_registered_supports_masks():
     prior = segment_prepared(m, prep, enc, extent_margin=0.0, prior_weight=1.0)[1].astype(np.float32)
     third = segment_prepared(m, prep, enc, extent_margin=0.0, prior_weight=1 / 3)[1].astype(np.float32)
     expect = np.zeros(prep.view.shape, np.float32)
-    for k, sq in enumerate(registered_label_fusion(prep.positions, pool.positions, masks, None)):
-        if enc.gate(1, prep, 0.0)[k]:
-            expect[:, :, k] = from_square(sq, prep.geoms[k])
+    for k, sq in enumerate(registered_label_fusion(prep.positions, pool.positions, masks, enc.gate(1, prep, 0.0))):
+        expect[:, :, k] = from_square(sq, prep.geoms[k])
     assert np.allclose(prior, expect, atol=2e-3) and prior[:, :, 18].max() > 0.99 and prior[:, :, 0].max() == 0
     assert np.allclose(third, (2 * model_only + expect) / 3, atol=2e-3)
 
@@ -382,7 +382,6 @@ def test_support_slices_are_resampled_onto_the_query_grid():
         image, mask, spacing = native_supports(placed)[i]
         assert image.shape == mask.shape == (80, 64) and spacing == (1.5, 1.5)
     assert np.array_equal(in_query_frame(pool, query, {"c": None}).masks, pool.masks)  # unregistered: kept
-    assert np.array_equal(in_query_frame(pool, query, {"c": np.eye(4)}, in_plane=False).masks, pool.masks)
 
 
 def test_slice_tilt_measures_how_oblique_the_support_planes_are():

@@ -27,8 +27,8 @@ from medfound.data.nnunet import NnUNetDataset
 from medfound.data.orientation import to_canonical
 from medfound.errors import InputError
 from medfound.eval.metrics import label_metrics, summarise
-from medfound.infer.incontext import (SupportEncodings, in_query_frame, inference_settings, largest_component,
-                                      prepare_slices, register_supports, segment_prepared, support_extent,
+from medfound.infer.incontext import (SupportEncodings, extent_gate, in_query_frame, inference_settings,
+                                      largest_component, prepare_slices, register_supports, segment_prepared,
                                       support_pools, to_volume)
 from medfound.infer.label_fusion import label_fusion, registered_label_fusion
 from medfound.io.atomic import write_csv, write_text
@@ -165,10 +165,9 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             results["label-fusion"] = (pr, time.perf_counter() - t0)
                         if "registered-label-fusion" in methods:
                             t0 = time.perf_counter()
-                            ext = support_extent(placed.positions) if margin is not None else None  # as the gate
-                            ext = (ext[0] - margin, ext[1] + margin) if ext is not None else None
+                            inside = extent_gate(placed.positions, prep, margin)  # the slices in-context segments
                             pr = to_volume(prep, registered_label_fusion(prep.positions, placed.positions, placed.masks,
-                                                                          ext)) > 0.5
+                                                                          inside)) > 0.5
                             results["registered-label-fusion"] = (pr, time.perf_counter() - t0)
                         if ft is not None:
                             t0 = time.perf_counter()

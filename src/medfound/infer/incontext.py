@@ -174,11 +174,10 @@ def register_supports(pools: dict[int, SupportPool], prep: PreparedSlices) -> di
     return {case: register_affine(prep.view, vol) for case, vol in volumes.items()}
 
 
-def in_query_frame(pool: SupportPool, prep: PreparedSlices, transforms: dict[str, np.ndarray | None],
-                   in_plane: bool = True) -> SupportPool:
+def in_query_frame(pool: SupportPool, prep: PreparedSlices, transforms: dict[str, np.ndarray | None]) -> SupportPool:
     """The pool in the query's frame, through each support volume's registration: each slice's
     position re-expressed as the query height it shows (so that the position bias and the extent gate
-    compare like with like) and, with ``in_plane``, the slice itself resampled onto the query's slice
+    compare like with like) and the slice itself resampled onto the query's slice
     grid (:func:`warp_in_plane`). Slices whose volume could not be registered stay as they are."""
     if prep.view.ndim != 3 or pool.centroids is None or len(pool.cases) != len(pool) or len(prep.positions) < 2:
         return pool
@@ -194,7 +193,7 @@ def in_query_frame(pool: SupportPool, prep: PreparedSlices, transforms: dict[str
         heights[rows] = map_points(to_index, map_points(matrix, pool.centroids[rows]))[:, prep.axis]
         pos[rows] = start + slope * heights[rows]
     placed = replace(pool, positions=pos.astype(np.float32))
-    return warp_in_plane(placed, prep, transforms, heights) if in_plane else placed
+    return warp_in_plane(placed, prep, transforms, heights)
 
 
 def slice_tilt(matrix: np.ndarray, support: MedImage, query: MedImage, axis: int) -> float:
@@ -227,22 +226,22 @@ def warp_in_plane(pool: SupportPool, prep: PreparedSlices, transforms: dict[str,
     shape_q = [prep.view.shape[d] for d in in_plane]
     spacing_q = plane_spacing(prep.view, prep.axis)
     grid = np.indices(shape_q, dtype=np.float64).reshape(2, -1)           # (2, P) query in-plane indices
+    # query voxel index -> query world -> support world -> support voxel index, per support volume that
+    # is registered and not tilted against the query
+    q_to_s = {case: np.linalg.inv(vol.affine) @ np.linalg.inv(transforms[case]) @ prep.view.affine
+              for case, vol in pool.volumes.items()
+              if transforms.get(case) is not None and slice_tilt(transforms[case], vol, prep.view, prep.axis) <= max_tilt}
     images, masks = pool.images.copy(), pool.masks.copy()
     planes = list(pool.planes) if pool.planes is not None else [None] * len(pool)
     for i, src in enumerate(pool.sources):
         case, k = src.rsplit(":", 1)
-        matrix = transforms.get(case)
-        if matrix is None or not np.isfinite(heights[i]) or case not in pool.volumes:
+        if case not in q_to_s or not np.isfinite(heights[i]):
             continue
-        vol = pool.volumes[case]
-        if slice_tilt(matrix, vol, prep.view, prep.axis) > max_tilt:
-            continue
-        # query voxel index -> query world -> support world -> support voxel index
-        q_to_s = np.linalg.inv(vol.affine) @ np.linalg.inv(matrix) @ prep.view.affine
+        vol, to_s = pool.volumes[case], q_to_s[case]
         index_q = np.empty((3, grid.shape[1]))
         index_q[in_plane] = grid
         index_q[prep.axis] = heights[i]
-        index_s = (q_to_s[:3, :3] @ index_q + q_to_s[:3, 3:])[in_plane]   # (2, P), projected onto slice k
+        index_s = (to_s[:3, :3] @ index_q + to_s[:3, 3:])[in_plane]   # (2, P), projected onto slice k
         image = ndimage.map_coordinates(take_slice(vol.array, pool.axis, int(k)).astype(np.float32), index_s,
                                         order=1, cval=0.0).reshape(shape_q)
         hit = take_slice(pool.label_maps[case], pool.axis, int(k)) == pool.label
@@ -266,8 +265,8 @@ def place_members(pools: dict[int, SupportPool], prep: PreparedSlices, support_s
 
 
 class SupportEncodings:
-    """Support features of each label's ensemble members, encoded once, and the range of relative
-    positions the supports cover (for the extent gate). ``flip``: every member is also encoded
+    """Support features of each label's ensemble members, encoded once, and the relative positions
+    of all their slices (for the extent gate). ``flip``: every member is also encoded
     mirrored (the last in-plane axis, as in training's episode-wide mirror), and queries are decoded
     both ways and averaged (test-time augmentation, twice the time)."""
 
@@ -277,10 +276,7 @@ class SupportEncodings:
         self.members = members
         self.flip = flip
         self.caches = {}
-        self.extent = {}
-        for v, pools in members.items():
-            pos = np.concatenate([p.positions for p in pools])
-            self.extent[v] = support_extent(pos)
+        self.positions = {v: np.concatenate([p.positions for p in pools]) for v, pools in members.items()}
         with torch.inference_mode():
             for v, pools in members.items():
                 self.caches[v] = []
@@ -304,10 +300,17 @@ class SupportEncodings:
     def gate(self, v: int, prep: PreparedSlices, margin: float | None) -> np.ndarray:
         """(n,) bool: the query slices that label ``v``'s supports speak for (all of them for 2D
         images, unknown positions or no margin)."""
-        ext = self.extent.get(v)
-        if prep.view.ndim != 3 or margin is None or ext is None:
-            return np.ones(len(prep.squares), bool)
-        return (prep.positions >= ext[0] - margin) & (prep.positions <= ext[1] + margin)
+        return extent_gate(self.positions[v], prep, margin)
+
+
+def extent_gate(support_positions: np.ndarray, prep: PreparedSlices, margin: float | None) -> np.ndarray:
+    """(n,) bool: the query slices that supports at ``support_positions`` (query-frame relative
+    heights) speak for — their :func:`support_extent` widened by ``margin`` at each end; all slices for
+    2D images, unknown positions or no margin (``None``)."""
+    ext = support_extent(support_positions) if prep.view.ndim == 3 and margin is not None else None
+    if ext is None:
+        return np.ones(len(prep.squares), bool)
+    return (prep.positions >= ext[0] - margin) & (prep.positions <= ext[1] + margin)
 
 
 def support_extent(positions: np.ndarray, single_gap: float = 0.05) -> tuple[float, float] | None:
@@ -373,8 +376,7 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
             probs[v] = refine_label(model, prep, enc.members[v], probs[v], gates[v], batch_size, flip=enc.flip)
     if prior_weight > 0 and use_pos:
         for v in probs:
-            prior = np.mean([to_volume(prep, registered_label_fusion(prep.positions, m.positions, m.masks, None)
-                                       * gates[v][:, None, None]) for m in enc.members[v]], 0)
+            prior = np.mean([to_volume(prep, registered_label_fusion(prep.positions, m.positions, m.masks, gates[v])) for m in enc.members[v]], 0)
             probs[v] = ((1 - prior_weight) * probs[v].astype(np.float32) + prior_weight * prior).astype(np.float16)
     return probs
 

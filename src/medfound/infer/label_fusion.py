@@ -34,12 +34,12 @@ def label_fusion(query: np.ndarray, support: np.ndarray, support_masks: np.ndarr
 
 
 def registered_label_fusion(query_positions: np.ndarray, support_positions: np.ndarray, support_masks: np.ndarray,
-                            extent: tuple[float, float] | None) -> np.ndarray:
+                            inside: np.ndarray | None = None) -> np.ndarray:
     """(n, S, S) masks for query slices at ``query_positions`` (n,): each the mask of the support slice
-    nearest in (registered) position; empty outside ``extent`` (the range the supports speak for;
-    ``None``: everywhere, as for 2D images)."""
+    nearest in (registered) position; empty where ``inside`` (n,) bool is False — the slices the supports
+    do not speak for (``None``: every slice, as for 2D images)."""
     nearest = np.abs(np.asarray(query_positions)[:, None] - np.asarray(support_positions)[None]).argmin(1)
     out = support_masks[nearest].astype(np.float32)
-    if extent is not None:
-        out[(query_positions < extent[0]) | (query_positions > extent[1])] = 0
+    if inside is not None:
+        out[~np.asarray(inside, bool)] = 0
     return out
