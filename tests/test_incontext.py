@@ -524,3 +524,14 @@ def test_cross_subject_episodes_take_query_and_supports_from_different_subjects(
     assert (sup == sup[:, :1]).all()  # all supports of an episode from one subject
     mixed = sample_episodes(bank, 64, 3, rng, p_cross=0.0)
     assert (mixed.support.flatten(2)[:, 0, 0] == mixed.query.flatten(1)[:, 0]).any()  # same-subject ones too
+
+
+def test_inference_settings_are_the_models_with_the_callers_overrides():
+    from medfound.infer.incontext import inference_settings
+
+    cfg = {"inference": {"refine": True, "flip": True, "chosen_on": "validation structures"}}
+    assert inference_settings(cfg) == {"extent_margin": 0.0, "refine": True, "flip": True, "prior_weight": 0.0}
+    assert inference_settings(cfg, flip=False, prior_weight=None)["flip"] is False  # None: the model's
+    assert inference_settings({}, prior_weight=0.4)["prior_weight"] == 0.4
+    with pytest.raises(TypeError):
+        inference_settings(cfg, flips=True)

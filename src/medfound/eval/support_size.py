@@ -106,11 +106,10 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     pairs = match_structures(sds, tds, structures)
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
-    settings = inference_settings(cfg)
-    margin = settings["extent_margin"] if extent_margin == "model" else extent_margin
-    refine = settings["refine"] if refine == "model" else bool(refine)
-    flip = settings["flip"] if flip == "model" else bool(flip)
-    prior_weight = settings["prior_weight"] if prior_weight == "model" else float(prior_weight)
+    settings = inference_settings(cfg, **{k: v for k, v in (("refine", refine), ("flip", flip),
+                                                             ("prior_weight", prior_weight)) if v != "model"})
+    margin = settings["extent_margin"] if extent_margin == "model" else extent_margin  # None: no gate
+    refine, flip, prior_weight = bool(settings["refine"]), bool(settings["flip"]), float(settings["prior_weight"])
     pools = support_pools(support, {v: n for v, n, _, _ in pairs}, size, axis)
     tests = []
     for case in tds.cases():

@@ -394,11 +394,21 @@ def to_volume(prep: PreparedSlices, squares: np.ndarray) -> np.ndarray:
     return out
 
 
-def inference_settings(cfg: dict) -> dict:
-    """Inference knobs stored with a model (``config.json["inference"]``). A model that stores none
-    gets the extent gate with no extra margin: which query heights a support set speaks for is a
-    property of the supports, not of the model (chosen on validation structures, see the packaged config)."""
-    return {"extent_margin": 0.0, "refine": False, "flip": False, "prior_weight": 0.0} | cfg.get("inference", {})
+INFERENCE_DEFAULTS = {"extent_margin": 0.0, "refine": False, "flip": False, "prior_weight": 0.0}
+
+
+def inference_settings(cfg: dict, **overrides) -> dict:
+    """The inference knobs (the keys of :data:`INFERENCE_DEFAULTS`, the keyword arguments of
+    :func:`segment_image`) stored with a model (``config.json["inference"]``), with the caller's
+    ``overrides`` that are not ``None`` on top. A model that stores none gets the extent gate with no
+    extra margin: which query heights a support set speaks for is a property of the supports, not of
+    the model (chosen on validation structures, see the packaged config)."""
+    unknown = set(overrides) - set(INFERENCE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown inference setting(s): {sorted(unknown)}")
+    stored = cfg.get("inference", {})
+    return ({k: stored.get(k, default) for k, default in INFERENCE_DEFAULTS.items()}
+            | {k: v for k, v in overrides.items() if v is not None})
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -471,7 +481,7 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         raise InputError(None, f"--prior-weight must be between 0 and 1, got {prior_weight}")
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
-    settings = inference_settings(cfg)
+    settings = inference_settings(cfg, refine=refine, flip=flip, prior_weight=prior_weight)
     ds = NnUNetDataset.open(support)
     pools = support_pools(support, resolve_labels(ds, labels), size, axis)
     items = inputs_of(Path(input_path))
@@ -482,10 +492,7 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         task = bar.add_task("segment", total=len(images))
         for case, image in images:
             mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, modality,
-                                 extent_margin=settings["extent_margin"], keep_largest=keep_largest,
-                                 register=register, refine=settings["refine"] if refine is None else refine,
-                                 flip=settings["flip"] if flip is None else flip,
-                                 prior_weight=settings["prior_weight"] if prior_weight is None else prior_weight)
+                                 keep_largest=keep_largest, register=register, **settings)
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
             written.append(write_mask(mask, image, output / f"{case}{ext}"))
             bar.advance(task)

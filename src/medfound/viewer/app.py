@@ -215,10 +215,7 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
         pools = support_pools(folder, labels, size)
         with st.lock:
             # the study's view is already canonical RAS, so the result lands on the view's grid
-            settings = inference_settings(cfg)
-            result = segment_image(model, st.view, pools, size, 2, req.support_size,
-                                   extent_margin=settings["extent_margin"], refine=settings["refine"],
-                                   flip=settings["flip"])
+            result = segment_image(model, st.view, pools, size, 2, req.support_size, **inference_settings(cfg))
             st.push_undo()
             for v in labels:
                 st.mask[st.mask == v] = 0
