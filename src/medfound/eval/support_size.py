@@ -106,8 +106,10 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     pairs = match_structures(sds, tds, structures)
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
-    settings = inference_settings(cfg, **{k: v for k, v in (("refine", refine), ("flip", flip),
-                                                             ("prior_weight", prior_weight)) if v != "model"})
+    def given(value):  # "model": the model's stored setting
+        return None if value == "model" else value
+
+    settings = inference_settings(cfg, refine=given(refine), flip=given(flip), prior_weight=given(prior_weight))
     margin = settings["extent_margin"] if extent_margin == "model" else extent_margin  # None: no gate
     refine, flip, prior_weight = bool(settings["refine"]), bool(settings["flip"]), float(settings["prior_weight"])
     pools = support_pools(support, {v: n for v, n, _, _ in pairs}, size, axis)

@@ -376,7 +376,8 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
             probs[v] = refine_label(model, prep, enc.members[v], probs[v], gates[v], batch_size, flip=enc.flip)
     if prior_weight > 0 and use_pos:
         for v in probs:
-            prior = np.mean([to_volume(prep, registered_label_fusion(prep.positions, m.positions, m.masks, gates[v])) for m in enc.members[v]], 0)
+            prior = np.mean([to_volume(prep, registered_label_fusion(prep.positions, m.positions, m.masks, gates[v]))
+                             for m in enc.members[v]], 0)
             probs[v] = ((1 - prior_weight) * probs[v].astype(np.float32) + prior_weight * prior).astype(np.float16)
     return probs
 
