@@ -64,6 +64,7 @@ def test_phantoms_have_all_structures(modality):
     assert img.ndim == (2 if modality in ("XR", "US") else 3)
 
 
+@pytest.mark.timeout(2400)  # the whole demo: 10-15 min on 2 free cores, twice that on a contended machine
 def test_demo_end_to_end(tmp_path):
     from conftest import run_cli
 

@@ -25,6 +25,7 @@ from medfound.data.slicing import from_square, iter_slices, plane_spacing, put_s
 from medfound.errors import InputError
 from medfound.infer.label_fusion import registered_label_fusion
 from medfound.io import MedImage, mask_extension, read_image, write_mask
+from medfound.io.read import inputs_of
 from medfound.models.incontext import InContextSegmenter
 
 
@@ -360,13 +361,12 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
             x = torch.from_numpy(prep.squares[start:start + batch_size])[:, None].to(device)
             qpos = torch.from_numpy(prep.positions[start:start + batch_size]).to(device) if use_pos else None
             for v in enc.caches:
-                inside = gates[v][start:start + batch_size]
-                if not inside.any():
-                    continue  # the slices stay empty (zeros)
-                p = enc.probability(v, x, qpos)
-                for j, pr in enumerate(p[:, 0].float().cpu()):
-                    if inside[j]:
-                        paste_slice(prep, start + j, pr, probs[v])
+                inside = np.flatnonzero(gates[v][start:start + batch_size])
+                if not len(inside):
+                    continue  # the slices outside the gate stay empty (zeros), and cost nothing
+                p = enc.probability(v, x[inside], None if qpos is None else qpos[inside])
+                for j, pr in zip(inside, p[:, 0].float().cpu()):
+                    paste_slice(prep, start + j, pr, probs[v])
             if progress is not None:
                 progress(min(batch_size, len(prep.squares) - start))
     if refine:
@@ -471,7 +471,6 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
     (``refine``, ``flip``, ``prior_weight``: the model's setting when ``None``)."""
     from rich.progress import Progress
 
-    from medfound.infer.predict import inputs_of
     from medfound.models.incontext_weights import load_incontext
 
     if support_size is not None and not 1 <= support_size <= 64:

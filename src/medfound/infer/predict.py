@@ -20,7 +20,7 @@ from medfound.data.orientation import from_canonical, to_canonical
 from medfound.data.slicing import from_square, iter_slices, to_square
 from medfound.errors import InputError
 from medfound.io import MedImage, mask_extension, read_image, write_mask
-from medfound.io.formats import case_name, sniff_format
+from medfound.io.read import inputs_of
 from medfound.models.segmenter import load_segmenter, predict_square
 
 
@@ -66,23 +66,6 @@ def predict_image(model: torch.nn.Module, cfg: dict, image: MedImage, batch_size
     if ornt is not None:
         out = from_canonical(out, ornt)
     return lut[out]
-
-
-def inputs_of(path: Path) -> list[tuple[str, Path]]:
-    """(case name, path) of each image to segment: a file, a DICOM series folder, or a folder of
-    images (nnU-Net ``_0000`` suffixes dropped from the case names)."""
-    if not path.exists():
-        raise InputError(path, "no such file or folder")
-    if path.is_file():
-        return [(case_name(path, strip_channel=True), path)]
-    files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")]
-    kinds = {f: sniff_format(f) for f in files}
-    if files and all(k == "dicom" for k in kinds.values() if k):
-        return [(path.name, path)]
-    items = [(case_name(f, strip_channel=True), f) for f, k in kinds.items() if k and k != "dicom"]
-    if not items:
-        raise InputError(path, "folder holds no images")
-    return items
 
 
 def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from medfound.errors import InputError
-from medfound.io.formats import sniff_format
+from medfound.io.formats import case_name, sniff_format
 from medfound.io.image import MedImage, canonical_modality
 
 
@@ -69,3 +69,20 @@ def _read_file(p: Path, fmt: str, series_uid: str | None) -> MedImage:
     from medfound.io.raster import read_raster
 
     return read_raster(p, fmt)
+
+
+def inputs_of(path: Path) -> list[tuple[str, Path]]:
+    """(case name, path) of each image to segment: a file, a DICOM series folder, or a folder of
+    images (nnU-Net ``_0000`` suffixes dropped from the case names)."""
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_file():
+        return [(case_name(path, strip_channel=True), path)]
+    files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    kinds = {f: sniff_format(f) for f in files}
+    if files and all(k == "dicom" for k in kinds.values() if k):
+        return [(path.name, path)]
+    items = [(case_name(f, strip_channel=True), f) for f, k in kinds.items() if k and k != "dicom"]
+    if not items:
+        raise InputError(path, "folder holds no images")
+    return items

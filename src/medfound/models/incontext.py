@@ -156,43 +156,58 @@ class LocalCrossAttention(nn.Module):
             self.rel_bias.copy_((-((yy - c) ** 2 + (xx - c) ** 2).float() / (window * window / 4)).flatten()[None]
                                 .expand(heads, -1))
 
-    def _unfold(self, t: torch.Tensor) -> torch.Tensor:
-        # (M, C, H, W) -> (M, C, window^2, H*W)
-        m, c = t.shape[:2]
-        return F.unfold(t, self.window, padding=self.window // 2).view(m, c, self.window ** 2, -1)
+    def _windows(self, t: torch.Tensor, g: int, n: int) -> torch.Tensor:
+        """(G*N, h*d, H, W) support maps -> (G, h*H*W, N*w2 + 1, d): for every (head, pixel) its window
+        in every support, zero outside the image, plus a zero last row (the null sink). Windows are a
+        strided view of the padded maps written out by one copy (``F.unfold`` and a permute would
+        write them twice more — at 64 supports that is most of the encoding time)."""
+        m, hd, h, w = t.shape
+        win, d = self.window, hd // self.heads
+        r = win // 2
+        # channels last first, so that the copy below reads each window's d channels contiguously
+        view = F.pad(t.permute(0, 2, 3, 1), (0, 0, r, r, r, r)).unfold(1, win, 1).unfold(2, win, 1)
+        view = view.view(g, n, h, w, self.heads, d, win, win).permute(0, 4, 2, 3, 1, 6, 7, 5)  # (G, h, H, W, N, win, win, d)
+        out = t.new_empty(g, self.heads * h * w, n * win * win + 1, d)
+        out[:, :, -1] = 0
+        out[:, :, :-1].unflatten(2, (n, win, win)).unflatten(1, (self.heads, h, w)).copy_(view)
+        return out
 
     def support_kv(self, feat: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """feat (G, N, C, H, W), mask (G, N, 1, H, W) -> keys (G, h, HW, dk, N*w2), values
-        (G, h, HW, N*w2, dv) and a validity mask (HW, N*w2) for the zero padding. The layout is the
-        one the batched matmuls in :meth:`forward` want, so it is paid once per support set."""
+        """feat (G, N, C, H, W), mask (G, N, 1, H, W) -> keys (G, h*HW, N*w2 + 1, dk), values
+        (G, h*HW, N*w2 + 1, dv) and the query-independent logit bias (1, h*HW, 1, N*w2 + 1).
+
+        Every (head, pixel) pair is one attention "batch" of the query rows against its N*w2 window
+        keys, the layout :func:`F.scaled_dot_product_attention` takes, so the fused kernel never writes
+        the logits out. The last key is the null sink: a zero key and a zero value whose logit is the
+        bias ``null_logit``; the bias also holds the window-position preference and -inf for the zero
+        padding at the border. All of it is paid once per support set."""
         g, n, c, h, w = feat.shape
-        w2, p = self.window ** 2, h * w
+        w2, p, heads = self.window ** 2, h * w, self.heads
         flat, m = feat.flatten(0, 1), mask.flatten(0, 1)
-        k = self._unfold(self.to_k(flat)).view(g, n, self.heads, self.dk, w2, p)
-        k = k.permute(0, 2, 5, 3, 1, 4).reshape(g, self.heads, p, self.dk, n * w2)
-        v = self.to_v(torch.cat([flat, m * 2 - 1], 1)).view(g * n, self.heads, self.dv - 1, h, w)
-        v = torch.cat([m[:, None].expand(-1, self.heads, -1, -1, -1), v], 2).flatten(1, 2)
-        v = self._unfold(v).view(g, n, self.heads, self.dv, w2, p)
-        v = v.permute(0, 2, 5, 1, 4, 3).reshape(g, self.heads, p, n * w2, self.dv)
-        valid = self._unfold(torch.ones(1, 1, h, w, device=feat.device, dtype=feat.dtype))[0, 0] > 0.5  # (w2, HW)
-        return k, v, valid.t().repeat(1, n)
+        k = self._windows(self.to_k(flat), g, n)
+        v = self.to_v(torch.cat([flat, m * 2 - 1], 1)).view(g * n, heads, self.dv - 1, h, w)
+        v = self._windows(torch.cat([m[:, None].expand(-1, heads, -1, -1, -1), v], 2).flatten(1, 2), g, n)
+        r = self.window // 2
+        inside = F.pad(feat.new_ones(1, 1, h, w), (r, r, r, r)).unfold(2, self.window, 1).unfold(3, self.window, 1)
+        outside = inside.reshape(1, p, 1, w2) < 0.5  # (1, HW, 1, w2): window positions beyond the border
+        bias = self.rel_bias.new_empty(heads, p, n * w2 + 1)
+        bias[..., -1] = self.null_logit[:, None]
+        bias[..., :-1].unflatten(-1, (n, w2)).copy_(self.rel_bias[:, None, None, :].masked_fill(outside, float("-inf")))
+        return k, v, bias.view(1, heads * p, 1, n * w2 + 1)
 
     def forward(self, q_feat: torch.Tensor, kv: tuple, support_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q_feat (B, C, H, W); support_bias (B, N) -> (features (B, C, H, W), votes (B, heads, H, W)).
         The support batch G is either B (one support set per query, training) or 1 (shared, inference)."""
-        k, v, valid = kv
+        k, v, bias = kv
         b, c, h, w = q_feat.shape
         g, p, w2 = k.shape[0], h * w, self.window ** 2
-        r, n = b // g, k.shape[-1] // w2
+        r, n = b // g, support_bias.shape[-1]
         q = self.to_q(q_feat).view(g, r, self.heads, self.dk, p).permute(0, 2, 4, 1, 3)  # (G, h, HW, R, dk)
-        logits = torch.matmul(q, k) / math.sqrt(self.dk)  # (G, h, HW, R, N*w2)
-        bias = self.rel_bias.repeat(1, n)[None, :, None, None, :]  # (1, h, 1, 1, N*w2)
-        sb = support_bias.view(g, r, n, 1).expand(-1, -1, -1, w2).reshape(g, 1, 1, r, n * w2)
-        logits = (logits + bias + sb).masked_fill(~valid[None, None, :, None, :], float("-inf"))
-        null = self.null_logit.to(logits.dtype)[None, :, None, None, None].expand(g, -1, p, r, 1)
-        attn = torch.cat([logits, null], -1).softmax(-1)[..., :-1]
-        out = torch.matmul(attn, v)  # (G, h, HW, R, dv)
-        out = out.permute(0, 3, 1, 4, 2).reshape(b, self.heads, self.dv, h, w)
+        q = q.reshape(g, self.heads * p, r, self.dk)
+        sb = support_bias.view(g, 1, r, n, 1).expand(-1, -1, -1, -1, w2).reshape(g, 1, r, n * w2)
+        mask = (bias + F.pad(sb, (0, 1))).to(q.dtype)  # (G, h*HW, R, N*w2 + 1); the sink has no support bias
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (G, h*HW, R, dv)
+        out = out.view(g, self.heads, p, r, self.dv).permute(0, 3, 1, 4, 2).reshape(b, self.heads, self.dv, h, w)
         votes = out[:, :, 0]
         return self.out(out.reshape(b, self.heads * self.dv, h, w)), votes
 
@@ -201,7 +216,7 @@ class LocalCrossAttention(nn.Module):
 class SupportCache:
     """Support-set features computed once and reused for every query (batch dim 1 broadcasts)."""
 
-    kv: list[tuple]           # per attention level: (keys, values, valid)
+    kv: list[tuple]           # per attention level: (keys, values, logit bias)
     pooled: torch.Tensor      # (B, N, key_dim) global descriptors
     positions: torch.Tensor   # (B, N) relative slice positions in [0, 1]
     has_position: torch.Tensor  # (B, N) 1 where the position is known
