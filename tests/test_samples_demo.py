@@ -64,14 +64,14 @@ def test_phantoms_have_all_structures(modality):
     assert img.ndim == (2 if modality in ("XR", "US") else 3)
 
 
-@pytest.mark.timeout(2400)  # the whole demo: 10-15 min on 2 free cores, twice that on a contended machine
+@pytest.mark.timeout(2700)  # the whole demo: 5-15 min on 2 free cores, measured up to 4x that on a contended CI machine
 def test_demo_end_to_end(tmp_path):
     from conftest import run_cli
 
     from medfound.viewer.browser import chromium_path
 
     r = run_cli("demo", "--out", tmp_path / "demo", "--pretrain-steps", "4", "--finetune-steps", "3", "--sam-steps", "3",
-                "--baseline-steps", "3", timeout=1200)
+                "--baseline-steps", "3", timeout=2600)
     assert r.returncode == 0, r.stderr[-2000:]
     report = tmp_path / "demo" / "report"
     html = (report / "index.html").read_text()
