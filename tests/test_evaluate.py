@@ -100,3 +100,22 @@ def test_evaluate_bad_input(tmp_path):
 def test_summary_ci():
     s = summarise([0.5, 0.6, 0.7, float("nan")])
     assert s["n"] == 3 and s["n_undefined"] == 1 and s["ci_low"] <= s["mean"] <= s["ci_high"]
+
+
+@pytest.mark.parametrize("shape,spacing", [((48, 40), (0.7, 1.3)), ((30, 26, 12), (0.8, 1.0, 2.5))])
+def test_label_metrics_one_boundary_pass_equals_monai(shape, spacing):
+    """HD95 and NSD share one edge/distance pass; each must still equal MONAI's own function."""
+    from scipy.ndimage import binary_opening, gaussian_filter
+
+    from medfound.eval.metrics import label_metrics
+
+    rng = np.random.default_rng(len(shape))
+    for _ in range(3):
+        p = binary_opening(gaussian_filter(rng.normal(size=shape), 3) > 0.02)
+        t = binary_opening(gaussian_filter(rng.normal(size=shape), 3) > 0.02)
+        yp = torch.from_numpy(np.stack([~p, p])[None].astype(np.float32))
+        yt = torch.from_numpy(np.stack([~t, t])[None].astype(np.float32))
+        got = label_metrics(p, t, spacing, tolerance_mm=1.5)
+        assert got["hd95"] == pytest.approx(float(compute_hausdorff_distance(yp, yt, percentile=95, spacing=list(spacing))), abs=1e-4)
+        assert got["nsd"] == pytest.approx(float(compute_surface_dice(yp, yt, class_thresholds=[1.5], spacing=list(spacing))), abs=1e-6)
+        assert got["dice"] == pytest.approx(float(compute_dice(yp, yt, include_background=False)), abs=1e-6)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
+from monai.metrics import compute_dice, compute_iou
+from monai.metrics.utils import get_edge_surface_distance
 
 
 @dataclass
@@ -45,12 +46,18 @@ def label_metrics(pred: np.ndarray, truth: np.ndarray, spacing, tolerance_mm: fl
     yp = torch.from_numpy(np.stack([~p, p])[None].astype(np.float32))
     yt = torch.from_numpy(np.stack([~t, t])[None].astype(np.float32))
     sp = [float(s) for s in spacing][: p.ndim]
+    # HD95 and NSD from one pass over the boundaries: MONAI's compute_hausdorff_distance and
+    # compute_surface_dice each find the same edges and KD-tree distances again (two thirds of
+    # `evaluate`'s time on a 3D brain); the two formulas below are theirs (symmetric, no subvoxels).
+    _, (d_pt, d_tp), _ = get_edge_surface_distance(torch.from_numpy(p), torch.from_numpy(t), spacing=sp,
+                                                   symmetric=True, use_subvoxels=False)
+    hd95 = max(float(torch.quantile(d.double(), 0.95)) for d in (d_pt, d_tp))
+    nsd = float(((d_pt <= tolerance_mm).sum() + (d_tp <= tolerance_mm).sum()) / (len(d_pt) + len(d_tp)))
     return {
         "dice": float(compute_dice(yp, yt, include_background=False)[0, 0]),
         "iou": float(compute_iou(yp, yt, include_background=False)[0, 0]),
-        "hd95": float(compute_hausdorff_distance(yp, yt, include_background=False, percentile=95, spacing=sp)[0, 0]),
-        "nsd": float(compute_surface_dice(yp, yt, class_thresholds=[tolerance_mm], include_background=False,
-                                          spacing=sp)[0, 0]),
+        "hd95": hd95,
+        "nsd": nsd,
     }
 
 
