@@ -571,8 +571,34 @@ def test_inference_settings_are_the_models_with_the_callers_overrides():
     from medfound.infer.incontext import inference_settings
 
     cfg = {"inference": {"refine": True, "flip": True, "chosen_on": "validation structures"}}
-    assert inference_settings(cfg) == {"extent_margin": 0.0, "refine": True, "flip": True, "prior_weight": 0.0}
+    assert inference_settings(cfg) == {"extent_margin": 0.0, "refine": True, "flip": True, "prior_weight": 0.0,
+                                       "through_plane_sigma": 0.0}
     assert inference_settings(cfg, flip=False, prior_weight=None)["flip"] is False  # None: the model's
     assert inference_settings({}, prior_weight=0.4)["prior_weight"] == 0.4
     with pytest.raises(TypeError):
         inference_settings(cfg, flips=True)
+
+
+def test_through_plane_smoothing_is_a_gaussian_of_the_stated_width_in_mm():
+    """sigma_px pixels of the model's in-plane grid become sigma_px x pixel_mm / slice spacing slices;
+    mass is kept; 2D images are left alone."""
+    from medfound.infer.incontext import prepare_slices, smooth_through_plane
+    from medfound.io import MedImage
+
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])  # RAS already: the canonical view is the array itself
+    image = MedImage(np.random.default_rng(0).normal(size=(40, 64, 30)).astype(np.float32), affine, modality="MR")
+    prep = prepare_slices(image, 32)
+    pixel_mm = 64 * 0.8 / 32
+    assert prep.geoms[0].pixel_mm == pytest.approx(pixel_mm)
+    spike = np.zeros(image.shape, np.float32)
+    spike[10, 20, 15] = 1.0
+    out = smooth_through_plane(spike, prep, 1.5)
+    z = np.arange(image.shape[2])
+    profile = out[10, 20]
+    assert out.sum() == pytest.approx(1.0, abs=1e-5) and out[:, :19].sum() == 0  # only along the slice axis
+    var = (profile * (z - 15) ** 2).sum() / profile.sum()
+    assert np.sqrt(var) == pytest.approx(1.5 * pixel_mm / 2.5, rel=0.05)
+    flat = MedImage(np.ones((20, 30), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]), modality="XR")
+    p2 = prepare_slices(flat, 32)
+    probs = np.random.default_rng(1).random((20, 30)).astype(np.float16)
+    assert smooth_through_plane(probs, p2, 1.0) is probs

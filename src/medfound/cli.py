@@ -343,6 +343,9 @@ FlipOpt = Annotated[Optional[bool], typer.Option(
 PriorOpt = Annotated[Optional[float], typer.Option(
     "--prior-weight", help="3D: share of each voxel's probability given to the registration prior (the mask of the "
     "support registered nearest in height; 0 = the model alone, 1 = registered label fusion; default: the model's setting).")]
+SmoothOpt = Annotated[Optional[float], typer.Option(
+    "--through-plane-sigma", help="3D: Gaussian smoothing of the probabilities across slices, in pixels of the model's "
+    "in-plane grid (0 = none; default: the model's setting, 1 for the shipped model).")]
 
 # Options of the step-indexed many-task training commands (`incontext train`, `sam train`).
 BankOpt = Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets (train where the image readers are not installed).")]
@@ -723,6 +726,7 @@ def segment(
     refine: RefineOpt = None,
     flip: FlipOpt = None,
     prior_weight: PriorOpt = None,
+    through_plane_sigma: SmoothOpt = None,
 ) -> None:
     """Segment new images from an example set, with no training (in-context)."""
     from medfound.infer.incontext import segment_path
@@ -731,7 +735,7 @@ def segment(
         raise InputError(None, "--axis must be 0, 1 or 2")
     written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
                            progress=sys.stderr.isatty(), keep_largest=keep_largest, register=register, refine=refine,
-                           flip=flip, prior_weight=prior_weight)
+                           flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma)
     for w in written:
         print(w)
 
@@ -754,6 +758,7 @@ def experiment_support_size(
     refine: RefineOpt = None,
     flip: FlipOpt = None,
     prior_weight: PriorOpt = None,
+    through_plane_sigma: SmoothOpt = None,
 ) -> None:
     """Dice vs support size: in-context vs fine-tuning on the support vs label fusion, with seeds and CIs."""
     from medfound.eval.support_size import support_size_experiment
@@ -765,7 +770,8 @@ def experiment_support_size(
                                   _ints(finetune_sizes, "--finetune-sizes") if finetune_sizes else None, structure, axis,
                                   progress=sys.stderr.isatty(), also_largest=also_largest, register=register,
                                   refine="model" if refine is None else refine, flip="model" if flip is None else flip,
-                                  prior_weight="model" if prior_weight is None else prior_weight)
+                                  prior_weight="model" if prior_weight is None else prior_weight,
+                                  through_plane_sigma="model" if through_plane_sigma is None else through_plane_sigma)
     for r in res["by_size"]:
         print(f"{r['method']:17s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
               f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")

@@ -272,9 +272,8 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     truth = to_canonical(label)[0].array
     members = place_members(pools, prep, n_support)  # support slices at the MNI152 height and grid they show
     settings = inference_settings(cfg)
-    probs = segment_prepared(model, prep, SupportEncodings(model, members, torch.device("cpu"), settings["flip"]), 32,
-                             extent_margin=settings["extent_margin"], refine=settings["refine"],
-                             prior_weight=settings["prior_weight"])
+    flip = settings.pop("flip")  # a property of the encodings; the rest are segment_prepared's keywords
+    probs = segment_prepared(model, prep, SupportEncodings(model, members, torch.device("cpu"), flip), 32, **settings)
     fig, axes = plt.subplots(len(wanted), 4, figsize=(12, 3.2 * len(wanted)), squeeze=False)
     rows = []
     for r, (v, name) in enumerate(wanted.items()):

@@ -84,13 +84,13 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                             axis: int = 2, progress: bool = True, also_largest: bool = False,
                             register: bool = True, extent_margin: float | str | None = "model",
                             refine: bool | str = "model", flip: bool | str = "model",
-                            prior_weight: float | str = "model") -> dict:
+                            prior_weight: float | str = "model", through_plane_sigma: float | str = "model") -> dict:
     """Run the grid; writes ``results.csv``, ``summary.json``, ``summary.csv`` and ``support_size.png``.
     ``also_largest``: score the in-context prediction a second time with only its largest connected
     piece kept (method ``incontext+largest``; no extra inference). ``register``: support slices placed at
     the query height they show (affine registration, :func:`register_supports`); ``extent_margin``:
-    the model's stored value unless given (``None``: no gate); ``refine``, ``flip``, ``prior_weight``:
-    the model's setting unless given."""
+    the model's stored value unless given (``None``: no gate); ``refine``, ``flip``, ``prior_weight``,
+    ``through_plane_sigma``: the model's setting unless given."""
     from rich.progress import Progress
 
     from medfound.models.incontext_weights import load_incontext
@@ -109,9 +109,11 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     def given(value):  # "model": the model's stored setting
         return None if value == "model" else value
 
-    settings = inference_settings(cfg, refine=given(refine), flip=given(flip), prior_weight=given(prior_weight))
+    settings = inference_settings(cfg, refine=given(refine), flip=given(flip), prior_weight=given(prior_weight),
+                                  through_plane_sigma=given(through_plane_sigma))
     margin = settings["extent_margin"] if extent_margin == "model" else extent_margin  # None: no gate
     refine, flip, prior_weight = bool(settings["refine"]), bool(settings["flip"]), float(settings["prior_weight"])
+    smooth = float(settings["through_plane_sigma"])
     pools = support_pools(support, {v: n for v, n, _, _ in pairs}, size, axis)
     tests = []
     for case in tds.cases():
@@ -128,7 +130,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
     meta = {"support": str(support), "test": str(test), "sizes": sizes, "seeds": seeds, "methods": list(methods),
             "model": str(model_run) if model_run else "packaged default", "finetune_steps": finetune_steps,
             "register": register, "extent_margin": margin, "refine": refine,
-            "flip": flip, "prior_weight": prior_weight,
+            "flip": flip, "prior_weight": prior_weight, "through_plane_sigma": smooth,
             "structures": [{"support": n, "test": tn} for _, n, _, tn in pairs],
             "queries": "every slice of each test volume (axis %d); 3D Dice and HD95 (MONAI)" % axis}
     total = len(pairs) * len(sizes) * seeds * len(tests)
@@ -155,7 +157,7 @@ def support_size_experiment(support: str | os.PathLike, test: str | os.PathLike,
                         if enc is not None:
                             t0 = time.perf_counter()
                             pr = segment_prepared(model, prep, enc, 32, extent_margin=margin, refine=refine,
-                                                  prior_weight=prior_weight)[sv] > 0.5
+                                                  prior_weight=prior_weight, through_plane_sigma=smooth)[sv] > 0.5
                             results["incontext"] = (pr, time.perf_counter() - t0)
                             if also_largest:
                                 t0 = time.perf_counter()

@@ -338,7 +338,8 @@ def ensemble_members(pool: SupportPool, support_size: int | None, ensemble: int,
 
 def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: SupportEncodings,
                      batch_size: int = 16, progress=None, extent_margin: float | None = None,
-                     refine: bool = False, prior_weight: float = 0.0) -> dict[int, np.ndarray]:
+                     refine: bool = False, prior_weight: float = 0.0,
+                     through_plane_sigma: float = 0.0) -> dict[int, np.ndarray]:
     """Per-label probability maps (canonical view's grid, float16) for a prepared volume.
 
     ``extent_margin``: when support and query positions are known (3D), query slices further than this
@@ -350,7 +351,8 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
     to the registration prior — each query slice the mask of the support registered nearest in height
     (:func:`~medfound.infer.label_fusion.registered_label_fusion`, the supports placed by
     :func:`in_query_frame`); with 1/3, the model decides where the prior is unsure and the prior moves
-    the model's threshold to 0.25 inside it and 0.75 outside."""
+    the model's threshold to 0.25 inside it and 0.75 outside. ``through_plane_sigma``: 3D only,
+    :func:`smooth_through_plane` (in pixels of the model's grid)."""
     device = next(model.parameters()).device
     shape = prep.view.shape
     probs = {v: np.zeros(shape, dtype=np.float16) for v in enc.caches}
@@ -379,7 +381,22 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
             prior = np.mean([to_volume(prep, registered_label_fusion(prep.positions, m.positions, m.masks, gates[v]))
                              for m in enc.members[v]], 0)
             probs[v] = ((1 - prior_weight) * probs[v].astype(np.float32) + prior_weight * prior).astype(np.float16)
+    if through_plane_sigma > 0:
+        probs = {v: smooth_through_plane(p, prep, through_plane_sigma) for v, p in probs.items()}
     return probs
+
+
+def smooth_through_plane(prob: np.ndarray, prep: PreparedSlices, sigma_px: float) -> np.ndarray:
+    """A Gaussian along the slice axis, ``sigma_px`` pixels of the model's in-plane grid wide (in mm:
+    ``sigma_px`` x the square pixel's side): each slice is segmented on its own, so neighbouring slices
+    disagree by more than the anatomy does; smoothing across them to the resolution the model sees in
+    the plane evens that out. 2D images and time frames are returned unchanged."""
+    from scipy.ndimage import gaussian_filter1d
+
+    if prep.view.ndim != 3 or prep.ornt is None:
+        return prob
+    sigma = sigma_px * prep.geoms[0].pixel_mm / float(prep.view.spacing[prep.axis])  # in slices
+    return gaussian_filter1d(prob.astype(np.float32), sigma, axis=prep.axis, mode="nearest").astype(prob.dtype)
 
 
 def paste_slice(prep: PreparedSlices, k: int, square: np.ndarray | torch.Tensor, volume: np.ndarray) -> None:
@@ -395,7 +412,8 @@ def to_volume(prep: PreparedSlices, squares: np.ndarray) -> np.ndarray:
     return out
 
 
-INFERENCE_DEFAULTS = {"extent_margin": 0.0, "refine": False, "flip": False, "prior_weight": 0.0}
+INFERENCE_DEFAULTS = {"extent_margin": 0.0, "refine": False, "flip": False, "prior_weight": 0.0,
+                      "through_plane_sigma": 0.0}
 
 
 def inference_settings(cfg: dict, **overrides) -> dict:
@@ -440,20 +458,20 @@ def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, S
                   axis: int = 2, support_size: int | None = 16, ensemble: int = 1, batch_size: int = 16,
                   modality: str | None = None, seed: int = 0, extent_margin: float | None = None,
                   keep_largest: bool = False, register: bool = True, refine: bool = False,
-                  flip: bool = False, prior_weight: float = 0.0) -> np.ndarray:
+                  flip: bool = False, prior_weight: float = 0.0, through_plane_sigma: float = 0.0) -> np.ndarray:
     """Label map (support label values) on ``image``'s own grid; ``keep_largest``: one connected
     piece per label; ``register``: place 3D support slices at the query height they show through an
     affine registration of each support volume onto the image (else: relative position in each volume);
     ``refine``: a second pass around each structure at a finer resolution (registration also resamples
     each support slice onto the image's slice grid, :func:`warp_in_plane`); ``flip``: mirrored
-    test-time augmentation (:class:`SupportEncodings`); ``prior_weight``: the registration prior's share
-    (:func:`segment_prepared`)."""
+    test-time augmentation (:class:`SupportEncodings`); ``prior_weight``: the registration prior's share,
+    ``through_plane_sigma``: smoothing across slices (both :func:`segment_prepared`)."""
     device = next(model.parameters()).device
     prep = prepare_slices(image, size, axis, modality)
     members = place_members(pools, prep, support_size, ensemble, seed, register)
     enc = SupportEncodings(model, members, device, flip)
     labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin, refine=refine,
-                                      prior_weight=prior_weight))
+                                      prior_weight=prior_weight, through_plane_sigma=through_plane_sigma))
     if keep_largest:
         for v in pools:
             part = labels == v
@@ -466,9 +484,9 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                  support_size: int | None = 16, ensemble: int = 1, axis: int = 2, batch_size: int = 16,
                  modality: str | None = None, progress: bool = True, keep_largest: bool = False,
                  register: bool = True, refine: bool | None = None, flip: bool | None = None,
-                 prior_weight: float | None = None) -> list[Path]:
+                 prior_weight: float | None = None, through_plane_sigma: float | None = None) -> list[Path]:
     """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``
-    (``refine``, ``flip``, ``prior_weight``: the model's setting when ``None``)."""
+    (``refine``, ``flip``, ``prior_weight``, ``through_plane_sigma``: the model's setting when ``None``)."""
     from rich.progress import Progress
 
     from medfound.models.incontext_weights import load_incontext
@@ -479,9 +497,12 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         raise InputError(None, f"--ensemble must be at least 1, got {ensemble}")
     if prior_weight is not None and not 0 <= prior_weight <= 1:
         raise InputError(None, f"--prior-weight must be between 0 and 1, got {prior_weight}")
+    if through_plane_sigma is not None and not 0 <= through_plane_sigma <= 16:
+        raise InputError(None, f"--through-plane-sigma must be between 0 and 16, got {through_plane_sigma}")
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
-    settings = inference_settings(cfg, refine=refine, flip=flip, prior_weight=prior_weight)
+    settings = inference_settings(cfg, refine=refine, flip=flip, prior_weight=prior_weight,
+                                  through_plane_sigma=through_plane_sigma)
     ds = NnUNetDataset.open(support)
     pools = support_pools(support, resolve_labels(ds, labels), size, axis)
     items = inputs_of(Path(input_path))
