@@ -223,6 +223,8 @@ def test_segment_bad_input(phantom_sets, cli, tmp_path):
     assert r.returncode == 2 and "liver" in r.stderr
     r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--prior-weight", "2")
     assert r.returncode == 2 and "--prior-weight" in r.stderr and not (tmp_path / "o").exists()
+    r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--through-plane-sigma", "-1")
+    assert r.returncode == 2 and "--through-plane-sigma" in r.stderr and not (tmp_path / "o").exists()
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not an image")
     r = cli("segment", "--support", train, "--input", bad, "--output", tmp_path / "o2")
