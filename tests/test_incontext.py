@@ -122,6 +122,32 @@ def test_flip_augmentation_makes_predictions_mirror_equivariant():
     assert torch.allclose(p, both, atol=1e-5)  # the augmented prediction is the mean of the two views
 
 
+def test_support_encodings_hold_one_label_at_a_time_and_labels_stay_independent():
+    """Labels are encoded lazily and one at a time (an atlas of many labels must fit in memory);
+    a label segmented with others gives exactly what it gives alone."""
+    from medfound.infer.incontext import SupportEncodings, SupportPool, prepare_slices, segment_prepared
+    from medfound.io import MedImage
+    from medfound.models.incontext import InContextConfig, InContextSegmenter
+
+    torch.manual_seed(0)
+    m = InContextSegmenter(InContextConfig(size=32, widths=(8, 16, 16, 16))).eval()
+    rng = np.random.default_rng(0)
+    pools = {v: SupportPool(v, f"l{v}", rng.random((3, 32, 32), np.float32),
+                            (rng.random((3, 32, 32)) > 0.6).astype(np.float32),
+                            np.linspace(0.3, 0.7, 3).astype(np.float32), ["s"] * 3) for v in (1, 2, 5)}
+    enc = SupportEncodings(m, {v: [p] for v, p in pools.items()}, torch.device("cpu"))
+    first = enc.encode(1)
+    assert enc.encode(1) is first  # kept while label 1 is in use
+    assert enc.encode(2) is not first and enc.encode(1) is not first  # released once another label is asked for
+    prep = prepare_slices(MedImage(rng.normal(size=(20, 24, 10)).astype(np.float32), np.eye(4), modality="MR"), 32)
+    together = segment_prepared(m, prep, enc, batch_size=4, extent_margin=0.0)
+    for v, p in pools.items():
+        alone = segment_prepared(m, prep, SupportEncodings(m, {v: [p]}, torch.device("cpu")), batch_size=4,
+                                 extent_margin=0.0)
+        assert np.array_equal(together[v], alone[v])
+    assert sorted(together) == [1, 2, 5]
+
+
 def test_bank_never_holds_heldout_labels(phantom_sets):
     from medfound.data.episodes import augment_episodes, build_bank, sample_episodes, synthetic_episodes
 

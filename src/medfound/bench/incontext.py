@@ -71,14 +71,16 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         for n in (int(x) for x in args.supports.split(",")):
             supports, windows = {0: [pool(n, s)]}, {0: [pool(n, w)]}
-            enc_ms = mean_ms(lambda: SupportEncodings(model, supports, cpu), max(2, args.repeats // 5))
+            enc_ms = mean_ms(lambda: SupportEncodings(model, supports, cpu).encode(0), max(2, args.repeats // 5))
             plain, plain_window = SupportEncodings(model, supports, cpu), SupportEncodings(model, windows, cpu)
+            plain.encode(0), plain_window.encode(0)  # encoded once, outside the timed queries
             query_ms = mean_ms(lambda: first_pass(plain, query), args.repeats)
             batch = query.expand(args.batch, -1, -1, -1)
             batched_ms = mean_ms(lambda: first_pass(plain, batch), max(2, args.repeats // 4)) / args.batch
             refined_ms = mean_ms(lambda: refined(plain, plain_window), args.repeats)
             del plain, plain_window
             mirrored, mirrored_window = SupportEncodings(model, supports, cpu, True), SupportEncodings(model, windows, cpu, True)
+            mirrored.encode(0), mirrored_window.encode(0)
             flip_ms = mean_ms(lambda: refined(mirrored, mirrored_window), args.repeats)
             del mirrored, mirrored_window
             result["results"].append({"supports": n, "query_ms": round(query_ms, 2), "batched_query_ms": round(batched_ms, 2),

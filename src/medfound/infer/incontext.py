@@ -266,37 +266,52 @@ def place_members(pools: dict[int, SupportPool], prep: PreparedSlices, support_s
 
 
 class SupportEncodings:
-    """Support features of each label's ensemble members, encoded once, and the relative positions
-    of all their slices (for the extent gate). ``flip``: every member is also encoded
+    """Support features of each label's ensemble members, encoded once per label, and the relative
+    positions of all their slices (for the extent gate). ``flip``: every member is also encoded
     mirrored (the last in-plane axis, as in training's episode-wide mirror), and queries are decoded
-    both ways and averaged (test-time augmentation, twice the time)."""
+    both ways and averaged (test-time augmentation, twice the time).
+
+    Only one label's encodings are held at a time (the last one asked for): keys and values cover
+    every support window of every query pixel, about 0.3 GB per label at 16 supports (1.2 GB at 64),
+    so an atlas of a hundred labels held at once would not fit in memory. Callers go label by label."""
 
     def __init__(self, model: InContextSegmenter, members: dict[int, list[SupportPool]], device: torch.device,
                  flip: bool = False):
         self.model = model
         self.members = members
+        self.device = device
         self.flip = flip
-        self.caches = {}
+        self.labels = list(members)
         self.positions = {v: np.concatenate([p.positions for p in pools]) for v, pools in members.items()}
+        self._held: tuple[int, list] | None = None  # (label, [(cache, mirrored), ...])
+
+    def encode(self, v: int) -> list:
+        """Label ``v``'s encodings ``[(cache, mirrored), ...]``, computed on first use; any other
+        label's are released first."""
+        if self._held is not None and self._held[0] == v:
+            return self._held[1]
+        self._held = None
+        caches = []
         with torch.inference_mode():
-            for v, pools in members.items():
-                self.caches[v] = []
-                for p in pools:
-                    images = torch.from_numpy(p.images)[None, :, None].to(device)
-                    masks = torch.from_numpy(p.masks)[None, :, None].to(device)
-                    positions = torch.from_numpy(p.positions)[None].to(device)
-                    for mirrored in ((False, True) if flip else (False,)):
-                        cache = model.encode_support(images.flip(-1) if mirrored else images,
-                                                     masks.flip(-1) if mirrored else masks, positions)
-                        self.caches[v].append((cache, mirrored))
+            for p in self.members[v]:
+                images = torch.from_numpy(p.images)[None, :, None].to(self.device)
+                masks = torch.from_numpy(p.masks)[None, :, None].to(self.device)
+                positions = torch.from_numpy(p.positions)[None].to(self.device)
+                for mirrored in ((False, True) if self.flip else (False,)):
+                    cache = self.model.encode_support(images.flip(-1) if mirrored else images,
+                                                      masks.flip(-1) if mirrored else masks, positions)
+                    caches.append((cache, mirrored))
+        self._held = (v, caches)
+        return caches
 
     def probability(self, v: int, x: torch.Tensor, query_positions: torch.Tensor | None) -> torch.Tensor:
         """(B, 1, S, S) queries -> label ``v``'s probability, averaged over members (and mirrors)."""
         total = 0.0
-        for cache, mirrored in self.caches[v]:
+        caches = self.encode(v)
+        for cache, mirrored in caches:
             p = torch.sigmoid(self.model.decode(x.flip(-1) if mirrored else x, cache, query_positions))
             total = total + (p.flip(-1) if mirrored else p)
-        return total / len(self.caches[v])
+        return total / len(caches)
 
     def gate(self, v: int, prep: PreparedSlices, margin: float | None) -> np.ndarray:
         """(n,) bool: the query slices that label ``v``'s supports speak for (all of them for 2D
@@ -355,22 +370,21 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
     :func:`smooth_through_plane` (in pixels of the model's grid)."""
     device = next(model.parameters()).device
     shape = prep.view.shape
-    probs = {v: np.zeros(shape, dtype=np.float16) for v in enc.caches}
+    probs = {v: np.zeros(shape, dtype=np.float16) for v in enc.labels}
     use_pos = prep.view.ndim == 3
-    gates = {v: enc.gate(v, prep, extent_margin) for v in enc.caches}
+    gates = {v: enc.gate(v, prep, extent_margin) for v in enc.labels}
     with torch.inference_mode():
-        for start in range(0, len(prep.squares), batch_size):
-            x = torch.from_numpy(prep.squares[start:start + batch_size])[:, None].to(device)
-            qpos = torch.from_numpy(prep.positions[start:start + batch_size]).to(device) if use_pos else None
-            for v in enc.caches:
+        for v in enc.labels:  # label by label: one label's support encodings in memory at a time
+            for start in range(0, len(prep.squares), batch_size):
                 inside = np.flatnonzero(gates[v][start:start + batch_size])
-                if not len(inside):
-                    continue  # the slices outside the gate stay empty (zeros), and cost nothing
-                p = enc.probability(v, x[inside], None if qpos is None else qpos[inside])
-                for j, pr in zip(inside, p[:, 0].float().cpu()):
-                    paste_slice(prep, start + j, pr, probs[v])
-            if progress is not None:
-                progress(min(batch_size, len(prep.squares) - start))
+                if len(inside):  # the slices outside the gate stay empty (zeros), and cost nothing
+                    ks = start + inside
+                    x = torch.from_numpy(prep.squares[ks])[:, None].to(device)
+                    qpos = torch.from_numpy(prep.positions[ks]).to(device) if use_pos else None
+                    for k, pr in zip(ks, enc.probability(v, x, qpos)[:, 0].float().cpu()):
+                        paste_slice(prep, k, pr, probs[v])
+                if progress is not None:
+                    progress(min(batch_size, len(prep.squares) - start) / len(enc.labels))
     if refine:
         from medfound.infer.refine import refine_label  # builds on this module's types
 
