@@ -605,6 +605,11 @@ def test_inference_settings_are_the_models_with_the_callers_overrides():
     assert inference_settings({}, prior_weight=0.4)["prior_weight"] == 0.4
     with pytest.raises(TypeError):
         inference_settings(cfg, flips=True)
+    from medfound.errors import InputError
+
+    for bad in ({"prior_weight": 1.5}, {"through_plane_sigma": -1}):  # segment and support-size share the check
+        with pytest.raises(InputError):
+            inference_settings(cfg, **bad)
 
 
 def test_through_plane_smoothing_is_a_gaussian_of_the_stated_width_in_mm():

@@ -439,6 +439,10 @@ def inference_settings(cfg: dict, **overrides) -> dict:
     unknown = set(overrides) - set(INFERENCE_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown inference setting(s): {sorted(unknown)}")
+    for key, high in (("prior_weight", 1), ("through_plane_sigma", 16)):  # every caller's overrides, one check
+        value = overrides.get(key)
+        if value is not None and not 0 <= value <= high:
+            raise InputError(None, f"--{key.replace('_', '-')} must be between 0 and {high}, got {value}")
     stored = cfg.get("inference", {})
     return ({k: stored.get(k, default) for k, default in INFERENCE_DEFAULTS.items()}
             | {k: v for k, v in overrides.items() if v is not None})
@@ -509,10 +513,6 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
         raise InputError(None, f"--support-size must be between 1 and 64, got {support_size}")
     if ensemble < 1:
         raise InputError(None, f"--ensemble must be at least 1, got {ensemble}")
-    if prior_weight is not None and not 0 <= prior_weight <= 1:
-        raise InputError(None, f"--prior-weight must be between 0 and 1, got {prior_weight}")
-    if through_plane_sigma is not None and not 0 <= through_plane_sigma <= 16:
-        raise InputError(None, f"--through-plane-sigma must be between 0 and 16, got {through_plane_sigma}")
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
     settings = inference_settings(cfg, refine=refine, flip=flip, prior_weight=prior_weight,
