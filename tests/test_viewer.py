@@ -38,7 +38,7 @@ def client(data, tmp_path_factory):
 
     root, support, _, _ = data
     app = create_app(tmp_path_factory.mktemp("work"), supports=[support], sam="tiny", max_upload_mb=2)
-    return TestClient(app)
+    return TestClient(app, headers={"x-medfound-token": app.state.token})
 
 
 def _upload(client, path: Path):

@@ -147,6 +147,17 @@ def data_check(dataset: Annotated[Path, typer.Argument(help="nnU-Net v2 raw data
     cases = ds.cases()
     if not cases:
         raise InputError(dataset / "imagesTr", f"no images named CASE_0000{ds.file_ending}")
+    declared = ds.info.get("numTraining")
+    if declared != len(cases):
+        raise InputError(dataset / "dataset.json", f"numTraining is {declared!r} but imagesTr holds {len(cases)} case(s)")
+    for split in ("Tr", "Ts"):
+        folder = dataset / f"labels{split}"
+        known = set(ds.cases(split))
+        found = sorted(folder.glob(f"*{ds.file_ending}")) if folder.is_dir() else []
+        orphans = [f.name for f in found if f.name[: -len(ds.file_ending)] not in known]
+        if orphans:
+            raise InputError(folder / orphans[0], f"label map without an image in images{split}/ "
+                                                  f"({len(orphans)} such file(s))")
     for case in cases:
         ds.read_case(case)
     for case in ds.cases("Ts"):
@@ -263,7 +274,10 @@ def predict(
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (faster on CPUs with bf16 support and on GPUs).")] = False,
     modality: Annotated[Optional[str], typer.Option(help="Modality of inputs that do not record one (default: the model's).")] = None,
 ) -> None:
-    """Segment 2D images and 3D volumes (slice by slice, in batches) with a fine-tuned model."""
+    """Segment 2D images and 3D volumes (slice by slice, in batches) with a fine-tuned model.
+
+    Outputs appear whole or not at all: the masks are staged beside OUTPUT and moved in only when every
+    input has succeeded. OUTPUT may not be, contain or lie inside an input."""
     from medfound.infer.predict import predict_path
     from medfound.io.image import is_known_modality
 
@@ -285,8 +299,16 @@ def evaluate(
     """Dice, IoU, HD95 and NSD in mm per case and label (through MONAI), with means and 95 % CIs."""
     from medfound.eval.evaluate import evaluate_folders, format_summary
 
-    if nsd_tolerance < 0:
-        raise InputError(None, "--nsd-tolerance must be >= 0")
+    import math
+
+    from medfound.io.outputs import check_output_file
+
+    if not math.isfinite(nsd_tolerance) or nsd_tolerance < 0:
+        raise InputError(None, f"--nsd-tolerance must be a finite number of mm >= 0, got {nsd_tolerance}")
+    for folder in (pred, truth):
+        if not folder.is_dir():
+            raise InputError(folder, "no such folder of label maps")
+    check_output_file(out, [pred, truth])
     summary = evaluate_folders(pred, truth, out, nsd_tolerance)
     print(format_summary(summary))
     print(f"{out} ({summary['cases']} case(s)); summary: {out.with_name(out.stem + '_summary.json')}")
@@ -295,7 +317,7 @@ def evaluate(
 @sam_app.command("finetune")
 def sam_finetune(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
-    base: Annotated[str, typer.Option("--base", help="Official SAM / MedSAM .pth, or a variant (vit_b, vit_l, vit_h, tiny) for random weights.")],
+    base: Annotated[str, typer.Option("--base", help="litemedsam (the real medical SAM installed by `make install`), an official SAM / MedSAM .pth, or a variant (vit_b, vit_l, vit_h, tiny) for random weights.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: adapters.safetensors, config.json, checkpoints/.")],
     rank: Annotated[int, typer.Option(help="LoRA rank on the image encoder's attention.")] = 4,
     lora_targets: Annotated[str, typer.Option(help="q,v (query and value of the fused qkv, as SAMed) or module names: qkv,proj.")] = "q,v",
@@ -455,7 +477,7 @@ def _xy(text: str, n: int, what: str) -> list[float]:
 def sam_segment(
     input: Annotated[Path, typer.Option("--input", help="Image file or DICOM series folder.")],
     output: Annotated[Path, typer.Option("--output", help="Folder for the mask (CASE.nii.gz in the input's geometry).")],
-    model: Annotated[Optional[str], typer.Option("--model", help="SAM run folder (`sam train` / `sam finetune`), official .pth, or variant name (default: the small SAM shipped with medfound).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="litemedsam, a SAM run folder (`sam train` / `sam finetune`), an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
     box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in the slice's pixels (x = first array axis).")] = None,
     point: Annotated[Optional[list[str]], typer.Option(help="x,y,label (1 inside, 0 outside); repeatable.")] = None,
     slice_index: Annotated[int, typer.Option("--slice", help="Slice index along --axis (3D inputs).")] = 0,
@@ -478,6 +500,11 @@ def sam_segment(
         raise InputError(None, "give --box and/or --point")
     if propagate and b is None:
         raise InputError(None, "--propagate needs a --box")
+    if axis not in (0, 1, 2):
+        raise InputError(None, f"--axis must be 0, 1 or 2, got {axis}")
+    from medfound.io.outputs import check_output_dir
+
+    check_output_dir(output, [input, model, base])
     image = read_image(input)
     sam, cfg = load_sam_model(model, base, image_size)
     session = SamSession.for_model(sam, cfg, image, axis=axis)
@@ -502,7 +529,7 @@ def sam_segment(
 def sam_evaluate(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset; a LoRA run's validation cases (or imagesTs), else every case.")],
     out: Annotated[Path, typer.Option("--out", help="CSV of Dice by prompt (per-structure rows beside it for a plain model).")],
-    model: Annotated[Optional[str], typer.Option("--model", help="SAM LoRA run (compared with its base), a `sam train` run, an official .pth (default: the shipped small SAM).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="litemedsam, a SAM LoRA run (compared with its base), a `sam train` run, an official .pth (default: the shipped small SAM).")] = None,
     structures: Annotated[str, typer.Option(help="For a plain model: heldout (DESIGN.md's never-trained structures), trained (the others) or all labels.")] = "heldout",
     base: Annotated[Optional[str], typer.Option(help="Base checkpoint, if moved since fine-tuning.")] = None,
     seed: Annotated[int, typer.Option(help="Prompt sampling seed (same for both models).")] = 0,
@@ -728,7 +755,10 @@ def segment(
     prior_weight: PriorOpt = None,
     through_plane_sigma: SmoothOpt = None,
 ) -> None:
-    """Segment new images from an example set, with no training (in-context)."""
+    """Segment new images from an example set, with no training (in-context).
+
+    Outputs appear whole or not at all: every input is read first, the masks are staged beside OUTPUT
+    and moved in only when every input has succeeded. OUTPUT may not be, contain or lie inside an input."""
     from medfound.infer.incontext import segment_path
 
     if axis not in (0, 1, 2):
@@ -785,11 +815,18 @@ def serve(
     workdir: Annotated[Optional[Path], typer.Option(help="Folder for uploaded studies and example sets (default: a new temporary folder).")] = None,
     support: Annotated[Optional[list[Path]], typer.Option("--support", help="nnU-Net example set offered on the page; repeat.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Fine-tuned segmenter run offered on the page; repeat.")] = None,
-    sam: Annotated[Optional[str], typer.Option(help="SAM for box/point prompts: a `sam train` or `sam finetune` run, an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
+    sam: Annotated[Optional[str], typer.Option(help="SAM for box/point prompts: litemedsam, a `sam train` or `sam finetune` run, an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
     incontext_model: Annotated[Optional[Path], typer.Option(help="In-context run (default: the shipped model).")] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload (refused from its Content-Length, never read in full).")] = 512,
+    max_voxels: Annotated[int, typer.Option(help="Largest image accepted, in voxels (checked from the header where the format has one).")] = 100_000_000,
+    memory_mb: Annotated[float, typer.Option(help="Memory budget of all open studies (images, masks, undo); uploads beyond it are refused.")] = 4096,
+    idle_minutes: Annotated[float, typer.Option(help="Close a study (and remove its files) after this long without a request.")] = 60,
 ) -> None:
-    """Web viewer: scroll a study, prompt SAM, segment from an example set, download the mask."""
+    """Web viewer: scroll a study, prompt SAM, segment from an example set, download the mask.
+
+    The page answers only to the host it is bound to, and state-changing requests must carry the
+    page's token, so other web pages cannot upload to it or read from it. A temporary work folder is
+    removed when the server stops (a --workdir is kept)."""
     import tempfile
 
     import uvicorn
@@ -797,15 +834,36 @@ def serve(
     from medfound.data.nnunet import NnUNetDataset
     from medfound.viewer.app import create_app
 
+    import math
+
+    if not 1 <= port <= 65535:
+        raise InputError(None, f"--port must be 1..65535, got {port}")
+    if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
+        raise InputError(None, f"--max-upload-mb must be a positive number, got {max_upload_mb}")
+    if workdir is not None:
+        from medfound.io.outputs import check_output_dir
+
+        check_output_dir(workdir, [*(support or []), *(model or [])])
     for s in support or []:
         NnUNetDataset.open(s)  # a bad example set fails here, with its path, not on the first click
     for m in model or []:
         if not (m / "config.json").is_file():
             raise InputError(m, "not a fine-tuned model run (no config.json)")
+    if max_voxels < 1 or not math.isfinite(memory_mb) or memory_mb <= 0 or not math.isfinite(idle_minutes) or idle_minutes <= 0:
+        raise InputError(None, "--max-voxels, --memory-mb and --idle-minutes must be positive")
     work = workdir or Path(tempfile.mkdtemp(prefix="medfound-serve-"))
-    app_ = create_app(work, support, model, sam, incontext_model, max_upload_mb)
+    # A wildcard bind answers to any name the machine has; a named bind only to that name (DNS rebinding).
+    hosts = None if host in ("0.0.0.0", "::") else sorted({host, "localhost", "127.0.0.1", "::1"})
+    app_ = create_app(work, support, model, sam, incontext_model, max_upload_mb, max_voxels=max_voxels,
+                      memory_mb=memory_mb, idle_minutes=idle_minutes, allowed_hosts=hosts)
     print(f"medfound viewer on http://{host}:{port}/  (studies in {work})", flush=True)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    finally:
+        if workdir is None:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @app.command("demo")

@@ -2,11 +2,14 @@
 
     python -m medfound.bench.sam [--variant vit_b] [--sizes 256,512,1024] [--repeats 2]
     python -m medfound.bench.sam --variant default [--sizes 256,512]
+    python -m medfound.bench.sam --variant litemedsam [--adapter RUN]
 
 prints one JSON line. Weights are random (speed does not depend on them; no checkpoint downloads).
 The decoder figure is what a new click on an already-embedded slice costs. ``default`` times the
 small SAM shipped with medfound end to end through a ``SamSession`` on a CT slice of each size: a box
 (zoomed crop: encoder + decoder, what the viewer's box costs) and a click on a cached slice.
+``litemedsam`` times the released LiteMedSAM weights (from ``make install``; a LoRA run with
+``--adapter``) at its 256 px input, fp32 and bf16: encoder, decoder, and a box answered end to end.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variant", default="vit_b")
     ap.add_argument("--sizes", default="256,512,1024")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--adapter", default=None, help="a `sam finetune --base litemedsam` run (with --variant litemedsam)")
     a = ap.parse_args(argv)
     if a.variant == "default":
         return _default(a)
+    if a.variant == "litemedsam":
+        return _litemedsam(a)
     results = []
     for size in [int(s) for s in a.sizes.split(",")]:
         torch.manual_seed(0)
@@ -69,6 +75,36 @@ def _default(a) -> dict:
                         "click_on_cached_slice_ms": round(click_ms, 1)})
     out = {"benchmark": "sam", "variant": "default (shipped conv SAM)", "model_input": cfg["image_size"],
            "results": results, "machine": machine()}
+    print(json.dumps(out))
+    return out
+
+
+def _litemedsam(a) -> dict:
+    from medfound.data.phantoms import make_phantom
+    from medfound.infer.sam_segment import SamSession
+    from medfound.models.sam import load_sam_model
+
+    sam, cfg = load_sam_model(a.adapter or "litemedsam")
+    size = cfg["image_size"]
+    x = to_sam_input(torch.rand(1, 1, size, size))
+    box = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.7]])
+    results = []
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            enc_ms = _time(lambda: sam.image_encoder(x), a.repeats)
+            emb = sam.image_encoder(x)
+            dec_ms = _time(lambda: decode(sam, emb, box, None, size), max(5, a.repeats))
+        results.append({"size": size, "precision": precision, "encoder_ms_per_slice": round(enc_ms, 1),
+                        "decoder_ms_per_prompt": round(dec_ms, 2)})
+    image, _ = make_phantom("CT", shape=(256, 256, 4), seed=0)
+    session = SamSession.for_model(sam, cfg, image)
+    box_ms = _time(lambda: SamSession.for_model(sam, cfg, image).segment(1, box=(70, 80, 140, 160)), a.repeats)
+    session.segment(1, points=[(128, 128)], labels=[1])
+    click_ms = _time(lambda: session.segment(1, points=[(128, 128)], labels=[1]), max(5, a.repeats))
+    results.append({"size": 256, "precision": "fp32", "box_answer_ms": round(box_ms, 1),
+                    "click_on_cached_slice_ms": round(click_ms, 1)})
+    out = {"benchmark": "sam", "variant": "litemedsam" + (" + LoRA adapter" if a.adapter else ""),
+           "parameters": sum(p.numel() for p in sam.parameters()), "results": results, "machine": machine()}
     print(json.dumps(out))
     return out
 

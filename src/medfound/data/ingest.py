@@ -24,7 +24,8 @@ from medfound.data.shards import ShardWriter
 from medfound.data.slicing import iter_slices, to_square
 from medfound.data.sources import ImageRef, Source, scan_sources
 from medfound.errors import InputError
-from medfound.io.atomic import atomic_dir
+from medfound.io.atomic import atomic_dir, check_replaceable
+from medfound.io.outputs import check_output_dir
 from medfound.io.image import MedImage
 
 
@@ -96,8 +97,11 @@ def ingest(sources: list[Source], out: str | os.PathLike, opts: IngestOptions = 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     out = Path(out)
+    check_output_dir(out, [s.path for s in sources])
     if out.exists() and not overwrite:
         raise InputError(out, "output folder exists (pass --overwrite to replace it)")
+    if overwrite:
+        check_replaceable(out)  # --overwrite replaces an earlier ingest output, never anything else
     t0 = time.time()
     scan = scan_sources(sources)
     errors = [{"path": p, "reason": r} for p, r in scan.errors]

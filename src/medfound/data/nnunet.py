@@ -120,6 +120,8 @@ def check_label(label: MedImage, image: MedImage, path: str | os.PathLike, allow
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
             raise InputError(path, "label map holds non-integer values")
+    if arr.size and np.min(arr) < 0:
+        raise InputError(path, f"label map holds negative values (min {np.min(arr):g}); labels are 0 (background) and up")
     if allowed is not None:
         extra = sorted(set(np.unique(arr).astype(int).tolist()) - allowed)
         if extra:

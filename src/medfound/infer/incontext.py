@@ -25,6 +25,8 @@ from medfound.data.slicing import from_square, iter_slices, plane_spacing, put_s
 from medfound.errors import InputError
 from medfound.infer.label_fusion import registered_label_fusion
 from medfound.io import MedImage, mask_extension, read_image, write_mask
+from medfound.io.image import is_known_modality
+from medfound.io.outputs import check_output_dir, final_paths, staged_dir, write_label_names
 from medfound.io.read import inputs_of
 from medfound.models.incontext import InContextSegmenter
 
@@ -497,6 +499,10 @@ def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, S
     return from_canonical(labels, prep.ornt) if prep.ornt is not None else labels
 
 
+#: support slices per label that ``segment`` and the viewer accept (one rule for both)
+SUPPORT_SIZES = (1, 64)
+
+
 def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,
                  model_run: str | os.PathLike | None = None, labels: list[str] | None = None,
                  support_size: int | None = 16, ensemble: int = 1, axis: int = 2, batch_size: int = 16,
@@ -509,26 +515,32 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
 
     from medfound.models.incontext_weights import load_incontext
 
-    if support_size is not None and not 1 <= support_size <= 64:
-        raise InputError(None, f"--support-size must be between 1 and 64, got {support_size}")
+    if support_size is not None and not SUPPORT_SIZES[0] <= support_size <= SUPPORT_SIZES[1]:
+        raise InputError(None, f"--support-size must be between {SUPPORT_SIZES[0]} and {SUPPORT_SIZES[1]}, got {support_size}")
     if ensemble < 1:
         raise InputError(None, f"--ensemble must be at least 1, got {ensemble}")
+    if batch_size < 1:
+        raise InputError(None, f"--batch-size must be at least 1, got {batch_size}")
+    if modality is not None and not is_known_modality(modality):
+        raise InputError(None, f"unknown modality {modality!r} (use ct, mr, pet, nm, xray, us)")
     model, cfg = load_incontext(model_run)
     size = int(cfg["model"]["size"])
     settings = inference_settings(cfg, refine=refine, flip=flip, prior_weight=prior_weight,
                                   through_plane_sigma=through_plane_sigma)
     ds = NnUNetDataset.open(support)
-    pools = support_pools(support, resolve_labels(ds, labels), size, axis)
+    output = check_output_dir(output, [input_path, support, model_run])
+    chosen = resolve_labels(ds, labels)
+    pools = support_pools(support, chosen, size, axis)
     items = inputs_of(Path(input_path))
-    images = [(case, read_image(path)) for case, path in items]  # read all first: bad input fails before any output
-    output = Path(output)
+    images = [(case, read_image(path)) for case, path in items]  # read all first: bad input fails before any work
     written = []
-    with Progress(disable=not progress, transient=True) as bar:
+    with Progress(disable=not progress, transient=True) as bar, staged_dir(output) as stage:
         task = bar.add_task("segment", total=len(images))
         for case, image in images:
             mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, modality,
                                  keep_largest=keep_largest, register=register, **settings)
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
-            written.append(write_mask(mask, image, output / f"{case}{ext}"))
+            written.append(write_mask(mask, image, stage / f"{case}{ext}"))
             bar.advance(task)
-    return written
+        written.append(write_label_names(stage, chosen))
+    return final_paths(written, stage, output)

@@ -20,6 +20,7 @@ from medfound.data.orientation import from_canonical, to_canonical
 from medfound.data.slicing import from_square, iter_slices, to_square
 from medfound.errors import InputError
 from medfound.io import MedImage, mask_extension, read_image, write_mask
+from medfound.io.outputs import check_output_dir, final_paths, staged_dir, write_label_names
 from medfound.io.read import inputs_of
 from medfound.models.segmenter import load_segmenter, predict_square
 
@@ -71,23 +72,30 @@ def predict_image(model: torch.nn.Module, cfg: dict, image: MedImage, batch_size
 def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,
                  batch_size: int = 16, dicom_seg: bool = False, bf16: bool = False, progress: bool = True,
                  modality: str | None = None) -> list[Path]:
+    """Every image of ``input_path`` -> ``output/<case>.<ext>``. Outputs appear together when every
+    image has succeeded, or not at all (they are staged beside ``output`` meanwhile)."""
     from rich.progress import Progress
 
     model, cfg = load_segmenter(model_run)
-    output = Path(output)
-    written = []
     items = inputs_of(Path(input_path))
-    with Progress(disable=not progress, transient=True) as bar:
+    output = check_output_dir(output, [input_path, model_run])
+    written = []
+    with Progress(disable=not progress, transient=True) as bar, staged_dir(output) as stage:
         task = bar.add_task("predict", total=len(items))
         for case, path in items:
             image = read_image(path)
+            if dicom_seg and image.format == "dicom":
+                from medfound.io.dicomseg import check_dicom_seg_source
+
+                check_dicom_seg_source(image, path)  # before this image's NIfTI is written
             mask = predict_image(model, cfg, image, batch_size, bf16, modality)
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
-            written.append(write_mask(mask, image, output / f"{case}{ext}"))
+            written.append(write_mask(mask, image, stage / f"{case}{ext}"))
             if dicom_seg and image.format == "dicom":
                 from medfound.io.dicomseg import write_dicom_seg
 
                 names = {int(i["label"]): i["name"] for i in cfg["classes"].values()}
-                written.append(write_dicom_seg(mask, image, output / f"{case}_seg.dcm", labels=names))
+                written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=names))
             bar.advance(task)
-    return written
+        written.append(write_label_names(stage, {int(i["label"]): i["name"] for i in cfg["classes"].values()}))
+    return final_paths(written, stage, output)

@@ -24,6 +24,36 @@ from medfound.io import MedImage
 from medfound.models.sam import decode, sam_view, to_sam_input
 
 
+def check_prompts(shape: tuple[int, ...], box=None, points=None, labels=None):
+    """Validated (box, points, labels) for a slice of ``shape``, in its array indices: a box is four
+    finite numbers x0 <= x1, y0 <= y1 that overlap the slice (clipped to it); a point is two finite
+    numbers inside the slice with label 1 (inside) or 0 (outside). Anything else is an InputError,
+    raised before any mask changes (an empty answer would erase a drawn label)."""
+    if box is None and not points:
+        raise InputError(None, "give a box and/or at least one point")
+    n0, n1 = shape[0], shape[1]
+    if box is not None:
+        b = np.asarray(box, np.float64).ravel()
+        if b.size != 4 or not np.isfinite(b).all():
+            raise InputError(None, f"a box is four finite numbers x0,y0,x1,y1; got {list(np.asarray(box).ravel())}")
+        if b[2] < b[0] or b[3] < b[1]:
+            raise InputError(None, f"box {b.tolist()} is inverted (needs x0 <= x1 and y0 <= y1)")
+        if b[2] < 0 or b[3] < 0 or b[0] > n0 - 1 or b[1] > n1 - 1:
+            raise InputError(None, f"box {b.tolist()} lies outside the slice (x 0..{n0 - 1}, y 0..{n1 - 1})")
+        box = [max(b[0], 0.0), max(b[1], 0.0), min(b[2], n0 - 1.0), min(b[3], n1 - 1.0)]
+    if points:
+        p = np.asarray(points, np.float64)
+        if p.ndim != 2 or p.shape[1] != 2 or not np.isfinite(p).all():
+            raise InputError(None, "a point is two finite numbers x,y (and a label 1 inside / 0 outside)")
+        if (p < -0.5).any() or (p[:, 0] > n0 - 0.5).any() or (p[:, 1] > n1 - 0.5).any():
+            raise InputError(None, f"point(s) outside the slice (x 0..{n0 - 1}, y 0..{n1 - 1}): {p.tolist()}")
+        labels = [1] * len(p) if labels is None else list(labels)
+        if len(labels) != len(p) or any(lab not in (0, 1) for lab in labels):
+            raise InputError(None, f"point labels must be 1 (inside) or 0 (outside), one per point; got {labels}")
+        points = p.tolist()
+    return box, (points or None), (labels if points else None)
+
+
 class SamSession:
     """One image (2D, or a volume sliced along ``axis``) and a SAM, with an embedding cache."""
 
@@ -77,8 +107,7 @@ class SamSession:
     @torch.no_grad()
     def logits(self, k: int = 0, box=None, points=None, labels=None) -> np.ndarray:
         """Mask logits on the slice's pixels (what :meth:`segment` thresholds at 0)."""
-        if box is None and not points:
-            raise InputError(None, "give a box and/or at least one point")
+        box, points, labels = check_prompts(self.slice_array(k).shape, box, points, labels)
         if box is not None and self.box_zoom:
             return self._logits_zoomed(k, box, points, labels)
         emb, geom = self.embedding(k)

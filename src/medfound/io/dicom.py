@@ -57,7 +57,11 @@ def find_series(files: list[str | os.PathLike]) -> tuple[list[DicomSeries], list
             errors.append((f, f"not a readable DICOM file: {_short(e)}"))
             continue
         if "SOPClassUID" not in ds and "Modality" not in ds:
-            errors.append((f, "not a DICOM image (no SOPClassUID or Modality)"))
+            from medfound.io.formats import extension_format
+
+            ext = extension_format(f)
+            errors.append((f, f"unreadable {ext.upper()} file" if ext and ext != "dicom"
+                           else "not a DICOM image (no SOPClassUID or Modality)"))
             continue
         uid = str(ds.get("SeriesInstanceUID", "")) or f"file:{f}"
         groups[uid].append(f)
@@ -83,7 +87,17 @@ def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> MedIma
         if len(series) > 1:
             listing = ", ".join(f"{s.uid} [{s.modality} {len(s.files)} files]" for s in series[:5])
             raise InputError(path, f"folder holds {len(series)} DICOM series; choose one: {listing}")
-        return read_dicom_series(series[0].files)
+        # Files that look like DICOM but cannot be read are damaged slices, not strangers: name them.
+        from medfound.io.formats import extension_format
+
+        damaged = [(f, why) for f, why in errors if extension_format(f) in (None, "dicom")]
+        try:
+            image = read_dicom_series(series[0].files)
+        except InputError as e:
+            if damaged:
+                raise InputError(damaged[0][0], f"{damaged[0][1]} (its series is incomplete without it)") from None
+            raise e from None
+        return _skipped(image, damaged) if damaged else image
     return read_dicom_series([str(p)])
 
 
@@ -91,12 +105,20 @@ def read_dicom_series(files: list[str]) -> MedImage:
     """Read the files of one series into a volume sorted by slice position (or one 2D image)."""
     if len(files) == 1:
         return _read_single(files[0])
-    headers = []
+    headers, bad = [], []
     for f in files:
         try:
             headers.append((f, _dcmread(f, header_only=True)))
         except Exception as e:
-            raise InputError(f, f"not a readable DICOM file: {_short(e)}") from None
+            bad.append((f, f"not a readable DICOM file: {_short(e)}"))
+    if bad and len(headers) < 2:
+        raise InputError(bad[0][0], bad[0][1])
+    if bad:  # the rest may still be a whole series: then the bad files are skipped, and named
+        try:
+            image = read_dicom_series([f for f, _ in headers])
+        except InputError:
+            raise InputError(bad[0][0], f"{bad[0][1]} (the rest of its series is incomplete without it)") from None
+        return _skipped(image, bad)
     ref = headers[0][1]
     if "ImageOrientationPatient" not in ref or any("ImagePositionPatient" not in h for _, h in headers):
         raise InputError(files[0], "series has no ImagePositionPatient/ImageOrientationPatient; "
@@ -113,6 +135,15 @@ def read_dicom_series(files: list[str]) -> MedImage:
     dist = (positions @ normal)[order]
     if np.any(np.diff(dist) < 1e-4):
         dup = headers[order[int(np.argmin(np.diff(dist))) + 1]][0]
+        # A damaged copy of a good slice (a truncated transfer) is skipped; real duplicates are an error.
+        close = np.abs(dist[:, None] - dist[None, :]) < 1e-4
+        shared = {int(order[i]) for i in range(len(order)) if close[i].sum() > 1}
+        bad = [(headers[i][0], why) for i in sorted(shared) if (why := _pixel_problem(headers[i][0]))]
+        if bad and len(bad) < len(headers):
+            try:
+                return _skipped(read_dicom_series([f for f, _ in headers if f not in dict(bad)]), bad)
+            except InputError:
+                pass
         raise InputError(dup, "two slices of the series share one position (mixed acquisitions?)")
     gaps = np.diff(dist)
     if gaps.max() - gaps.min() > max(0.01, 0.01 * gaps.mean()):
@@ -128,6 +159,27 @@ def read_dicom_series(files: list[str]) -> MedImage:
     step = (positions[order[-1]] - positions[order[0]]) / (len(order) - 1)
     lps = _plane_affine(ref, positions[order[0]], step)
     return _image(vol, LPS_TO_RAS @ lps, ref, files=sorted_files)
+
+
+def _pixel_problem(f: str) -> str | None:
+    """Why the pixels of ``f`` cannot be decoded, or None when they can."""
+    try:
+        _pixels(_dcmread(f, header_only=False), f)
+    except InputError as e:
+        return e.problem
+    except Exception as e:
+        return f"not a readable DICOM file: {_short(e)}"
+    return None
+
+
+def _skipped(image: MedImage, bad: list[tuple[str, str]]) -> MedImage:
+    """``image`` read without the damaged files ``bad``, which are recorded and named on stderr."""
+    import sys
+
+    image.meta["skipped_files"] = [{"path": f, "reason": why} for f, why in bad]
+    for f, why in bad:
+        print(f"medfound: skipped {f}: {why}", file=sys.stderr)
+    return image
 
 
 def _read_single(f: str) -> MedImage:

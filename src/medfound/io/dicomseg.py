@@ -11,6 +11,25 @@ from medfound.io.atomic import atomic_file
 from medfound.io.image import MedImage
 
 
+#: what highdicom needs of every source image to reference it from a DICOM-SEG
+SEG_SOURCE_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+
+
+def check_dicom_seg_source(reference: MedImage, path: str | os.PathLike | None = None) -> None:
+    """Raise InputError (before any output is written) unless a DICOM-SEG can reference ``reference``'s
+    files: each must carry the UIDs a SEG points to, a Frame of Reference among them."""
+    import pydicom
+
+    from medfound.errors import InputError
+
+    for f in reference.meta.get("dicom_files") or []:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        missing = [k for k in SEG_SOURCE_KEYS if not str(ds.get(k, "") or "")]
+        if missing:
+            raise InputError(f, f"has no {', '.join(missing)}; a DICOM-SEG must reference it, so --dicom-seg "
+                                "cannot be written for this series (run without --dicom-seg for the NIfTI mask)")
+
+
 def write_dicom_seg(mask: np.ndarray, reference: MedImage, path: str | os.PathLike,
                     labels: dict[int, str] | None = None, algorithm: str = "medfound") -> Path:
     """Write a label map (values 0..N on the grid of ``reference``) as one DICOM-SEG object.

@@ -23,6 +23,8 @@ def read_nibabel(path: str | os.PathLike, fmt: str) -> MedImage:
         data = data[..., 0]
     if data.ndim == 3 and data.shape[2] == 1 and fmt == "nifti" and img.header["dim"][0] == 2:
         data = data[..., 0]
+    if 0 in data.shape or 0 in tuple(img.shape):
+        raise InputError(path, f"image has no voxels (shape {tuple(img.shape)})")
     if data.ndim not in (2, 3):
         raise InputError(path, f"{data.ndim}D image of shape {data.shape}; medfound reads 2D or 3D "
                                "images (split multi-channel or time series into one file each)")

@@ -122,6 +122,10 @@ def load_sam(base: str | os.PathLike, image_size: int | None = None) -> tuple[Sa
     """A SAM from an official checkpoint path, or random weights from a variant name (``vit_b``,
     ``tiny`` ...). Returns the model and a description for configs."""
     base = str(base)
+    if base == "litemedsam":
+        from medfound.models.litemedsam import load_litemedsam
+
+        return load_litemedsam(image_size=image_size)
     if base.startswith("mae:"):
         return sam_from_mae(base[4:], image_size or 256)
     if base in SAM_VARIANTS:
@@ -180,7 +184,10 @@ def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"),
     by default (SAMed), or on whole modules named in ``targets`` (e.g. ``qkv``, ``proj``) through
     peft — the mask decoder trains; the prompt encoder on request."""
     from medfound.models.lora import add_lora, add_qv_lora
+    from medfound.models.tinyvit import TinyViT
 
+    if isinstance(sam.image_encoder, TinyViT) and tuple(targets) == ("q", "v"):
+        targets = ("qkv",)  # TinyViT packs q, k, v per head: adapt the whole projection (peft)
     if tuple(targets) == ("q", "v"):
         add_qv_lora(sam.image_encoder, rank)
     else:
@@ -223,10 +230,15 @@ def to_sam_input(slices: torch.Tensor) -> torch.Tensor:
 
 def decode(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
            points: tuple[torch.Tensor, torch.Tensor] | None = None, size: int | None = None) -> torch.Tensor:
-    """Mask logits (1, 1, S, S) for one image embedding (1, C, h, w) and its prompts (in pixels)."""
+    """Mask logits (1, 1, S, S) for one image embedding (1, C, h, w) and its prompts (in pixels).
+    Clicks alone are ambiguous (a part, the structure, its surroundings): a model whose decoder was
+    trained with three outputs (``sam.multimask_clicks``) answers them with the one its IoU head scores best."""
     sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-    low, _ = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+    multi = boxes is None and points is not None and getattr(sam, "multimask_clicks", False)
+    low, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multi)
+    if multi:  # (B, 3, h, w) -> the best-scoring of the three, (B, 1, h, w)
+        low = low[torch.arange(low.shape[0]), iou.argmax(dim=1)][:, None]
     size = size or sam.image_encoder.img_size
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 

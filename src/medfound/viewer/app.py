@@ -3,39 +3,100 @@ the same library functions as the CLI (SAM sessions, in-context segmentation, fi
 
 from __future__ import annotations
 
+import hmac
 import io
+import secrets
 import threading
 import uuid
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, StrictStr
 
 from medfound.errors import InputError
+from medfound.infer.incontext import SUPPORT_SIZES
 from medfound.io.figures import display  # [i, j] (RAS) -> screen rows/cols, anterior up
 from medfound.viewer.studies import ID, Study, StudyStore, safe_upload_name
 
 STATIC = Path(__file__).parent / "static"
 
 
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class SamRequest(BaseModel):
-    slice: int
-    box: list[float] | None = None          # [i0, j0, i1, j1] in the slice's array indices
-    points: list[list[float]] | None = None  # [[i, j, 1 (inside) | 0 (outside)], ...]
-    label: int = 1
+    slice: int = Field(ge=0)
+    box: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None  # [i0, j0, i1, j1], slice indices
+    points: list[Annotated[list[Finite], Field(min_length=3, max_length=3)]] | None = None  # [[i, j, 1 | 0], ...]
+    label: int = Field(1, ge=1, le=65535)
 
 
 class InContextRequest(BaseModel):
-    support: str
-    labels: list[int] | None = None
-    support_size: int = 16
+    support: StrictStr
+    labels: list[Annotated[int, Field(ge=1, le=65535)]] | None = None
+    support_size: int = Field(16, ge=SUPPORT_SIZES[0], le=SUPPORT_SIZES[1])  # the CLI's --support-size rule
 
 
 class PredictRequest(BaseModel):
-    model: str
+    model: StrictStr
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """One line per problem naming the field, never echoing the client's input (it may be a whole file
+    part, or hold NaN, which JSON cannot carry)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+class Guard:
+    """ASGI guard in front of the app. Rejects a request whose Host is not one this server answers to
+    (DNS rebinding), a state-changing request without the page's token (cross-origin form posts), and a
+    body over the upload limit - from its Content-Length before reading, and by counting while it
+    streams, so a large body is never read in full nor spooled to disk."""
+
+    def __init__(self, app, limit: int, token: str, hosts: list[str] | None):
+        self.app, self.limit, self.token, self.hosts = app, limit, token, hosts
+
+    async def _refuse(self, scope, receive, send, status: int, detail: str) -> None:
+        await JSONResponse({"detail": detail}, status_code=status, headers={"connection": "close"})(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.hosts is not None:
+            host = headers.get("host", "")
+            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name not in self.hosts:
+                return await self._refuse(scope, receive, send, 400, "unexpected Host header")
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            if not hmac.compare_digest(headers.get("x-medfound-token", ""), self.token):
+                return await self._refuse(scope, receive, send, 403, "missing or wrong x-medfound-token header "
+                                          "(state-changing requests come from the viewer's own page)")
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                return await self._refuse(scope, receive, send, 413, f"upload larger than the "
+                                          f"{self.limit / 2**20:g} MB limit")
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, f"upload larger than the {self.limit / 2**20:g} MB limit")
+            return message
+
+        return await self.app(scope, counted, send)
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -47,20 +108,34 @@ def _png(a: np.ndarray) -> bytes:
 
 
 def create_app(workdir: str | Path, supports: list[Path] | None = None, models: list[Path] | None = None,
-               sam: str | None = None, incontext_model: Path | None = None, max_upload_mb: float = 512) -> FastAPI:
+               sam: str | None = None, incontext_model: Path | None = None, max_upload_mb: float = 512,
+               max_voxels: int = 100_000_000, memory_mb: float = 4096, idle_minutes: float = 60,
+               allowed_hosts: list[str] | None = None, token: str | None = None) -> FastAPI:
     """Build the app. ``supports``: nnU-Net example sets offered by name; ``models``: fine-tuned segmenter
-    runs; ``sam``: a SAM run/checkpoint/variant for box and point prompts (None: the packaged small SAM); uploads capped at ``max_upload_mb``."""
-    app = FastAPI(title="medfound viewer", docs_url="/api/docs", openapi_url="/api/openapi.json")
-    store = StudyStore(workdir)
+    runs; ``sam``: a SAM run/checkpoint/variant for box and point prompts (None: the packaged small SAM).
+    Limits: bytes per upload, voxels per image, memory of all open studies, idle minutes before a study
+    is closed. ``allowed_hosts``: Host names answered (None: any); ``token``: the page's token that every
+    state-changing request must carry in ``x-medfound-token`` (default: a new random one, ``app.state.token``)."""
+    # No /api/docs page: FastAPI's loads its assets from a CDN, blank on an offline machine.
+    app = FastAPI(title="medfound viewer", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app.state.token = token or secrets.token_urlsafe(24)
+    store = StudyStore(workdir, max_voxels=max_voxels, memory_bytes=int(memory_mb * 2**20),
+                       idle_seconds=idle_minutes * 60)
+    app.state.store = store
     support_sets = {p.name: p for p in (supports or [])}
     uploaded_supports: dict[str, Path] = {}
     limit = int(max_upload_mb * 1024 * 1024)
+    app.add_middleware(Guard, limit=limit + 2**20, token=app.state.token, hosts=allowed_hosts)  # + multipart framing
     state: dict = {"sam": None, "incontext": None, "segmenters": {}}
     load_lock = threading.Lock()
 
     @app.exception_handler(InputError)
     def _bad_input(request: Request, exc: InputError):
         return JSONResponse(status_code=400, content={"detail": exc.message})
+
+    @app.exception_handler(RequestValidationError)
+    def _malformed(request: Request, exc: RequestValidationError):
+        return JSONResponse(status_code=422, content={"detail": _validation_message(exc)})
 
     @app.exception_handler(KeyError)
     def _unknown(request: Request, exc: KeyError):
@@ -96,9 +171,11 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
             raise HTTPException(413, f"upload larger than the {max_upload_mb:g} MB limit")
         return data
 
+    page = (STATIC / "index.html").read_text().replace("{{MEDFOUND_TOKEN}}", app.state.token)
+
     @app.get("/")
     def index():
-        return FileResponse(STATIC / "index.html")
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -118,6 +195,11 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
     @app.get("/api/studies/{sid}")
     def study_info(sid: str):
         return store.get(sid).info()
+
+    @app.delete("/api/studies/{sid}")
+    def close_study(sid: str):
+        store.delete(sid)
+        return {"closed": sid}
 
     @app.get("/api/studies/{sid}/slice/{k}.png")
     def slice_png(sid: str, k: int, level: float | None = None, width: float | None = None):
@@ -141,20 +223,16 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
     def sam_prompt(sid: str, req: SamRequest):
         st = store.get(sid)
         model, _cfg = _sam()
-        if req.box is None and not req.points:
-            raise HTTPException(400, "give a box and/or at least one point")
-        if not 1 <= req.label <= 65535:
-            raise HTTPException(400, "label must be 1..65535")
-        from medfound.infer.sam_segment import SamSession
+        from medfound.infer.sam_segment import SamSession, check_prompts
 
         with st.lock:
+            pts = [p[:2] for p in (req.points or [])] or None
+            labs = [p[2] for p in (req.points or [])] or None
+            check_prompts(st.slice(req.slice).shape, req.box, pts, labs)  # a bad prompt changes nothing
             if st.sam_session is None:
                 st.sam_session = SamSession.for_model(model, _cfg, st.view, axis=2)
-            st.slice(req.slice)
-            pts = [p[:2] for p in (req.points or [])] or None
-            labs = [int(p[2]) for p in (req.points or [])] or None
             m = st.sam_session.segment(req.slice, box=req.box, points=pts, labels=labs)
-            st.push_undo()
+            st.push_undo([req.slice])
             sl = st.mask_slice(req.slice)
             sl[sl == req.label] = 0
             sl[m] = req.label
@@ -164,7 +242,7 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
     @app.post("/api/supports", status_code=201)
     async def upload_support(images: list[UploadFile] = File(...), masks: list[UploadFile] = File(...)):
         """An example set from image/mask pairs (paired in upload order) -> an nnU-Net folder."""
-        from medfound.data.nnunet import write_dataset
+        from medfound.data.nnunet import check_label, write_dataset
         from medfound.io import read_image
 
         if len(images) != len(masks) or not images:
@@ -186,9 +264,13 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
                     except InputError as e:
                         raise InputError(f.filename or kind, e.problem) from None
                 img, lab = read
-                if lab.shape != img.shape:
-                    raise InputError(fm.filename or "mask", f"mask shape {lab.shape} differs from its image {img.shape}")
-                arr = np.rint(lab.array).astype(np.uint16)
+                try:  # as `medfound data check` does: same grid, integer values >= 0
+                    check_label(lab, img, fm.filename or "mask")
+                except InputError as e:
+                    raise InputError(fm.filename or "mask", e.problem) from None
+                if lab.array.size and lab.array.max() > 65535:
+                    raise InputError(fm.filename or "mask", "label values above 65535")
+                arr = lab.array.astype(np.uint16)
                 values |= {int(v) for v in np.unique(arr) if v}
                 cases.append((f"case{i:04d}", img, arr))
             if not values:
@@ -249,7 +331,7 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
         with st.lock:
             if not st.undo:
                 raise HTTPException(409, "nothing to undo")
-            st.mask[...] = st.undo.pop()
+            st.pop_undo()
             return {"volumes_ml": st.volumes_ml(), "undo": len(st.undo)}
 
     @app.get("/api/studies/{sid}/download")

@@ -5,7 +5,10 @@ const COLOURS = [[0,0,0],[230,25,75],[60,180,75],[255,225,25],[0,130,200],[245,1
 let study = null, slice = 0, points = [], drag = null, imgEl = null, maskData = null, busy = false;
 
 function status(msg, error = false) { const s = $("status"); s.textContent = msg; s.className = error ? "error" : ""; }
+// State-changing requests carry the page's token: a page from another origin cannot read it.
+const TOKEN = document.querySelector('meta[name="medfound-token"]')?.content || "";
 async function api(path, opts = {}) {
+  opts.headers = {...(opts.headers || {}), "x-medfound-token": TOKEN};
   const r = await fetch(path, opts);
   const body = r.headers.get("content-type")?.includes("json") ? await r.json() : null;
   if (!r.ok) throw new Error(body?.detail || r.statusText);

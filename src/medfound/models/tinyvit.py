@@ -1,0 +1,268 @@
+"""TinyViT, the image encoder of LiteMedSAM, written for medfound.
+
+LiteMedSAM's own package imports ``timm`` for this encoder, and timm needs torchvision, which does
+not import beside the CPU torch medfound pins; so the architecture is written here, one class per
+idea, in segment-anything's style. Parameter names follow the released state dict exactly
+(``patch_embed.seq.0.c``, ``layers.N.blocks.M.attn.qkv``, ``neck.0`` ...), so the weights load strictly.
+
+The LiteMedSAM variant (256x256 input, 256x64x64 embedding) differs from the TinyViT paper in two
+ways that its weights depend on: the patch embedding is two 1x1 convolutions at full resolution (no
+stride), and the last merge keeps the resolution, so the stages run at 256, 128, 64 and 64 pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    image_size: int = 256
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+    mbconv_expand: float = 4.0
+    out_chans: int = 256
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Feature-map side of each stage: halved by each merge except the last."""
+        s = self.image_size
+        return [s, s // 2, s // 4, s // 4]
+
+
+class ConvBN(nn.Sequential):
+    """Convolution without bias followed by batch norm (named ``c`` and ``bn`` as released)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(cout))
+
+
+class PatchEmbed(nn.Module):
+    """Pixels -> stage-0 features at full resolution: two 1x1 conv-BN with a GELU between."""
+
+    def __init__(self, cin: int, dim: int):
+        super().__init__()
+        self.seq = nn.Sequential(ConvBN(cin, dim // 2), nn.GELU(), ConvBN(dim // 2, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual (expand 1x1, depthwise 3x3, project 1x1) of the convolutional first stage."""
+
+    def __init__(self, dim: int, expand: float):
+        super().__init__()
+        hidden = int(dim * expand)
+        self.conv1 = ConvBN(dim, hidden)
+        self.conv2 = ConvBN(hidden, hidden, 3, groups=hidden)
+        self.conv3 = ConvBN(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        y = F.gelu(self.conv2(F.gelu(self.conv1(x))))
+        return F.gelu(x + self.conv3(y))
+
+
+class PatchMerging(nn.Module):
+    """Between stages: 1x1 to the next width, depthwise 3x3 (stride 2, or 1 before the last stage),
+    1x1. Takes (B, C, H, W) or tokens (B, H*W, C); returns tokens (B, H'*W', C')."""
+
+    def __init__(self, resolution: int, dim: int, out_dim: int, stride: int):
+        super().__init__()
+        self.resolution = resolution
+        self.conv1 = ConvBN(dim, out_dim)
+        self.conv2 = ConvBN(out_dim, out_dim, 3, stride=stride, groups=out_dim)
+        self.conv3 = ConvBN(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            b, n, c = x.shape
+            x = x.transpose(1, 2).reshape(b, c, self.resolution, self.resolution)
+        x = self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
+        return x.flatten(2).transpose(1, 2)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside a window, with a learned bias per head for each (|dy|, |dx|)
+    offset between two positions. ``qkv`` packs, per head, the query, key and value side by side."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        points = list(itertools.product(range(window), range(window)))
+        offsets: dict[tuple[int, int], int] = {}
+        idx = [offsets.setdefault((abs(a[0] - b[0]), abs(a[1] - b[1])), len(offsets)) for a in points for b in points]
+        self.attention_biases = nn.Parameter(torch.zeros(heads, len(offsets)))
+        self.register_buffer("bias_index", torch.tensor(idx).view(len(points), len(points)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B', N, C) with N = window * window
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, self.heads, 3 * self.head_dim).permute(0, 2, 1, 3).chunk(3, dim=-1)
+        bias = self.attention_biases[:, self.bias_index].to(q.dtype)  # (heads, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B', heads, N, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class TinyViTBlock(nn.Module):
+    """Window attention (zero-padded to whole windows), a depthwise 3x3 conv-BN, an MLP; residuals
+    around the attention and the MLP."""
+
+    def __init__(self, dim: int, resolution: int, heads: int, window: int, mlp_ratio: float):
+        super().__init__()
+        self.resolution, self.window = resolution, window
+        self.attn = WindowAttention(dim, heads, window)
+        self.local_conv = ConvBN(dim, dim, 3, groups=dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = w = self.resolution
+        ws = self.window
+        x = x.view(b, h, w, c)
+        ph, pw = (-h) % ws, (-w) % ws
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        nh, nw = (h + ph) // ws, (w + pw) // ws
+        x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+        x = self.attn(x)
+        x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, h + ph, w + pw, c)
+        return x[:, :h, :w].reshape(b, n, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H*W, C)
+        b, n, c = x.shape
+        x = x + (self.attn(x) if self.resolution == self.window else self._windows(x))
+        x = self.local_conv(x.transpose(1, 2).reshape(b, c, self.resolution, self.resolution))
+        x = x.view(b, c, n).transpose(1, 2)
+        return x + self.mlp(x)
+
+
+class Stage(nn.Module):
+    """One stage: its blocks, then the merge into the next stage (none after the last)."""
+
+    def __init__(self, blocks: list[nn.Module], downsample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map (as in segment-anything's necks)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * (x - u) / torch.sqrt(s + self.eps) + self.bias[:, None, None]
+
+
+#: SAM's input normalisation (RGB 0-255, ImageNet statistics), which every medfound SAM encoder receives
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+
+
+class TinyViT(nn.Module):
+    """LiteMedSAM's image encoder: (B, 3, 256, 256) -> (B, 256, 64, 64).
+
+    It takes what every SAM encoder in medfound is given (SAM-normalised RGB, see
+    ``models.sam.to_sam_input``) and turns it into MedSAM's own input - intensities min-max scaled to
+    [0, 1] per image, three equal channels - so that sessions, propagation, the viewer and LoRA
+    fine-tuning run on it unchanged.
+    """
+
+    def __init__(self, cfg: TinyViTConfig = TinyViTConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.img_size = cfg.image_size
+        dims, res = cfg.embed_dims, cfg.resolutions
+        self.patch_embed = PatchEmbed(3, dims[0])
+        layers = []
+        for i, (dim, depth) in enumerate(zip(dims, cfg.depths)):
+            last = i == len(dims) - 1
+            down = None if last else PatchMerging(res[i], dim, dims[i + 1], stride=1 if i == len(dims) - 2 else 2)
+            if i == 0:
+                blocks = [MBConv(dim, cfg.mbconv_expand) for _ in range(depth)]
+            else:
+                blocks = [TinyViTBlock(dim, res[i], cfg.num_heads[i], cfg.window_sizes[i], cfg.mlp_ratio)
+                          for _ in range(depth)]
+            layers.append(Stage(blocks, down))
+        self.layers = nn.ModuleList(layers)
+        self.neck = nn.Sequential(nn.Conv2d(dims[-1], cfg.out_chans, 1, bias=False), LayerNorm2d(cfg.out_chans),
+                                  nn.Conv2d(cfg.out_chans, cfg.out_chans, 3, padding=1, bias=False),
+                                  LayerNorm2d(cfg.out_chans))
+        self.register_buffer("sam_mean", torch.tensor(SAM_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("sam_std", torch.tensor(SAM_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> TinyViT:
+        """Batch norms keep the released statistics in training too: LoRA fine-tuning saves only the
+        adapters and trained parts, so statistics that drifted in training would be lost on reload."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def medsam_input(self, x: torch.Tensor) -> torch.Tensor:
+        """SAM-normalised RGB -> MedSAM's [0, 1] input, min-max scaled per image."""
+        x = (x * self.sam_std + self.sam_mean) / 255.0
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stages' outputs as maps (B, C_i, H_i, W_i) for SAM-normalised input (as ``forward``):
+        the feature pyramid a segmentation decoder can stand on."""
+        x = self.patch_embed(self.medsam_input(x))
+        out = []
+        for i, layer in enumerate(self.layers):
+            for blk in layer.blocks:
+                x = blk(x)
+            side = self.cfg.resolutions[i]
+            out.append(x if x.ndim == 4 else x.transpose(1, 2).reshape(x.shape[0], -1, side, side))
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) SAM-normalised
+        x = self.patch_embed(self.medsam_input(x))
+        for layer in self.layers:
+            x = layer(x)
+        b, n, c = x.shape
+        side = self.cfg.resolutions[-1]
+        return self.neck(x.transpose(1, 2).reshape(b, c, side, side))  # (B, 256, 64, 64)

