@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 SAMPLES := $(VENV)/share/medfound-samples
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench results clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -n 2 --timeout 900
+
+# Rebuild the pages of docs/results/ (tables and plots) from their CSVs; reruns no experiment.
+results: install
+	$(PY) -m medfound.eval.results docs/results
 
 test-slow: install
 	$(PY) -m pytest -q -m slow --timeout 3600

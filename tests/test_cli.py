@@ -90,3 +90,82 @@ def test_ingest_cli_bad_files_skipped_and_all_bad_fails(tmp_path, bad_files, pyd
     _assert_input_error(run_cli("data", "ingest", tmp_path / "missing", "--out", tmp_path / "o4"), "missing")
     r = run_cli("data", "ingest", pool, "--out", tmp_path / "o5", "--modality", "banana")
     assert r.returncode == 2 and "banana" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version_short_help_and_groups():
+    import medfound
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and medfound.__version__ in r.stdout
+    for cmd in (["-h"], ["sam", "segment", "-h"], ["data", "make-support", "-h"], ["segment", "-h"]):
+        r = run_cli(*cmd)
+        assert r.returncode == 0 and "Usage" in r.stdout, cmd
+
+
+def test_trainer_options_defined_once():
+    from pathlib import Path
+
+    import medfound.cli as cli
+
+    root = Path(cli.__file__).parent
+    defs = [f.name for f in root.glob("*.py") if 'typer.Option(help="cpu, gpu or auto.")' in f.read_text()]
+    assert defs == ["common.py"]
+
+
+def test_make_support_then_segment_and_evaluate_by_name(tmp_path):
+    from medfound.data.phantoms import make_phantom
+    from medfound.io import write_image
+
+    pairs = []
+    for i in range(2):
+        img, lab = make_phantom("MR", shape=(32, 30, 8), seed=30 + i)
+        img.format = "nifti"
+        sparse = np.zeros_like(lab, dtype=np.uint8)
+        sparse[:, :, 2:6:2] = (lab[:, :, 2:6:2] == 1)  # two labelled slices per case, value 1
+        write_image(img, tmp_path / f"img{i}.nii.gz")
+        write_image(img.with_array(sparse), tmp_path / f"msk{i}.nii.gz")
+        pairs += [tmp_path / f"img{i}.nii.gz", tmp_path / f"msk{i}.nii.gz"]
+    (tmp_path / "names.json").write_text(json.dumps({"organ": 1}))
+    r = run_cli("data", "make-support", *pairs, "--out", tmp_path / "ex", "--labels", tmp_path / "names.json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "ex" / "dataset.json").read_text())
+    assert info["labels"] == {"background": 0, "organ": 1} and info["numTraining"] == 2
+    assert run_cli("data", "check", tmp_path / "ex").returncode == 0
+    _assert_input_error(run_cli("data", "make-support", *pairs, "--out", tmp_path / "ex"), "exists")
+    _assert_input_error(run_cli("data", "make-support", *pairs[:3], "--out", tmp_path / "ex2"), "pairs")
+    r = run_cli("segment", "--support", tmp_path / "ex", "--input", pairs[0], "--output", tmp_path / "o",
+                "--support-size", "2", "--no-refine", "--no-flip")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o" / "labels.json").read_text()) == {"0": "background", "1": "organ"}
+    # the truth names the same structure with another value: evaluate matches it by name
+    truth = tmp_path / "Dataset990_T"
+    (truth / "labelsTr").mkdir(parents=True)
+    lab = nib.load(pairs[1])
+    nib.save(nib.Nifti1Image((np.asarray(lab.dataobj) > 0).astype(np.uint8) * 7, lab.affine),
+             str(truth / "labelsTr" / "img0.nii.gz"))
+    (truth / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 7}}))
+    r = run_cli("evaluate", "--pred", tmp_path / "o", "--truth", truth / "labelsTr", "--out", tmp_path / "e.csv")
+    assert r.returncode == 0 and "matched by name" in r.stdout, r.stderr
+    summary = json.loads((tmp_path / "e_summary.json").read_text())
+    assert summary["labels_matched_by"] == "name" and list(summary["labels"]) == ["7"]
+
+
+def test_sam_segment_on_a_volume_needs_a_slice(tmp_path):
+    img = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 5), np.int16), np.eye(4)), str(img))
+    _assert_input_error(run_cli("sam", "segment", "--model", "tiny", "--input", img, "--output", tmp_path / "o",
+                                "--box", "2,2,9,9"), "--slice")
+
+
+def test_old_option_spellings_still_work_but_are_not_listed(tmp_path):
+    from medfound.cli.aliases import canonical_argv
+
+    assert canonical_argv(["incontext", "train", "--steps", "5", "--size=64", "--lora-rank", "2", "--out", "r"]) == \
+        ["incontext", "train", "--max-steps", "5", "--image-size=64", "--rank", "2", "--output", "r"]
+    assert canonical_argv(["predict", "--bf16", "--", "--out"]) == ["predict", "--precision", "bf16", "--", "--out"]
+    for flag in ("--out", "--output", "-o"):
+        r = run_cli("data", "phantoms", flag, tmp_path / flag.strip("-"), "--cases", "1", "--modalities", "CT")
+        assert r.returncode == 0, r.stderr
+    shown = run_cli("incontext", "train", "--help").stdout
+    assert "--max-steps" in shown and "--image-size" in shown and "--lora-rank" not in shown
+    assert " --out " not in shown and "--steps " not in shown

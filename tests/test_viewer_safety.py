@@ -1,9 +1,6 @@
 """The viewer as a hostile client would try it: oversized bodies, decompression bombs, bad prompts,
 malformed JSON, forged hosts and cross-origin posts, leaked paths. Each answers 4xx and changes nothing."""
 
-import gzip
-import io
-import json
 import os
 import signal
 import subprocess

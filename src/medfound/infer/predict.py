@@ -18,7 +18,6 @@ import torch
 from medfound.data.normalize import apply_bounds, intensity_bounds
 from medfound.data.orientation import from_canonical, to_canonical
 from medfound.data.slicing import from_square, iter_slices, to_square
-from medfound.errors import InputError
 from medfound.io import MedImage, mask_extension, read_image, write_mask
 from medfound.io.outputs import check_output_dir, final_paths, staged_dir, write_label_names
 from medfound.io.read import inputs_of

@@ -1,0 +1,96 @@
+"""`medfound experiment ...`: label efficiency, support size."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medfound.cli.common import (
+    FlipOpt,
+    PriorOpt,
+    RefineOpt,
+    RegisterOpt,
+    SmoothOpt,
+    _ints,
+    experiment_app,
+)
+from medfound.errors import InputError
+
+
+@experiment_app.command("label-efficiency")
+def experiment_label_efficiency(
+    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset (imagesTs/labelsTs are the test set if present).")],
+    encoder: Annotated[str, typer.Option("--encoder", help="Exported MAE run to compare against scratch.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder: results.csv, summary.csv, label_efficiency.png, runs/.")],
+    fractions: Annotated[str, typer.Option(help="Comma-separated label fractions.")] = "0.05,0.1,0.25,0.5,1",
+    seeds: Annotated[int, typer.Option(help="Seeds per fraction and arm.")] = 3,
+    modes: Annotated[str, typer.Option(help="Pretrained arms: comma-separated of full, linear, lora (scratch-full is always added with full).")] = "full",
+    max_steps: Annotated[int, typer.Option(help="Fine-tuning steps per run.")] = 300,
+    ood_dataset: Annotated[Optional[Path], typer.Option("--ood-dataset", help="Second dataset for an out-of-domain table (labels matched by name).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Slice size (default: the encoder's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Decoder learning rate.")] = 1e-3,
+) -> None:
+    """Dice vs label fraction, pretrained vs scratch (and LoRA vs full), with seeds and CIs."""
+    from medfound.eval.experiments import label_efficiency
+    from medfound.train.finetune import FinetuneConfig
+
+    try:
+        fr = [float(f) for f in fractions.split(",")]
+    except ValueError:
+        raise InputError(None, f"--fractions must be numbers, got {fractions!r}") from None
+    if not fr or any(not 0 < f <= 1 for f in fr) or seeds < 1 or max_steps < 1:
+        raise InputError(None, "--fractions in (0, 1], --seeds and --max-steps >= 1")
+    mode_list = [m.strip() for m in modes.split(",")]
+    if any(m not in ("full", "linear", "lora") for m in mode_list):
+        raise InputError(None, f"--modes takes full, linear, lora; got {modes!r}")
+    base = FinetuneConfig(image_size=image_size, batch_size=batch_size, lr=lr)
+    summary = label_efficiency(dataset, encoder, fr, seeds, out, mode_list, max_steps, ood_dataset, base)
+    for r in summary:
+        extra = f"  OOD {r['ood_dice_mean']:.3f}" if "ood_dice_mean" in r else ""
+        print(f"{r['arm']:18s} fraction {r['fraction']:<5g} ({r['labeled_cases']} cases): Dice "
+              f"{r['test_dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] over {r['seeds']} seed(s){extra}")
+    print(f"{out / 'summary.csv'}, {out / 'label_efficiency.png'}")
+
+
+
+
+@experiment_app.command("support-size")
+def experiment_support_size(
+    support: Annotated[Path, typer.Option("--support", help="nnU-Net dataset the support slices come from.")],
+    test: Annotated[Path, typer.Option("--test", help="nnU-Net dataset of query volumes with their labels.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder: results.csv, summary.csv, summary.json, support_size.png.")],
+    sizes: Annotated[str, typer.Option(help="Support sizes (comma-separated).")] = "1,2,4,8,16,32",
+    seeds: Annotated[int, typer.Option(help="Random support subsets per size and structure.")] = 3,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the shipped model).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated of incontext, label-fusion, registered-label-fusion, finetune.")] = "incontext,label-fusion,registered-label-fusion,finetune",
+    finetune_steps: Annotated[int, typer.Option(help="Steps of the fine-tuning baseline per support set.")] = 150,
+    finetune_sizes: Annotated[Optional[str], typer.Option(help="Sizes at which to run the (slow) fine-tuning baseline (default: all).")] = None,
+    structure: Annotated[Optional[list[str]], typer.Option("--label", help="Support label name to evaluate; repeat (default: the held-out structures found in both).")] = None,
+    axis: Annotated[int, typer.Option(help="Slice axis (RAS).")] = 2,
+    also_largest: Annotated[bool, typer.Option(help="Also score in-context with only the largest connected piece kept (method incontext+largest).")] = False,
+    register: RegisterOpt = True,
+    refine: RefineOpt = None,
+    flip: FlipOpt = None,
+    prior_weight: PriorOpt = None,
+    through_plane_sigma: SmoothOpt = None,
+) -> None:
+    """Dice vs support size: in-context vs fine-tuning on the support vs label fusion, with seeds and CIs."""
+    from medfound.eval.support_size import support_size_experiment
+
+    if seeds < 1 or finetune_steps < 1:
+        raise InputError(None, "--seeds and --finetune-steps must be positive")
+    res = support_size_experiment(support, test, _ints(sizes, "--sizes"), out, seeds, model,
+                                  tuple(m.strip() for m in methods.split(",") if m.strip()), finetune_steps,
+                                  _ints(finetune_sizes, "--finetune-sizes") if finetune_sizes else None, structure, axis,
+                                  progress=sys.stderr.isatty(), also_largest=also_largest, register=register,
+                                  refine="model" if refine is None else refine, flip="model" if flip is None else flip,
+                                  prior_weight="model" if prior_weight is None else prior_weight,
+                                  through_plane_sigma="model" if through_plane_sigma is None else through_plane_sigma)
+    for r in res["by_size"]:
+        print(f"{r['method']:17s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+              f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")
+    print(f"{out / 'summary.json'}, {out / 'support_size.png'}")

@@ -1,0 +1,140 @@
+"""In-context segmentation: `segment`, `incontext train`, `incontext bank`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medfound.cli.common import (
+    AcceleratorOpt,
+    BankOpt,
+    CheckpointEveryOpt,
+    DevicesOpt,
+    ExcludeDatasetOpt,
+    ExcludeLabelOpt,
+    FlipOpt,
+    LrOpt,
+    MaxMinutesOpt,
+    NumNodesOpt,
+    PrecisionOpt,
+    PriorOpt,
+    RefineOpt,
+    RegisterOpt,
+    ResumeOpt,
+    SmoothOpt,
+    StepSeedOpt,
+    StrategyOpt,
+    WarmupOpt,
+    _ints,
+    _step_training,
+    app,
+    incontext_app,
+)
+from medfound.errors import InputError
+
+
+@incontext_app.command("train")
+def incontext_train(
+    out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints/, logs/, previews/, model.safetensors, config.json.")],
+    datasets: Annotated[Optional[list[Path]], typer.Option("--datasets", help="nnU-Net datasets whose labels are the training tasks; repeat.")] = None,
+    bank: BankOpt = None,
+    steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Episodes per device per step.")] = 16,
+    size: Annotated[int, typer.Option("--image-size", help="Working slice size (multiple of 8).")] = 128,
+    support_sizes: Annotated[str, typer.Option(help="Support-set sizes drawn per step (comma-separated, 1-64).")] = "1,2,4,8,12,16",
+    synthetic_fraction: Annotated[float, typer.Option(help="Share of episodes that are synthetic shape tasks.")] = 0.25,
+    negative_fraction: Annotated[float, typer.Option(help="Share of queries where the structure is absent.")] = 0.3,
+    zoom_fraction: Annotated[float, typer.Option(help="Share of real episodes cut to a window around the task at 2-3x the resolution (the refinement pass's view); reads the data at twice --size.")] = 0.0,
+    cross_subject_fraction: Annotated[float, typer.Option(help="Share of real episodes whose supports and query come from different subjects (tasks drawn in several), as in use: one patient's labels, another patient segmented.")] = 0.0,
+    exclude_label: ExcludeLabelOpt = None,
+    exclude_dataset: ExcludeDatasetOpt = None,
+    lr: LrOpt = 2e-3,
+    warmup_steps: WarmupOpt = 100,
+    max_minutes: MaxMinutesOpt = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this in-context run's weights.")] = None,
+    encoder: Annotated[str, typer.Option(help="Shared encoder: 'conv' (small convolutional, trained from scratch) or an MAE run folder from `medfound pretrain` (frozen ViT with LoRA adapters).")] = "conv",
+    lora_rank: Annotated[int, typer.Option("--rank", help="LoRA rank on the MAE encoder's attention (with --encoder RUN).")] = 4,
+    precision: PrecisionOpt = "bf16",
+    accelerator: AcceleratorOpt = "auto",
+    devices: DevicesOpt = "auto",
+    num_nodes: NumNodesOpt = 1,
+    strategy: StrategyOpt = "auto",
+    checkpoint_every: CheckpointEveryOpt = 200,
+    seed: StepSeedOpt = 0,
+    resume: ResumeOpt = False,
+) -> None:
+    """Many-task episodic training: every non-held-out label of every dataset is a task."""
+    from medfound.train.incontext import InContextTrainConfig, run_incontext_train
+
+    if not 0 <= negative_fraction < 1:
+        raise InputError(None, "--negative-fraction must be in [0, 1)")
+    if encoder != "conv" and not Path(encoder).is_dir():
+        raise InputError(encoder, "--encoder must be 'conv' or an MAE run folder (from `medfound pretrain`)")
+    if lora_rank < 1:
+        raise InputError(None, "--rank must be positive")
+    _step_training(InContextTrainConfig, run_incontext_train, "tasks", out=out, datasets=datasets, bank=bank,
+                   exclude_label=exclude_label, exclude_dataset=exclude_dataset, steps=steps, batch_size=batch_size,
+                   lr=lr, warmup_steps=warmup_steps, max_minutes=max_minutes, init=init, precision=precision,
+                   accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                   checkpoint_every=checkpoint_every, seed=seed, resume=resume, size=size,
+                   support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
+                   synthetic_fraction=synthetic_fraction, p_negative=negative_fraction, encoder=encoder,
+                   lora_rank=lora_rank, zoom_fraction=zoom_fraction,
+                   cross_subject_fraction=cross_subject_fraction)
+
+
+@incontext_app.command("bank")
+def incontext_bank(
+    datasets: Annotated[list[Path], typer.Option("--datasets", help="nnU-Net datasets to read; repeat.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Bank file (.npz): uint8 slices, label maps, positions, task index.")],
+    size: Annotated[int, typer.Option("--image-size", help="Slice size of the bank (multiple of 8): the training --size, twice it for --zoom-fraction.")] = 128,
+    exclude_label: Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never used as a task; repeat.")] = None,
+) -> None:
+    """Read task datasets once into a slice bank (held-out labels erased) for `incontext train --bank`."""
+    from medfound.data.episodes import build_bank, save_bank
+
+    for d in datasets:
+        if not d.is_dir():
+            raise InputError(d, "no such dataset folder")
+    bank = build_bank([str(d) for d in datasets], size, exclude_labels=tuple(exclude_label or ()),
+                      progress=sys.stderr.isatty())
+    save_bank(bank, out)
+    s = bank.summary()
+    print(f"{out}: {s['slices']} slices, {s['tasks']} tasks from {len(s['datasets'])} datasets")
+
+
+@app.command("segment")
+def segment(
+    support: Annotated[Path, typer.Option("--support", help="Example set: nnU-Net folder (imagesTr/labelsTr), 2D or 3D.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, or folder of images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: one mask per input, in its geometry.")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the model shipped with medfound).")] = None,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Label value or name to segment; repeat (default: all).")] = None,
+    support_size: Annotated[int, typer.Option(help="Support slices per label (spread over the example set).")] = 16,
+    ensemble: Annotated[int, typer.Option(help="Average over this many support subsets (member 1 evenly spread, others random).")] = 1,
+    axis: Annotated[int, typer.Option(help="Slice axis of 3D volumes in RAS (0 sagittal, 1 coronal, 2 axial).")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Query slices per batch.")] = 16,
+    modality: Annotated[Optional[str], typer.Option(help="Modality to assume (ct, mr, pet, xray, us) when a file records none.")] = None,
+    keep_largest: Annotated[bool, typer.Option(help="Keep only the largest connected piece of each label (single anatomical structures; not for lesions).")] = False,
+    register: RegisterOpt = True,
+    refine: RefineOpt = None,
+    flip: FlipOpt = None,
+    prior_weight: PriorOpt = None,
+    through_plane_sigma: SmoothOpt = None,
+) -> None:
+    """Segment new images from an example set, with no training (in-context).
+
+    Outputs appear whole or not at all: every input is read first, the masks are staged beside OUTPUT
+    and moved in only when every input has succeeded. OUTPUT may not be, contain or lie inside an input."""
+    from medfound.infer.incontext import segment_path
+
+    if axis not in (0, 1, 2):
+        raise InputError(None, "--axis must be 0, 1 or 2")
+    written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
+                           progress=sys.stderr.isatty(), keep_largest=keep_largest, register=register, refine=refine,
+                           flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma)
+    for w in written:
+        print(w)

@@ -1,0 +1,414 @@
+"""``make results``: the pages of ``docs/results/`` rebuilt from the CSVs the experiments wrote.
+
+Each page is a template (``docs/results/templates/NAME.md``: the question, the command that regenerates
+its data, a short reading) in which ``{{table:KEY}}`` and ``{{plot:KEY}}`` are replaced by a table and a
+plot made here from ``docs/results/data/``. Nothing is rerun, so text and data cannot drift: a test
+checks that the committed pages equal what this module produces.
+
+    python -m medfound.eval.results [docs/results]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from medfound.eval.metrics import summarise
+
+SIZES = (1, 2, 4, 8, 16, 32)
+#: the 12 held-out structures DESIGN.md names, as AAL spells them (the parahippocampal gyri are the other two)
+D12 = ("Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus", "Amygdala")
+GROUPS = ("thalamus", "caudate", "putamen", "pallidum", "hippocampus", "amygdala", "parahippocampal")
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _f(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _group(name: str) -> str | None:
+    low = name.lower()
+    if "parahippocamp" in low:
+        return "parahippocampal"
+    return next((g for g in GROUPS if g in low), None)
+
+
+def _in_d12(name: str) -> bool:
+    return _group(name) in {s.lower() for s in D12}
+
+
+class Data:
+    """Readers over ``docs/results/data``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def summary(self, name: str) -> dict[tuple[str, int], dict]:
+        return {(r["method"], int(r["size"])): r for r in _rows(self.root / "incontext" / f"{name}_summary.csv")}
+
+    def results(self, name: str) -> list[dict]:
+        return _rows(self.root / "incontext" / f"{name}_results.csv")
+
+
+def _cell(summary: dict, method: str, size: int, ci: bool = False) -> str:
+    r = summary.get((method, size))
+    if r is None:
+        return "—"
+    mean = float(r["dice_mean"])
+    return f"{mean:.3f} [{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]" if ci else f"{mean:.3f}"
+
+
+def _mean_over(rows: list[dict], method: str, size: int, keep: Callable[[str], bool]) -> dict:
+    v = [float(r["dice"]) for r in rows if r["method"] == method and int(r["size"]) == size and keep(r["structure"])]
+    return summarise(v)
+
+
+def _ci(s: dict) -> str:
+    return "—" if not s.get("n") else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+
+def aal_curve(d: Data) -> str:
+    shipped, base = d.summary("heldout_aal_shipped"), d.summary("heldout_aal_no_smoothing")
+    rows = [["**in-context, shipped settings**", *(f"**{_cell(shipped, 'incontext', s)}**" if (('incontext', s) in shipped)
+                                                  else "—" for s in SIZES)],
+            ["in-context, no smoothing across slices", *(_cell(base, "incontext", s) for s in SIZES)],
+            ["in-context, no smoothing, largest piece kept", *(_cell(base, "incontext+largest", s) for s in SIZES)],
+            ["registered label fusion (no model)", *(_cell(base, "registered-label-fusion", s) for s in SIZES)],
+            ["label fusion (nearest support by image similarity)", *(_cell(base, "label-fusion", s) for s in SIZES)]]
+    return _table(["supports", *map(str, SIZES)], rows)
+
+
+def aal_structures(d: Data) -> str:
+    shipped, base = d.results("heldout_aal_shipped"), d.results("heldout_aal_no_smoothing")
+    rows = []
+    for g in GROUPS:
+        keep = lambda n, g=g: _group(n) == g  # noqa: E731
+        rows.append([g, *(_f(_mean_over(shipped, "incontext", s, keep).get("mean")) for s in (8, 16)),
+                     *(_f(_mean_over(base, "registered-label-fusion", s, keep).get("mean")) for s in (8, 16)),
+                     _f(_mean_over(base, "label-fusion", 16, keep).get("mean"))])
+    rows.append(["**mean of the 12 DESIGN.md structures**",
+                 *(f"**{_ci(_mean_over(shipped, 'incontext', s, _in_d12))}**" for s in (8, 16)),
+                 *(_ci(_mean_over(base, "registered-label-fusion", s, _in_d12)) for s in (8, 16)),
+                 _f(_mean_over(base, "label-fusion", 16, _in_d12).get("mean"))])
+    return _table(["structure (left + right)", "in-context, 8", "in-context, 16", "registered LF, 8", "registered LF, 16",
+                   "label fusion, 16"], rows)
+
+
+def nm_summary(d: Data) -> str:
+    shipped, base = d.summary("heldout_neuromorphometrics_shipped"), d.summary("heldout_neuromorphometrics_no_smoothing")
+    rows = [["**in-context, shipped settings**", *(f"**{_cell(shipped, 'incontext', s, ci=True)}**" for s in (8, 16))],
+            ["in-context, no smoothing across slices", *(_cell(base, "incontext", s, ci=True) for s in (8, 16))],
+            ["registered label fusion (no model)", *(_cell(base, "registered-label-fusion", s, ci=True) for s in (8, 16))],
+            ["label fusion (image similarity)", *(_cell(base, "label-fusion", s, ci=True) for s in (8, 16))]]
+    return _table(["method", "8 supports", "16 supports"], rows)
+
+
+def nm_structures(d: Data) -> str:
+    shipped, base = d.results("heldout_neuromorphometrics_shipped"), d.results("heldout_neuromorphometrics_no_smoothing")
+    rows = []
+    for g in GROUPS:
+        keep = lambda n, g=g: _group(n) == g  # noqa: E731
+        a, b = _mean_over(shipped, "incontext", 16, keep), _mean_over(base, "registered-label-fusion", 16, keep)
+        if a.get("n"):
+            rows.append([g, _f(a["mean"]), _f(b.get("mean"))])
+    return _table(["structure (left + right)", "in-context, 16", "registered LF, 16"], rows)
+
+
+def finetune_summary(d: Data) -> str:
+    s = d.summary("heldout_vs_finetuning")
+    names = {"incontext": "in-context", "finetune": "U-Net fine-tuned on the supports", "label-fusion": "label fusion"}
+    rows = []
+    for m, label in names.items():
+        cells = []
+        for n in (8, 16):
+            r = s.get((m, n))
+            cells.append("—" if r is None else f"{_cell(s, m, n, ci=True)} ({float(r['seconds_mean']):.1f} s)")
+        rows.append([label, *cells])
+    res = d.results("heldout_vs_finetuning")
+    wins = sum(1 for (st, n) in {(r["structure"], r["size"]) for r in res}
+               if np.mean([float(r["dice"]) for r in res if r["structure"] == st and r["size"] == n and r["method"] == "incontext"])
+               > np.mean([float(r["dice"]) for r in res if r["structure"] == st and r["size"] == n and r["method"] == "finetune"]))
+    cells = len({(r["structure"], r["size"]) for r in res})
+    return _table(["method (Dice [95 % CI], s per volume)", "8 supports", "16 supports"], rows) + \
+        f"\n\nIn-context beats the fine-tuned U-Net on {wins} of {cells} structure × size cells."
+
+
+SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics"),
+                ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"))
+SAM_MODELS = (("small SAM", "smallsam"), ("LiteMedSAM", "litemedsam"), ("LiteMedSAM + LoRA", "litemedsam_lora"))
+
+
+def sam_prompts(d: Data) -> str:
+    """Dice by prompt for every (dataset, model) whose ``sam evaluate`` CSV is in ``data/sam/MODEL_DATASET.csv``."""
+    columns = []
+    for dlabel, dname in SAM_DATASETS:
+        for mlabel, mname in SAM_MODELS:
+            path = d.root / "sam" / f"{mname}_{dname}.csv"
+            if path.is_file():
+                rows = {r["prompt"]: r for r in _rows(path)}
+                columns.append((f"{dlabel}: {mlabel} ({next(iter(rows.values()))['n']})", rows))
+    prompts = list(dict.fromkeys(p for _, t in columns for p in t))
+    body = [[p, *(_f(float(t[p]["dice_mean"])) if p in t else "—" for _, t in columns)] for p in prompts]
+    return _table(["prompt", *(c for c, _ in columns)], body)
+
+
+WEIGHT_VARIANTS = (("whole-slice training", "heldout_aal_whole_slice_weights"),
+                   ("+ zoom episodes", "heldout_aal_zoom_weights"),
+                   ("+ cross-subject episodes (0.5)", "heldout_aal_cross_subject_0.5_weights"),
+                   ("+ cross-subject episodes (0.8), registration unseeded", "heldout_aal_unseeded_registration"),
+                   ("cross-subject 0.8 weights, shipped settings without smoothing", "heldout_aal_no_smoothing"),
+                   ("cross-subject 0.8 weights, shipped settings", "heldout_aal_shipped"))
+INFERENCE_VARIANTS = (("relative heights, fixed gate margin 0.05 (whole-slice weights)", "heldout_aal_relative_position"),
+                      ("registered heights, first pass only (whole-slice weights)", "heldout_aal_first_pass_only"))
+
+
+def tried_heldout(d: Data) -> str:
+    rows = []
+    for label, name in (*INFERENCE_VARIANTS, *WEIGHT_VARIANTS):
+        s = d.summary(name)
+        rows.append([label, *(_cell(s, "incontext", n) for n in SIZES)])
+    return _table(["held-out AAL, in-context", *map(str, SIZES)], rows)
+
+
+NM_VARIANTS = (("registered heights, first pass only (whole-slice weights)", "heldout_neuromorphometrics_first_pass_only"),
+               ("+ zoom episodes", "heldout_neuromorphometrics_zoom_weights"),
+               ("+ cross-subject episodes (0.5)", "heldout_neuromorphometrics_cross_subject_0.5_weights"),
+               ("+ cross-subject episodes (0.8), registration unseeded", "heldout_neuromorphometrics_unseeded_registration"),
+               ("cross-subject 0.8 weights, shipped settings without smoothing", "heldout_neuromorphometrics_no_smoothing"),
+               ("cross-subject 0.8 weights, shipped settings", "heldout_neuromorphometrics_shipped"))
+
+
+def tried_heldout_nm(d: Data) -> str:
+    rows = [[label, *(_cell(d.summary(name), "incontext", n) for n in (8, 16))] for label, name in NM_VARIANTS]
+    return _table(["held-out Neuromorphometrics, in-context", "8", "16"], rows)
+
+
+def _by_group(rows: list[dict], key: str, size_key: str = "size") -> dict[tuple[str, int], tuple[float, float]]:
+    """(setting, size) -> (mean Dice over the val10 structures, over the small5 ones)."""
+    groups = VAL_GROUPS
+    acc: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in rows:
+        if r.get("method", "incontext") != "incontext":
+            continue
+        g = groups.get(r["structure"])
+        if g:
+            acc.setdefault((r[key], int(r[size_key])), {}).setdefault(g, []).append(float(r["dice"]))
+    return {k: (float(np.mean(v.get("val10", [np.nan]))), float(np.mean(v.get("small5", [np.nan])))) for k, v in acc.items()}
+
+
+VAL_GROUPS: dict[str, str] = {}
+
+
+def _load_val_groups(d: Data) -> None:
+    for r in _rows(d.root / "incontext" / "validation_through_plane_results.csv"):
+        VAL_GROUPS[r["structure"]] = r["group"]
+
+
+def tried_validation_training(d: Data) -> str:
+    out = []
+    for name in ("validation_cross_subject_training", "validation_training_and_inference_variants"):
+        g = _by_group(d.results(name), "model")
+        models = list(dict.fromkeys(k[0] for k in g))
+        sizes = sorted({k[1] for k in g})
+        rows = [[m, *(f"{_f(g[(m, s)][0])} / {_f(g[(m, s)][1])}" if (m, s) in g else "—" for s in sizes)] for m in models]
+        out.append(_table(["weights and inference (val10 / small5)", *(f"{s} supports" for s in sizes)], rows))
+    return "\n\n".join(out)
+
+
+def tried_validation_smoothing(d: Data) -> str:
+    rows = _rows(d.root / "incontext" / "validation_through_plane_results.csv")
+    sig = sorted({float(r["through_plane_sigma"]) for r in rows})
+    body = []
+    for size in sorted({int(r["size"]) for r in rows}):
+        for grp in ("val10", "small5"):
+            body.append([f"{size} supports, {grp}", *(_f(float(np.mean([float(r["dice"]) for r in rows if int(r["size"]) == size
+                         and r["group"] == grp and float(r["through_plane_sigma"]) == s]))) for s in sig)])
+    return _table(["through-plane sigma", *(f"{s:g}" for s in sig)], body)
+
+
+def tried_validation_prior(d: Data) -> str:
+    rows = _rows(d.root / "incontext" / "validation_prior_weight_results.csv")
+    ws = sorted({float(r["prior_weight"]) for r in rows})
+    body = []
+    for size in sorted({int(r["size"]) for r in rows}):
+        for grp in ("val10", "small5"):
+            vals = []
+            for w in ws:
+                v = [float(r["dice"]) for r in rows if int(r["size"]) == size and float(r["prior_weight"]) == w
+                     and VAL_GROUPS.get(r["structure"]) == grp]
+                vals.append(_f(float(np.mean(v))) if v else "—")
+            body.append([f"{size} supports, {grp}", *vals])
+    return _table(["prior weight", *(f"{w:g}" for w in ws)], body)
+
+
+def tried_validation_refine(d: Data) -> str:
+    rows = _rows(d.root / "incontext" / "validation_refine_results.csv")
+    return _table(["setting (16 supports, 1 seed)", "val10", "small5", "s for 15 structures"],
+                  [[r["setting"], r["val10_dice"], r["small5_dice"], r["seconds_for_15_structures"] or "—"] for r in rows])
+
+
+def tried_validation_registration(d: Data) -> str:
+    g = _by_group(d.results("validation_registration"), "setting")
+    return _table(["registration and extent gate (16 supports, val10)", "Dice"],
+                  [[k[0], _f(v[0])] for k, v in g.items()])
+
+
+def tried_validation_encoder(d: Data) -> str:
+    g = _by_group(d.results("validation_encoder_comparison"), "encoder")
+    return _table(["encoder (10 CPU-minutes of training each; 16 supports, val10)", "Dice"], [[k[0], _f(v[0])] for k, v in g.items()])
+
+
+def label_efficiency(d: Data) -> str:
+    path = d.root / "label_efficiency" / "summary.csv"
+    if not path.is_file():
+        return "_(no data yet: run the command above)_"
+    rows = _rows(path)
+    fr = sorted({float(r["fraction"]) for r in rows})
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    by = {(r["arm"], float(r["fraction"])): r for r in rows}
+    body = [[a, *(f"{float(by[(a, f)]['test_dice_mean']):.3f} [{float(by[(a, f)]['ci_low']):.3f}, "
+                  f"{float(by[(a, f)]['ci_high']):.3f}] ({by[(a, f)]['seeds']} seeds)" if (a, f) in by else "—" for f in fr)]
+            for a in arms]
+    cases = {f: next(r["labeled_cases"] for r in rows if float(r["fraction"]) == f) for f in fr}
+    return _table(["arm", *(f"{f:g} of the labels ({cases[f]} case(s))" for f in fr)], body)
+
+
+def throughput(d: Data) -> str:
+    folder = d.root / "bench"
+    if not folder.is_dir():
+        return "_(no data yet: run the commands above)_"
+    out = []
+    for f in sorted(folder.glob("*.json")):
+        js = json.loads(f.read_text())
+        out.append(f"**{f.stem}** (`{js.get('command', '')}`)\n")
+        flat = {k: v for k, v in js.items() if isinstance(v, (int, float, str)) and k not in ("command",)}
+        rows = [[k, v] for k, v in flat.items()]
+        for r in js.get("results", []) if isinstance(js.get("results"), list) else []:
+            rows.append([", ".join(f"{k} {v}" for k, v in r.items() if not isinstance(v, (int, float)) or k in ("size",)),
+                         ", ".join(f"{k} {v}" for k, v in r.items() if isinstance(v, (int, float)) and k != "size")])
+        out.append(_table(["measure", "value"], rows))
+    return "\n\n".join(out)
+
+
+TABLES: dict[str, Callable[[Data], str]] = {
+    "aal_curve": aal_curve, "aal_structures": aal_structures, "nm_summary": nm_summary, "nm_structures": nm_structures,
+    "finetune_summary": finetune_summary, "sam_prompts": sam_prompts,
+    "tried_heldout": tried_heldout, "tried_heldout_nm": tried_heldout_nm, "tried_validation_training": tried_validation_training,
+    "tried_validation_smoothing": tried_validation_smoothing, "tried_validation_prior": tried_validation_prior,
+    "tried_validation_refine": tried_validation_refine, "tried_validation_registration": tried_validation_registration,
+    "tried_validation_encoder": tried_validation_encoder, "label_efficiency": label_efficiency, "throughput": throughput,
+}
+
+
+# ---- plots ----------------------------------------------------------------------------------------------
+
+def _curve_plot(d: Data, path: Path, series: list[tuple[str, str, str]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, name, method in series:
+        s = d.summary(name)
+        xs = [n for n in SIZES if (method, n) in s]
+        if not xs:
+            continue
+        ys = [float(s[(method, n)]["dice_mean"]) for n in xs]
+        lo = [float(s[(method, n)]["ci_low"]) for n in xs]
+        hi = [float(s[(method, n)]["ci_high"]) for n in xs]
+        ax.plot(xs, ys, marker="o", label=label)
+        ax.fill_between(xs, lo, hi, alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(SIZES, [str(n) for n in SIZES])
+    ax.set_xlabel("support slices per structure")
+    ax.set_ylabel("3D Dice (mean, 95 % CI)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+PLOTS: dict[str, Callable[[Data, Path], None]] = {
+    "aal_curve": lambda d, p: _curve_plot(d, p, [
+        ("in-context, shipped", "heldout_aal_shipped", "incontext"),
+        ("in-context, no smoothing", "heldout_aal_no_smoothing", "incontext"),
+        ("registered label fusion", "heldout_aal_no_smoothing", "registered-label-fusion"),
+        ("label fusion", "heldout_aal_no_smoothing", "label-fusion")], "Held-out AAL structures, Colin27 -> MNI152"),
+    "nm_curve": lambda d, p: _curve_plot(d, p, [
+        ("in-context, shipped", "heldout_neuromorphometrics_shipped", "incontext"),
+        ("registered label fusion", "heldout_neuromorphometrics_no_smoothing", "registered-label-fusion"),
+        ("label fusion", "heldout_neuromorphometrics_no_smoothing", "label-fusion")],
+        "Held-out structures, Neuromorphometrics labels on MNI152"),
+    "finetune_curve": lambda d, p: _curve_plot(d, p, [
+        ("in-context", "heldout_vs_finetuning", "incontext"), ("fine-tuned U-Net", "heldout_vs_finetuning", "finetune"),
+        ("label fusion", "heldout_vs_finetuning", "label-fusion")], "In-context vs fine-tuning on the supports"),
+    "tried_heldout": lambda d, p: _curve_plot(d, p, [(label, name, "incontext") for label, name in
+                                                     (*INFERENCE_VARIANTS, *WEIGHT_VARIANTS)],
+                                              "Held-out AAL: weights and inference variants"),
+}
+
+
+# ---- pages ----------------------------------------------------------------------------------------------
+
+TOKEN = re.compile(r"\{\{(table|plot):([a-z0-9_]+)\}\}")
+
+
+def render(root: str | Path = "docs/results", out: str | Path | None = None, plots: bool = True) -> list[Path]:
+    """Render every template of ``root/templates`` into ``out`` (default ``root``); returns the pages."""
+    root = Path(root)
+    out = Path(out) if out else root
+    data = Data(root / "data")
+    _load_val_groups(data)
+    written = []
+    for template in sorted((root / "templates").glob("*.md")):
+        text = template.read_text()
+
+        def fill(m: re.Match) -> str:
+            kind, key = m.group(1), m.group(2)
+            if kind == "table":
+                return TABLES[key](data)
+            if plots:
+                PLOTS[key](data, out / "plots" / f"{key}.png")
+            return f"![{key}](plots/{key}.png)"
+
+        page = "<!-- made by `make results` from templates/" + template.name + " and data/; edit those -->\n" + \
+            TOKEN.sub(fill, text)
+        path = out / template.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    for p in render(args[0] if args else "docs/results"):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
