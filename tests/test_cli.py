@@ -169,3 +169,53 @@ def test_old_option_spellings_still_work_but_are_not_listed(tmp_path):
     shown = run_cli("incontext", "train", "--help").stdout
     assert "--max-steps" in shown and "--image-size" in shown and "--lora-rank" not in shown
     assert " --out " not in shown and "--steps " not in shown
+
+
+def test_progress_plain_lines_when_not_a_terminal():
+    import io
+
+    from medfound.progress import Progress
+
+    buf = io.StringIO()
+    with Progress("segment", 4, every_s=0, stream=buf) as p:
+        for _ in range(4):
+            p.advance(1, "image 1/1")
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("medfound: segment: 25 %") and "left" in lines[0] and lines[-1].startswith("medfound: segment: 100 %")
+    quiet = io.StringIO()
+    with Progress("segment", 4, enabled=False, stream=quiet) as p:
+        p.advance(4)
+    assert quiet.getvalue() == ""
+
+
+def test_segment_says_what_it_did_and_warns_on_an_empty_label(tmp_path):
+    from medfound.data.nnunet import write_dataset
+    from medfound.data.phantoms import make_phantom
+    from medfound.io import write_image
+
+    cases = []
+    for i in range(2):
+        img, lab = make_phantom("MR", shape=(32, 30, 8), seed=40 + i)
+        img.format = "nifti"
+        cases.append((f"c{i}", img, lab))
+    support = write_dataset(tmp_path / "Dataset991_S", cases, {"background": 0, "organ": 1, "kidney": 2, "lesion": 3,
+                                                               "bone": 4}, {"0": "MR"}).root
+    query = tmp_path / "blank.nii.gz"
+    write_image(cases[0][1].with_array(np.zeros_like(cases[0][1].array)), query)  # nothing to find in it
+    r = run_cli("segment", "--support", support, "--input", query, "--output", tmp_path / "o", "--label", "organ",
+                "--support-size", "2", "--no-refine", "--no-flip")
+    assert r.returncode == 0, r.stderr
+    assert "modality MR" in r.stderr and "support slices per label" in r.stderr and "organ" in r.stderr and " ml" in r.stderr
+
+
+
+def test_empty_label_is_warned(capsys):
+    from medfound.data.phantoms import make_phantom
+    from medfound.infer.incontext import summarise_mask
+
+    img, _ = make_phantom("MR", shape=(10, 10, 4), seed=1)
+    mask = np.zeros(img.shape, np.uint16)
+    mask[2:4, 2:4, 1] = 1
+    summarise_mask("q", mask, img, {1: "organ", 2: "kidney"}, {"modality": "MR", "support_slices": {1: 8, 2: 8}})
+    err = capsys.readouterr().err
+    assert "organ 0.00" not in err and "warning: q: kidney came out empty" in err and "organ came out" not in err

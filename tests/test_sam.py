@@ -128,3 +128,44 @@ def test_qv_lora_adapts_query_and_value_only():
     torch.nn.init.normal_(lora.lora_v_B.weight)
     d = lora(x) - base(x)
     assert d[:, :8].abs().sum() > 0 and d[:, 8:16].abs().sum() == 0 and d[:, 16:].abs().sum() > 0
+
+
+def test_decoder_only_adaptation_on_several_datasets_caches_embeddings(tmp_path):
+    """--rank 0: the encoder stays as it was (no adapters), each distinct slice is embedded once, several
+    datasets train together with excluded structures left out, and the run reloads."""
+    import json
+
+    from medfound.models.sam import load_sam_model
+    from medfound.train.sam_finetune import EmbeddingCache
+
+    a = write_phantom_dataset(tmp_path / "a", ("CT",), cases_per_modality=2)
+    b = write_phantom_dataset(tmp_path / "b", ("MR",), cases_per_modality=2, seed=4)
+    run = tmp_path / "run"
+    r = run_cli("sam", "finetune", "--dataset", a.root, "--dataset", b.root, "--base", "tiny", "--output", run,
+                "--rank", "0", "--max-steps", "3", "--batch-size", "2", "--accelerator", "cpu", "--exclude-label", "kidney")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["rank"] == 0 and len(cfg["data"]["datasets"]) == 2 and cfg["data"]["excluded_labels"] == ["kidney"]
+    assert all("kidney" not in cfg["classes"][k]["name"] for k in cfg["classes"])
+    sam, c = load_sam_model(run)
+    assert c["adapted"] and not any("lora_" in n for n, _ in sam.named_parameters())
+    calls = []
+    cache = EmbeddingCache()
+
+    def encoder(x):
+        calls.append(len(x))
+        return torch.zeros(len(x), 4, 2, 2)
+
+    x = torch.rand(3, 1, 8, 8)
+    cache(encoder, x)
+    cache(encoder, torch.cat([x[:2], torch.rand(1, 1, 8, 8)]))
+    assert calls == [3, 1]  # a slice seen before is not embedded again
+
+
+def test_sam_evaluate_named_structures(tmp_path):
+    ds = write_phantom_dataset(tmp_path / "ph", ("CT",), cases_per_modality=1)
+    out = tmp_path / "e.csv"
+    r = run_cli("sam", "evaluate", "--dataset", ds.root, "--model", "tiny", "--label", "organ", "--output", out)
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "e_structures.csv").read_text().splitlines()[1:]
+    assert rows and all(",organ," in row for row in rows)

@@ -28,6 +28,21 @@ def _time(fn, repeats: int) -> float:
     return mean_ms(fn, repeats)
 
 
+def _encoder_decoder(sam, size: int, repeats: int) -> list[dict]:
+    """Encoder ms per slice and decoder ms per box prompt, in fp32 and under bf16 autocast."""
+    x = to_sam_input(torch.rand(1, 1, size, size))
+    box = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.7]])
+    out = []
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            enc_ms = _time(lambda: sam.image_encoder(x), repeats)
+            emb = sam.image_encoder(x)
+            dec_ms = _time(lambda: decode(sam, emb, box, None, size), max(5, repeats))
+        out.append({"size": size, "precision": precision, "encoder_ms_per_slice": round(enc_ms, 1),
+                    "decoder_ms_per_prompt": round(dec_ms, 2)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="vit_b")
@@ -42,16 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for size in [int(s) for s in a.sizes.split(",")]:
         torch.manual_seed(0)
-        sam = build_sam(a.variant, size).eval()
-        x = to_sam_input(torch.rand(1, 1, size, size))
-        box = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.7]])
-        for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-                enc_ms = _time(lambda: sam.image_encoder(x), a.repeats)
-                emb = sam.image_encoder(x)
-                dec_ms = _time(lambda: decode(sam, emb, box, None, size), max(5, a.repeats))
-            results.append({"size": size, "precision": precision, "encoder_ms_per_slice": round(enc_ms, 1),
-                            "decoder_ms_per_prompt": round(dec_ms, 2)})
+        results += _encoder_decoder(build_sam(a.variant, size).eval(), size, a.repeats)
     out = {"benchmark": "sam", "variant": a.variant, "results": results, "machine": machine()}
     print(json.dumps(out))
     return out
@@ -85,17 +91,7 @@ def _litemedsam(a) -> dict:
     from medfound.models.sam import load_sam_model
 
     sam, cfg = load_sam_model(a.adapter or "litemedsam")
-    size = cfg["image_size"]
-    x = to_sam_input(torch.rand(1, 1, size, size))
-    box = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.7]])
-    results = []
-    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            enc_ms = _time(lambda: sam.image_encoder(x), a.repeats)
-            emb = sam.image_encoder(x)
-            dec_ms = _time(lambda: decode(sam, emb, box, None, size), max(5, a.repeats))
-        results.append({"size": size, "precision": precision, "encoder_ms_per_slice": round(enc_ms, 1),
-                        "decoder_ms_per_prompt": round(dec_ms, 2)})
+    results = _encoder_decoder(sam, cfg["image_size"], a.repeats)
     image, _ = make_phantom("CT", shape=(256, 256, 4), seed=0)
     session = SamSession.for_model(sam, cfg, image)
     box_ms = _time(lambda: SamSession.for_model(sam, cfg, image).segment(1, box=(70, 80, 140, 160)), a.repeats)

@@ -134,7 +134,7 @@ def segment(
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
     written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
-                           progress=sys.stderr.isatty(), keep_largest=keep_largest, register=register, refine=refine,
+                           progress=True, keep_largest=keep_largest, register=register, refine=refine,
                            flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma)
     for w in written:
         print(w)

@@ -31,10 +31,10 @@ from medfound.errors import InputError
 
 @sam_app.command("finetune")
 def sam_finetune(
-    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
+    dataset: Annotated[list[Path], typer.Option("--dataset", help="nnU-Net v2 raw dataset folder; repeat to train on several (every case of each trains then).")],
     base: Annotated[str, typer.Option("--base", help="litemedsam (the real medical SAM installed by `make install`), an official SAM / MedSAM .pth, or a variant (vit_b, vit_l, vit_h, tiny) for random weights.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: adapters.safetensors, config.json, checkpoints/.")],
-    rank: Annotated[int, typer.Option(help="LoRA rank on the image encoder's attention.")] = 4,
+    rank: Annotated[int, typer.Option(help="LoRA rank on the image encoder's attention; 0 adapts the mask decoder alone on the frozen encoder (each slice embedded once).")] = 4,
     lora_targets: Annotated[str, typer.Option(help="q,v (query and value of the fused qkv, as SAMed) or module names: qkv,proj.")] = "q,v",
     image_size: Annotated[int, typer.Option(help="Input size (1024 as released; 256/512 for speed).")] = 256,
     prompt: Annotated[str, typer.Option(help="Simulated prompts: box, point or both.")] = "both",
@@ -50,14 +50,16 @@ def sam_finetune(
     strategy: StrategyOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+    exclude_label: ExcludeLabelOpt = None,
 ) -> None:
-    """Adapt SAM to a dataset with LoRA on its image encoder and prompts simulated from the labels."""
+    """Adapt SAM to a dataset (or several) with LoRA on its image encoder and prompts simulated from the labels."""
     from medfound.train.sam_finetune import SamFinetuneConfig, run_sam_finetune
 
-    if rank < 1 or max_steps < 1 or batch_size < 1:
-        raise InputError(None, "--rank, --max-steps and --batch-size must be positive")
+    if rank < 0 or max_steps < 1 or batch_size < 1:
+        raise InputError(None, "--rank must be >= 0, --max-steps and --batch-size positive")
     dev = device_count(devices)
-    cfg = run_sam_finetune(dataset, base, out, SamFinetuneConfig(
+    cfg = run_sam_finetune(dataset[0] if len(dataset) == 1 else dataset, base, out, SamFinetuneConfig(
+        exclude_labels=tuple(exclude_label or ()),
         rank=rank, targets=tuple(t.strip() for t in lora_targets.split(",")), image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
         max_steps=max_steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, precision=precision,
         accelerator=accelerator, devices=dev, num_nodes=num_nodes, strategy=strategy, seed=seed), resume=resume)
@@ -180,6 +182,9 @@ def sam_evaluate(
     structures: Annotated[str, typer.Option(help="For a plain model: heldout (DESIGN.md's never-trained structures), trained (the others) or all labels.")] = "heldout",
     base: Annotated[Optional[str], typer.Option(help="Base checkpoint, if moved since fine-tuning.")] = None,
     seed: Annotated[int, typer.Option(help="Prompt sampling seed (same for both models).")] = 0,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Only these structures (names); repeat. Overrides --structures.")] = None,
+    per_structure: Annotated[bool, typer.Option(help="Evaluate a LoRA run per structure like any SAM (instead of base vs adapted on its validation cases).")] = False,
+    propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Also score a box propagated through the volume (the slowest prompt).")] = True,
 ) -> None:
     """Dice by prompt type. A LoRA run: un-adapted base vs adapted, same prompts (box, 1/3/5 points).
     Any other SAM: per structure through the interactive session - box, one click, box + corrective
@@ -191,14 +196,19 @@ def sam_evaluate(
 
     adapted, cfg = load_sam_model(model, base)
     ds = NnUNetDataset.open(dataset)
-    if not cfg.get("adapted"):
+    if not cfg.get("adapted") or per_structure or label:
         if structures not in ("heldout", "trained", "all"):
             raise InputError(None, f"--structures must be heldout, trained or all, got {structures!r}")
         chosen = {n: v for n, v in ds.labels.items() if v and (structures == "all" or (n in ds.heldout) == (structures == "heldout"))}
+        if label:
+            unknown = [n for n in label if n not in ds.labels]
+            if unknown:
+                raise InputError(ds.root / "dataset.json", f"no label {unknown[0]!r} in this dataset")
+            chosen = {n: ds.labels[n] for n in label}
         if not chosen:
             raise InputError(ds.root, f"no {structures} structures in this dataset")
         cases = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()] or ds.cases()
-        rows = structure_prompt_dice(adapted, cfg, ds, cases, {v: n for n, v in chosen.items()}, seed)
+        rows = structure_prompt_dice(adapted, cfg, ds, cases, {v: n for n, v in chosen.items()}, seed, propagate=propagate)
         if not rows:
             raise InputError(ds.root, "none of the chosen structures is present on any slice")
         summary = summarise_prompts(rows)

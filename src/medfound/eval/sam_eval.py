@@ -81,7 +81,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str], labels: dict[int, str],
-                          seed: int = 0, max_slices: int = 12, min_pixels: int = 20) -> list[dict]:
+                          seed: int = 0, max_slices: int = 12, min_pixels: int = 20, propagate: bool = True) -> list[dict]:
     """Per (case, structure, prompt) Dice through the same session a user drives (full-resolution
     axial slices, box zoom as the model's config says). Prompts: a box drawn around the structure
     (each side off by up to 2 px), one click at its most interior pixel, the box plus one corrective
@@ -121,7 +121,7 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
                 scores["box + 1 click"].append(_dice(m, truth))
             for prompt, v in scores.items():
                 rows.append({"case": case, "structure": name, "prompt": prompt, "dice": float(np.mean(v)), "slices": len(v)})
-            if label.ndim == 3:
+            if label.ndim == 3 and propagate:
                 k = int(np.argmax(area))
                 box = jittered_box(truth3[..., k], rng, max_shift=2)
                 vol = session.propagate(k, tuple(box))

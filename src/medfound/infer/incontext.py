@@ -258,11 +258,16 @@ def warp_in_plane(pool: SupportPool, prep: PreparedSlices, transforms: dict[str,
 
 
 def place_members(pools: dict[int, SupportPool], prep: PreparedSlices, support_size: int | None, ensemble: int = 1,
-                  seed: int = 0, register: bool = True) -> dict[int, list[SupportPool]]:
+                  seed: int = 0, register: bool = True, info: dict | None = None) -> dict[int, list[SupportPool]]:
     """Each label's ensemble members (:func:`ensemble_members`), placed in the query's frame
     (:func:`in_query_frame`) after the support volumes are registered once onto the query (with
-    ``register``). Members are chosen first, so only their slices are resampled."""
+    ``register``). Members are chosen first, so only their slices are resampled. ``info`` gets
+    ``registered``: how many of the 3D support volumes were registered onto the query."""
     transforms = register_supports(pools, prep) if register else {}
+    if info is not None:
+        volumes = {c for p in pools.values() for c in p.volumes}
+        info["registered"] = f"{len(transforms)} of {len(volumes)} support volume(s)" if volumes and register \
+            else "no (2D supports or --no-register)"
     return {v: [in_query_frame(m, prep, transforms) for m in ensemble_members(p, support_size, ensemble, seed)]
             for v, p in pools.items()}
 
@@ -385,13 +390,15 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
                     qpos = torch.from_numpy(prep.positions[ks]).to(device) if use_pos else None
                     for k, pr in zip(ks, enc.probability(v, x, qpos)[:, 0].float().cpu()):
                         paste_slice(prep, k, pr, probs[v])
-                if progress is not None:
-                    progress(min(batch_size, len(prep.squares) - start) / len(enc.labels))
+                if progress is not None:  # one unit per label and pass
+                    progress(min(batch_size, len(prep.squares) - start) / len(prep.squares))
     if refine:
         from medfound.infer.refine import refine_label  # builds on this module's types
 
         for v in probs:
             probs[v] = refine_label(model, prep, enc.members[v], probs[v], gates[v], batch_size, flip=enc.flip)
+            if progress is not None:
+                progress(1.0)
     if prior_weight > 0 and use_pos:
         for v in probs:
             prior = np.mean([to_volume(prep, registered_label_fusion(prep.positions, m.positions, m.masks, gates[v]))
@@ -478,20 +485,29 @@ def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, S
                   axis: int = 2, support_size: int | None = 16, ensemble: int = 1, batch_size: int = 16,
                   modality: str | None = None, seed: int = 0, extent_margin: float | None = None,
                   keep_largest: bool = False, register: bool = True, refine: bool = False,
-                  flip: bool = False, prior_weight: float = 0.0, through_plane_sigma: float = 0.0) -> np.ndarray:
+                  flip: bool = False, prior_weight: float = 0.0, through_plane_sigma: float = 0.0,
+                  progress=None, report: dict | None = None) -> np.ndarray:
     """Label map (support label values) on ``image``'s own grid; ``keep_largest``: one connected
     piece per label; ``register``: place 3D support slices at the query height they show through an
     affine registration of each support volume onto the image (else: relative position in each volume);
     ``refine``: a second pass around each structure at a finer resolution (registration also resamples
     each support slice onto the image's slice grid, :func:`warp_in_plane`); ``flip``: mirrored
     test-time augmentation (:class:`SupportEncodings`); ``prior_weight``: the registration prior's share,
-    ``through_plane_sigma``: smoothing across slices (both :func:`segment_prepared`)."""
+    ``through_plane_sigma``: smoothing across slices (both :func:`segment_prepared`). ``progress``: called
+    with units of work done (one per label and pass); ``report``: filled with what was done (slices
+    used per label, whether the supports were registered, the modality assumed)."""
     device = next(model.parameters()).device
     prep = prepare_slices(image, size, axis, modality)
-    members = place_members(pools, prep, support_size, ensemble, seed, register)
+    placed: dict = {}
+    members = place_members(pools, prep, support_size, ensemble, seed, register, info=placed)
     enc = SupportEncodings(model, members, device, flip)
-    labels = combine(segment_prepared(model, prep, enc, batch_size, extent_margin=extent_margin, refine=refine,
-                                      prior_weight=prior_weight, through_plane_sigma=through_plane_sigma))
+    labels = combine(segment_prepared(model, prep, enc, batch_size, progress, extent_margin=extent_margin,
+                                      refine=refine, prior_weight=prior_weight,
+                                      through_plane_sigma=through_plane_sigma))
+    if report is not None:
+        report["modality"] = modality or image.modality
+        report["support_slices"] = {int(v): len(ms[0]) for v, ms in members.items() if ms}
+        report["registered"] = placed.get("registered", "no")
     if keep_largest:
         for v in pools:
             part = labels == v
@@ -511,9 +527,8 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                  prior_weight: float | None = None, through_plane_sigma: float | None = None) -> list[Path]:
     """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``
     (``refine``, ``flip``, ``prior_weight``, ``through_plane_sigma``: the model's setting when ``None``)."""
-    from rich.progress import Progress
-
     from medfound.models.incontext_weights import load_incontext
+    from medfound.progress import Progress
 
     if support_size is not None and not SUPPORT_SIZES[0] <= support_size <= SUPPORT_SIZES[1]:
         raise InputError(None, f"--support-size must be between {SUPPORT_SIZES[0]} and {SUPPORT_SIZES[1]}, got {support_size}")
@@ -533,14 +548,44 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
     pools = support_pools(support, chosen, size, axis)
     items = inputs_of(Path(input_path))
     images = [(case, read_image(path)) for case, path in items]  # read all first: bad input fails before any work
+    examples = ds.case_modality(ds.cases()[0]) if ds.cases() else "OT"
     written = []
-    with Progress(disable=not progress, transient=True) as bar, staged_dir(output) as stage:
-        task = bar.add_task("segment", total=len(images))
-        for case, image in images:
-            mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, modality,
-                                 keep_largest=keep_largest, register=register, **settings)
+    passes = len(chosen) * (2 if settings.get("refine") else 1)
+    with Progress("segment", len(images) * passes, enabled=progress) as bar, staged_dir(output) as stage:
+        for n, (case, image) in enumerate(images, start=1):
+            mod = modality or (image.modality if image.modality != "OT" else examples)
+            if modality is None and image.modality not in ("OT", examples):
+                warn(f"{case}: the image says {image.modality}, the example set {examples}; "
+                     f"normalised as {image.modality} (--modality to override)")
+            report: dict = {}
+            mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, mod,
+                                 keep_largest=keep_largest, register=register, **settings,
+                                 progress=lambda u, n=n: bar.advance(u, f"image {n}/{len(images)}"), report=report)
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
             written.append(write_mask(mask, image, stage / f"{case}{ext}"))
-            bar.advance(task)
+            summarise_mask(case, mask, image, chosen, report)
         written.append(write_label_names(stage, chosen))
     return final_paths(written, stage, output)
+
+
+def warn(text: str) -> None:
+    import sys
+
+    print(f"medfound: warning: {text}", file=sys.stderr)
+
+
+def summarise_mask(case: str, mask: np.ndarray, image: MedImage, names: dict[int, str], report: dict) -> None:
+    """One line per image on stderr: what was used and assumed, the volume of each label in ml, and a
+    warning for a label that came out empty."""
+    import sys
+
+    voxel_ml = float(np.prod(image.spacing[: mask.ndim])) / 1000.0
+    counts = {v: int(np.count_nonzero(mask == v)) for v in names}
+    vols = ", ".join(f"{names[v]} {counts[v] * voxel_ml:.2f} ml" for v in names)
+    slices = sorted(set(report.get("support_slices", {}).values()))
+    print(f"medfound: {case}: modality {report.get('modality')}, {'/'.join(map(str, slices)) or '?'} support "
+          f"slices per label, registered: {report.get('registered', 'no')}; {vols}", file=sys.stderr)
+    for v, c in counts.items():
+        if c == 0:
+            warn(f"{case}: {names[v]} came out empty (not in this image's field of view, or examples that do not "
+                 "match it)")

@@ -186,9 +186,15 @@ def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"),
     from medfound.models.lora import add_lora, add_qv_lora
     from medfound.models.tinyvit import TinyViT
 
-    if isinstance(sam.image_encoder, TinyViT) and tuple(targets) == ("q", "v"):
+    if rank == 0:  # the mask decoder alone adapts; the encoder stays as released
+        for p in sam.image_encoder.parameters():
+            p.requires_grad = False
+        targets = ()
+    elif isinstance(sam.image_encoder, TinyViT) and tuple(targets) == ("q", "v"):
         targets = ("qkv",)  # TinyViT packs q, k, v per head: adapt the whole projection (peft)
-    if tuple(targets) == ("q", "v"):
+    if rank == 0:
+        pass
+    elif tuple(targets) == ("q", "v"):
         add_qv_lora(sam.image_encoder, rank)
     else:
         add_lora(sam.image_encoder, rank=rank, targets=targets)

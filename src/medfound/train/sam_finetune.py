@@ -4,6 +4,12 @@ Every labeled structure on every slice is a sample: the slice, the structure's b
 prompt simulated from the mask (a jittered box, a few points, or both), plus one iterative correction
 click on half of the samples. Loss: Dice + BCE on the mask logits. Only the LoRA adapters and the
 trained parts are saved (``adapters.safetensors``), to be loaded on top of the same base.
+
+Several datasets train together (every non-held-out structure of each; ``exclude_labels`` keeps
+validation structures out). Rank 0 adapts the mask decoder alone on a frozen encoder: each slice is
+then embedded once and its embedding reused by every structure and step (keyed by the slice's
+content, so the same image under several atlases is embedded once), which makes adapting an
+expensive encoder such as LiteMedSAM's affordable on a CPU.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class SamFinetuneConfig:
     batch_size: int = 4
     lr: float = 1e-4
     seed: int = 0
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # 0: every case trains (validation by excluded structures instead)
+    exclude_labels: tuple[str, ...] = ()
     checkpoint_every: int = 100
     precision: str = "32"
     accelerator: str = "auto"
@@ -75,6 +82,25 @@ class StructureSlices(Dataset):
         return torch.from_numpy(self.images[i][None]), torch.from_numpy(self.labels[i] == c)
 
 
+class EmbeddingCache:
+    """Image embeddings of a frozen encoder, one per distinct slice (keyed by its bytes), kept in bf16."""
+
+    def __init__(self):
+        self.store: dict[bytes, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, encoder, x: torch.Tensor) -> torch.Tensor:  # x (B, 1, S, S) -> (B, C, h, w)
+        import hashlib
+
+        keys = [hashlib.blake2b(xi.cpu().numpy().tobytes(), digest_size=16).digest() for xi in x]
+        todo = [i for i, k in enumerate(keys) if k not in self.store]
+        if todo:
+            emb = encoder(to_sam_input(sam_view(x[todo])))
+            for i, e in zip(todo, emb):
+                self.store[keys[i]] = e.to(torch.bfloat16).cpu()
+        return torch.stack([self.store[k] for k in keys]).to(device=x.device, dtype=torch.float32)
+
+
 def simulate_prompt(mask: np.ndarray, kind: str, rng: np.random.Generator):
     """(boxes (1, 4) or None, points ((1, n, 2), (1, n)) or None) in SAM's (x, y) = our (i, j)."""
     if kind == "both":
@@ -91,10 +117,12 @@ class SamModule(L.LightningModule):
         self.sam, self.cfg = sam, cfg
         self.loss = DiceCELoss(sigmoid=True)
         self.rng = np.random.default_rng(cfg.seed)
+        self.cache = EmbeddingCache() if cfg.rank == 0 else None
 
     def training_step(self, batch, _):
         x, masks = batch
-        emb = self.sam.image_encoder(to_sam_input(sam_view(x)))
+        emb = self.cache(self.sam.image_encoder, x) if self.cache is not None else \
+            self.sam.image_encoder(to_sam_input(sam_view(x)))
         S = x.shape[-1]
         losses = []
         for b in range(x.shape[0]):
@@ -122,23 +150,44 @@ class SamModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def run_sam_finetune(dataset: str | os.PathLike, base: str, out: str | os.PathLike, cfg: SamFinetuneConfig,
+def _dataset_slices(dataset, cfg: SamFinetuneConfig, rng) -> tuple[StructureSlices, dict, list[str], list[str]]:
+    """One dataset's training samples: its non-held-out, non-excluded structures on its training cases."""
+    ds = NnUNetDataset.open(dataset)
+    excluded = {n.lower() for n in cfg.exclude_labels}
+    classes = {v: n for v, n in training_classes(ds).items() if n.lower() not in excluded}
+    if not classes:
+        raise InputError(ds.root, "every label is held out or excluded")
+    if cfg.val_fraction > 0:
+        train_cases, val_cases = split_cases(ds.cases(), 1.0, cfg.val_fraction, cfg.seed)
+    else:
+        train_cases, val_cases = ds.cases(), []
+    lut = label_lut(ds, classes)
+    slices = [case_slices(ds, c, cfg.image_size, lut, keep_empty=0.0, rng=rng) for c in train_cases]
+    return StructureSlices(slices, len(classes)), {"dataset": str(ds.root), "classes": classes,
+                                                   "heldout": ds.heldout}, train_cases, val_cases
+
+
+def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os.PathLike, cfg: SamFinetuneConfig,
                      resume: bool = False) -> dict:
+    """Adapt ``base`` on one dataset or several (a list); returns the run's config."""
+    from torch.utils.data import ConcatDataset
+
     out = Path(out)
     if cfg.prompt not in ("box", "point", "both"):
         raise InputError(None, f"--prompt must be box, point or both, got {cfg.prompt!r}")
     last = out / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise InputError(last, "nothing to resume from (no last checkpoint in the run folder)")
-    ds = NnUNetDataset.open(dataset)
-    classes = training_classes(ds)
-    train_cases, val_cases = split_cases(ds.cases(), 1.0, cfg.val_fraction, cfg.seed)
+    datasets = [dataset] if isinstance(dataset, (str, os.PathLike)) else list(dataset)
+    if len(datasets) > 1 and cfg.val_fraction > 0:
+        cfg.val_fraction = 0.0  # several datasets: all cases train; validate on --exclude-label structures
     sam, base_info = load_sam(base, cfg.image_size)
     add_sam_lora(sam, cfg.rank, tuple(cfg.targets), train_prompt_encoder=cfg.train_prompt_encoder)
-    lut = label_lut(ds, classes)
     rng = np.random.default_rng(cfg.seed)
-    slices = [case_slices(ds, c, cfg.image_size, lut, keep_empty=0.0, rng=rng) for c in train_cases]
-    data = StructureSlices(slices, len(classes))
+    parts = [_dataset_slices(d, cfg, rng) for d in datasets]
+    data = ConcatDataset([p[0] for p in parts])
+    first, train_cases, val_cases = parts[0][1], parts[0][2], parts[0][3]
+    classes = first["classes"]
     L.seed_everything(cfg.seed, verbose=False)
     dl = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) > cfg.batch_size)
     module = SamModule(sam, cfg)
@@ -155,8 +204,11 @@ def run_sam_finetune(dataset: str | os.PathLike, base: str, out: str | os.PathLi
     config = {"kind": "sam-lora", "base": base_info, "image_size": cfg.image_size, "rank": cfg.rank,
               "targets": list(cfg.targets), "train_prompt_encoder": cfg.train_prompt_encoder, "prompt": cfg.prompt,
               "classes": {str(c): {"label": v, "name": n} for c, (v, n) in enumerate(sorted(classes.items()), start=1)},
-              "data": {"dataset": str(ds.root), "train_cases": train_cases, "val_cases": val_cases,
-                       "samples": len(data), "heldout_labels_excluded": ds.heldout},
+              "data": {"dataset": first["dataset"], "train_cases": train_cases, "val_cases": val_cases,
+                       "samples": len(data), "heldout_labels_excluded": first["heldout"],
+                       "datasets": [{"dataset": p[1]["dataset"], "structures": len(p[1]["classes"]),
+                                     "samples": len(p[0]), "cases": p[2]} for p in parts],
+                       "excluded_labels": list(cfg.exclude_labels)},
               "training": {"steps": int(trainer.global_step), "trainable_parameters": trainable,
                            "total_parameters": total, "seconds": round(time.time() - t0, 1)}}
     if trainer.is_global_zero:
