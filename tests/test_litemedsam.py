@@ -133,3 +133,16 @@ def test_lora_finetune_on_litemedsam_trains_and_reloads(tmp_path):
     base, _ = litemedsam.load_litemedsam()
     bn = "image_encoder.layers.0.blocks.0.conv1.bn.running_mean"
     assert torch.equal(sam.state_dict()[bn], base.state_dict()[bn])  # released statistics kept
+
+
+@needs_weights
+def test_shipped_adapted_litemedsam_loads_on_the_installed_base():
+    from medfound.models.sam import load_sam_model
+
+    sam, cfg = load_sam_model("litemedsam-adapted")
+    assert cfg["adapted"] and cfg["rank"] == 0 and cfg["base"]["base"] == "litemedsam"
+    base, _ = litemedsam.load_litemedsam()
+    enc = "image_encoder.layers.2.blocks.0.attn.qkv.weight"
+    assert torch.equal(sam.state_dict()[enc], base.state_dict()[enc])  # encoder as released
+    dec = "mask_decoder.output_upscaling.0.weight"
+    assert not torch.equal(sam.state_dict()[dec], base.state_dict()[dec])  # decoder adapted

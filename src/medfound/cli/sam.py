@@ -50,6 +50,7 @@ def sam_finetune(
     strategy: StrategyOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+    max_minutes: MaxMinutesOpt = None,
     exclude_label: ExcludeLabelOpt = None,
 ) -> None:
     """Adapt SAM to a dataset (or several) with LoRA on its image encoder and prompts simulated from the labels."""
@@ -59,7 +60,7 @@ def sam_finetune(
         raise InputError(None, "--rank must be >= 0, --max-steps and --batch-size positive")
     dev = device_count(devices)
     cfg = run_sam_finetune(dataset[0] if len(dataset) == 1 else dataset, base, out, SamFinetuneConfig(
-        exclude_labels=tuple(exclude_label or ()),
+        exclude_labels=tuple(exclude_label or ()), max_minutes=max_minutes,
         rank=rank, targets=tuple(t.strip() for t in lora_targets.split(",")), image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
         max_steps=max_steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, precision=precision,
         accelerator=accelerator, devices=dev, num_nodes=num_nodes, strategy=strategy, seed=seed), resume=resume)
@@ -123,7 +124,7 @@ def _xy(text: str, n: int, what: str) -> list[float]:
 def sam_segment(
     input: Annotated[Path, typer.Option("--input", "-i", help="Image file or DICOM series folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the mask (CASE.nii.gz in the input's geometry).")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="litemedsam, a SAM run folder (`sam train` / `sam finetune`), an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="litemedsam, litemedsam-adapted (its mask decoder adapted by medfound), a SAM run folder (`sam train` / `sam finetune`), an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
     box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in the slice's voxel indices (x along the first array axis i, y along the second j; the viewer's convention too).")] = None,
     point: Annotated[Optional[list[str]], typer.Option(help="x,y,label (1 inside, 0 outside); repeatable.")] = None,
     slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice index along --axis, in the image's own voxel indices as 3D Slicer and ITK-SNAP number them (required for 3D inputs).")] = None,

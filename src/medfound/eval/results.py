@@ -152,8 +152,10 @@ def finetune_summary(d: Data) -> str:
 
 
 SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics"),
-                ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"))
-SAM_MODELS = (("small SAM", "smallsam"), ("LiteMedSAM", "litemedsam"), ("LiteMedSAM + LoRA", "litemedsam_lora"))
+                ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"),
+                ("validation (15 non-held-out AAL structures never trained on)", "validation"))
+SAM_MODELS = (("small SAM", "smallsam"), ("LiteMedSAM", "litemedsam"),
+              ("LiteMedSAM, decoder adapted", "litemedsam_decoder"))
 
 
 def sam_prompts(d: Data) -> str:

@@ -25,6 +25,8 @@ from medfound.models.sam_import import ImageEncoderViT, MaskDecoder, PromptEncod
 
 
 ADAPTER_FILE = "adapters.safetensors"
+#: the LiteMedSAM whose mask decoder medfound adapted on the sample datasets (shipped in weights/litemedsam_decoder)
+ADAPTED_LITEMEDSAM = "litemedsam-adapted"
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,8 @@ def load_sam_model(model: str | os.PathLike | None = None, base: str | None = No
     if model is None or is_sam_conv_run(model):
         sam, cfg = load_sam_conv(model)
         return sam, {**cfg, "adapted": False}
-    path = Path(str(model))
+    path = Path(__file__).parent.parent / "weights" / "litemedsam_decoder" if str(model) == ADAPTED_LITEMEDSAM \
+        else Path(str(model))
     if path.is_dir():
         cfg_path = path / "config.json"
         if not cfg_path.is_file() or not (path / ADAPTER_FILE).is_file():

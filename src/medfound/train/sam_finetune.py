@@ -54,6 +54,7 @@ class SamFinetuneConfig:
     seed: int = 0
     val_fraction: float = 0.2  # 0: every case trains (validation by excluded structures instead)
     exclude_labels: tuple[str, ...] = ()
+    max_minutes: float | None = None  # stop and export after this wall time even if steps remain
     checkpoint_every: int = 100
     precision: str = "32"
     accelerator: str = "auto"
@@ -194,7 +195,8 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
     precision = lightning_precision(cfg.precision)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
                            every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=1)
-    trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
+    trainer = L.Trainer(max_steps=cfg.max_steps, max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+                        accelerator=cfg.accelerator, devices=cfg.devices,
                         num_nodes=cfg.num_nodes, strategy=allow_unused_parameters(cfg.strategy), precision=precision, callbacks=[ckpt],
                         logger=CSVLogger(str(out), name="logs", version=""), plugins=[AtomicCheckpointIO()],
                         enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=1)
