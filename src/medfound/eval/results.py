@@ -11,6 +11,7 @@ checks that the committed pages equal what this module produces.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 import sys
@@ -64,6 +65,11 @@ class Data:
 
     def results(self, name: str) -> list[dict]:
         return _rows(self.root / "incontext" / f"{name}_results.csv")
+
+    @functools.cached_property
+    def val_groups(self) -> dict[str, str]:
+        """Validation structure -> its group (``val10``, ``small5``), as the smoothing sweep records them."""
+        return {r["structure"]: r["group"] for r in _rows(self.root / "incontext" / "validation_through_plane_results.csv")}
 
 
 def _cell(summary: dict, method: str, size: int, ci: bool = False) -> str:
@@ -203,31 +209,22 @@ def tried_heldout_nm(d: Data) -> str:
     return _table(["held-out Neuromorphometrics, in-context", "8", "16"], rows)
 
 
-def _by_group(rows: list[dict], key: str, size_key: str = "size") -> dict[tuple[str, int], tuple[float, float]]:
+def _by_group(rows: list[dict], key: str, groups: dict[str, str]) -> dict[tuple[str, int], tuple[float, float]]:
     """(setting, size) -> (mean Dice over the val10 structures, over the small5 ones)."""
-    groups = VAL_GROUPS
     acc: dict[tuple[str, int], dict[str, list[float]]] = {}
     for r in rows:
         if r.get("method", "incontext") != "incontext":
             continue
         g = groups.get(r["structure"])
         if g:
-            acc.setdefault((r[key], int(r[size_key])), {}).setdefault(g, []).append(float(r["dice"]))
+            acc.setdefault((r[key], int(r["size"])), {}).setdefault(g, []).append(float(r["dice"]))
     return {k: (float(np.mean(v.get("val10", [np.nan]))), float(np.mean(v.get("small5", [np.nan])))) for k, v in acc.items()}
-
-
-VAL_GROUPS: dict[str, str] = {}
-
-
-def _load_val_groups(d: Data) -> None:
-    for r in _rows(d.root / "incontext" / "validation_through_plane_results.csv"):
-        VAL_GROUPS[r["structure"]] = r["group"]
 
 
 def tried_validation_training(d: Data) -> str:
     out = []
     for name in ("validation_cross_subject_training", "validation_training_and_inference_variants"):
-        g = _by_group(d.results(name), "model")
+        g = _by_group(d.results(name), "model", d.val_groups)
         models = list(dict.fromkeys(k[0] for k in g))
         sizes = sorted({k[1] for k in g})
         rows = [[m, *(f"{_f(g[(m, s)][0])} / {_f(g[(m, s)][1])}" if (m, s) in g else "—" for s in sizes)] for m in models]
@@ -235,30 +232,28 @@ def tried_validation_training(d: Data) -> str:
     return "\n\n".join(out)
 
 
-def tried_validation_smoothing(d: Data) -> str:
-    rows = _rows(d.root / "incontext" / "validation_through_plane_results.csv")
-    sig = sorted({float(r["through_plane_sigma"]) for r in rows})
+def _sweep(d: Data, name: str, knob: str, header: str) -> str:
+    """Mean validation Dice per (support size, structure group) for each value of one inference knob."""
+    rows = _rows(d.root / "incontext" / f"{name}_results.csv")
+    values = sorted({float(r[knob]) for r in rows})
     body = []
     for size in sorted({int(r["size"]) for r in rows}):
         for grp in ("val10", "small5"):
-            body.append([f"{size} supports, {grp}", *(_f(float(np.mean([float(r["dice"]) for r in rows if int(r["size"]) == size
-                         and r["group"] == grp and float(r["through_plane_sigma"]) == s]))) for s in sig)])
-    return _table(["through-plane sigma", *(f"{s:g}" for s in sig)], body)
+            cells = []
+            for x in values:
+                v = [float(r["dice"]) for r in rows if int(r["size"]) == size and float(r[knob]) == x
+                     and d.val_groups.get(r["structure"]) == grp]
+                cells.append(_f(float(np.mean(v))) if v else "—")
+            body.append([f"{size} supports, {grp}", *cells])
+    return _table([header, *(f"{x:g}" for x in values)], body)
+
+
+def tried_validation_smoothing(d: Data) -> str:
+    return _sweep(d, "validation_through_plane", "through_plane_sigma", "through-plane sigma")
 
 
 def tried_validation_prior(d: Data) -> str:
-    rows = _rows(d.root / "incontext" / "validation_prior_weight_results.csv")
-    ws = sorted({float(r["prior_weight"]) for r in rows})
-    body = []
-    for size in sorted({int(r["size"]) for r in rows}):
-        for grp in ("val10", "small5"):
-            vals = []
-            for w in ws:
-                v = [float(r["dice"]) for r in rows if int(r["size"]) == size and float(r["prior_weight"]) == w
-                     and VAL_GROUPS.get(r["structure"]) == grp]
-                vals.append(_f(float(np.mean(v))) if v else "—")
-            body.append([f"{size} supports, {grp}", *vals])
-    return _table(["prior weight", *(f"{w:g}" for w in ws)], body)
+    return _sweep(d, "validation_prior_weight", "prior_weight", "prior weight")
 
 
 def tried_validation_refine(d: Data) -> str:
@@ -268,13 +263,13 @@ def tried_validation_refine(d: Data) -> str:
 
 
 def tried_validation_registration(d: Data) -> str:
-    g = _by_group(d.results("validation_registration"), "setting")
+    g = _by_group(d.results("validation_registration"), "setting", d.val_groups)
     return _table(["registration and extent gate (16 supports, val10)", "Dice"],
                   [[k[0], _f(v[0])] for k, v in g.items()])
 
 
 def tried_validation_encoder(d: Data) -> str:
-    g = _by_group(d.results("validation_encoder_comparison"), "encoder")
+    g = _by_group(d.results("validation_encoder_comparison"), "encoder", d.val_groups)
     return _table(["encoder (10 CPU-minutes of training each; 16 supports, val10)", "Dice"], [[k[0], _f(v[0])] for k, v in g.items()])
 
 
@@ -383,7 +378,6 @@ def render(root: str | Path = "docs/results", out: str | Path | None = None, plo
     root = Path(root)
     out = Path(out) if out else root
     data = Data(root / "data")
-    _load_val_groups(data)
     written = []
     for template in sorted((root / "templates").glob("*.md")):
         text = template.read_text()

@@ -78,9 +78,16 @@ class SamSession:
     def slice_array(self, k: int) -> np.ndarray:
         if self.image.ndim == 2:
             return self.image.array
+        self.slice_shape(k)  # the range check
+        return np.take(self.image.array, k, axis=self.axis)
+
+    def slice_shape(self, k: int) -> tuple[int, int]:
+        """Shape of slice ``k`` (range-checked as :meth:`slice_array`, without copying the slice)."""
+        if self.image.ndim == 2:
+            return self.image.shape
         if not 0 <= k < self.n_slices:
             raise InputError(self.image.source, f"slice {k} out of range 0..{self.n_slices - 1}")
-        return np.take(self.image.array, k, axis=self.axis)
+        return tuple(n for d, n in enumerate(self.image.shape) if d != self.axis)
 
     def spacing(self) -> tuple[float, float]:
         return tuple(s for d, s in enumerate(self.image.spacing) if d != self.axis)[:2] if self.image.ndim == 3 \
@@ -107,7 +114,7 @@ class SamSession:
     @torch.no_grad()
     def logits(self, k: int = 0, box=None, points=None, labels=None) -> np.ndarray:
         """Mask logits on the slice's pixels (what :meth:`segment` thresholds at 0)."""
-        box, points, labels = check_prompts(self.slice_array(k).shape, box, points, labels)
+        box, points, labels = check_prompts(self.slice_shape(k), box, points, labels)
         if box is not None and self.box_zoom:
             return self._logits_zoomed(k, box, points, labels)
         emb, geom = self.embedding(k)

@@ -164,17 +164,13 @@ class TinyViTBlock(nn.Module):
 
 
 class Stage(nn.Module):
-    """One stage: its blocks, then the merge into the next stage (none after the last)."""
+    """One stage: its blocks, then the merge into the next stage (none after the last); run by
+    :meth:`TinyViT.features`, which keeps each stage's output before the merge."""
 
     def __init__(self, blocks: list[nn.Module], downsample: nn.Module | None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x)
-        return self.downsample(x) if self.downsample is not None else x
 
 
 class LayerNorm2d(nn.Module):
@@ -260,9 +256,4 @@ class TinyViT(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) SAM-normalised
-        x = self.patch_embed(self.medsam_input(x))
-        for layer in self.layers:
-            x = layer(x)
-        b, n, c = x.shape
-        side = self.cfg.resolutions[-1]
-        return self.neck(x.transpose(1, 2).reshape(b, c, side, side))  # (B, 256, 64, 64)
+        return self.neck(self.features(x)[-1])  # (B, 256, 64, 64)

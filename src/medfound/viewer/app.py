@@ -223,14 +223,14 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
     def sam_prompt(sid: str, req: SamRequest):
         st = store.get(sid)
         model, _cfg = _sam()
-        from medfound.infer.sam_segment import SamSession, check_prompts
+        from medfound.infer.sam_segment import SamSession
 
         with st.lock:
             pts = [p[:2] for p in (req.points or [])] or None
             labs = [p[2] for p in (req.points or [])] or None
-            check_prompts(st.slice(req.slice).shape, req.box, pts, labs)  # a bad prompt changes nothing
             if st.sam_session is None:
                 st.sam_session = SamSession.for_model(model, _cfg, st.view, axis=2)
+            # the session checks the prompt (InputError -> 400) before anything below changes the mask
             m = st.sam_session.segment(req.slice, box=req.box, points=pts, labels=labs)
             st.push_undo([req.slice])
             sl = st.mask_slice(req.slice)
