@@ -219,3 +219,29 @@ def test_empty_label_is_warned(capsys):
     summarise_mask("q", mask, img, {1: "organ", 2: "kidney"}, {"modality": "MR", "support_slices": {1: 8, 2: 8}})
     err = capsys.readouterr().err
     assert "organ 0.00" not in err and "warning: q: kidney came out empty" in err and "organ came out" not in err
+
+
+def test_device_option_on_every_inference_command(tmp_path):
+    import torch
+
+    from medfound.device import inference_device
+
+    assert inference_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert inference_device("cpu").type == "cpu"
+    img = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 5), np.int16), np.eye(4)), str(img))
+    commands = {
+        "predict": ["predict", "--model", tmp_path, "--input", img, "--output", tmp_path / "o1"],
+        "segment": ["segment", "--support", tmp_path, "--input", img, "--output", tmp_path / "o2"],
+        "sam segment": ["sam", "segment", "--model", "tiny", "--input", img, "--output", tmp_path / "o3",
+                        "--box", "2,2,9,9", "--slice", "2"],
+        "serve": ["serve", "--port", "1"],
+    }
+    for name, args in commands.items():
+        r = run_cli(*args, "--device", "tpu")
+        _assert_input_error(r, "--device")
+        if not torch.cuda.is_available():
+            _assert_input_error(run_cli(*args, "--device", "cuda"), "no CUDA GPU")
+    if torch.cuda.is_available():  # the GPU path, where there is one
+        r = run_cli(*commands["sam segment"], "--device", "cuda")
+        assert r.returncode == 0 and "on cuda" in r.stderr, r.stderr[-2000:]

@@ -65,8 +65,10 @@ def test_predict_nifti_and_dicom_keep_geometry(dataset, tmp_path):
     assert run_cli("finetune", "--dataset", dataset, "--out", run, *FT).returncode == 0
     # 3D NIfTI with an oblique affine
     src = dataset / "imagesTr" / "case1_0000.nii.gz"
-    r = run_cli("predict", "--model", run, "--input", src, "--output", tmp_path / "out")
+    r = run_cli("predict", "--model", run, "--input", src, "--output", tmp_path / "out", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
+    # the summary: modality, slices, where it ran, ml per label
+    assert "medfound: case1: modality CT" in r.stderr and "slice(s) at 48 px on cpu" in r.stderr and " ml" in r.stderr
     out = tmp_path / "out" / "case1.nii.gz"
     a, b = nib.load(str(src)), nib.load(str(out))
     assert a.shape == b.shape and np.array_equal(a.affine, b.affine)

@@ -2,6 +2,7 @@
 ``medfound segment`` with the packaged model, baselines, the support-size experiment and the bench."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -635,3 +636,52 @@ def test_through_plane_smoothing_is_a_gaussian_of_the_stated_width_in_mm():
     p2 = prepare_slices(flat, 32)
     probs = np.random.default_rng(1).random((20, 30)).astype(np.float16)
     assert smooth_through_plane(probs, p2, 1.0) is probs
+
+
+def _box_prompts(train, cases, label_value, label_name, slices_per_case=2):
+    """Boxes from the true masks of a few slices per case (as a user would draw them)."""
+    prompts = {}
+    for case in cases:
+        lab = np.asarray(nib.load(train / "labelsTr" / f"{case}.nii.gz").dataobj)
+        ks = [k for k in range(lab.shape[2]) if (lab[:, :, k] == label_value).sum() > 20]
+        chosen = [ks[len(ks) * (i + 1) // (slices_per_case + 1)] for i in range(slices_per_case)]
+        entries = []
+        for k in chosen:
+            xs, ys = np.nonzero(lab[:, :, k] == label_value)
+            entries.append({"slice": int(k), "box": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]})
+        prompts[case] = {label_name: entries}
+    return prompts
+
+
+def test_segment_from_an_example_set_given_as_prompts(phantom_sets, cli, tmp_path):
+    _, train, query = phantom_sets
+    images = tmp_path / "support_images"
+    (images / "imagesTr").mkdir(parents=True)
+    for f in (train / "imagesTr").glob("case[01]_0000.nii.gz"):  # images only: no labels anywhere
+        (images / "imagesTr" / f.name).write_bytes(f.read_bytes())
+    prompts = _box_prompts(train, ["case0", "case1"], 1, "organ")
+    prompts["case1"]["organ"].append({"slice": prompts["case1"]["organ"][0]["slice"] + 1,
+                                      "points": [[24, 22, 1]]})
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    src = query / "imagesTr" / "query0_0000.nii.gz"
+    r = cli("segment", "--support", images, "--support-prompts", tmp_path / "prompts.json", "--input", src,
+            "--output", tmp_path / "o", "--no-refine", "--no-flip")
+    assert r.returncode == 0, r.stderr[-2000:]
+    mask = np.asarray(nib.load(tmp_path / "o" / "query0.nii.gz").dataobj)
+    truth = np.asarray(nib.load(query / "labelsTr" / "query0.nii.gz").dataobj) == 1
+    assert mask.shape == truth.shape and set(np.unique(mask).tolist()) <= {0, 1}
+    dice = 2 * ((mask == 1) & truth).sum() / ((mask == 1).sum() + truth.sum())
+    assert dice > 0.5, dice
+    assert json.loads((tmp_path / "o" / "labels.json").read_text()) == {"0": "background", "1": "organ"}
+    import tempfile
+
+    assert not list(Path(tempfile.gettempdir()).glob("medfound-prompted-support-*"))  # the drawn set is removed
+    # bad prompts: exit 2 naming the file, nothing written
+    (tmp_path / "bad.json").write_text(json.dumps({"nobody": {"organ": [{"slice": 3, "box": [1, 1, 5, 5]}]}}))
+    r = cli("segment", "--support", images, "--support-prompts", tmp_path / "bad.json", "--input", src,
+            "--output", tmp_path / "o2")
+    assert r.returncode == 2 and "bad.json" in r.stderr and "nobody" in r.stderr and not (tmp_path / "o2").exists()
+    (tmp_path / "noslice.json").write_text(json.dumps({"case0": {"organ": [{"box": [1, 1, 5, 5]}]}}))
+    r = cli("segment", "--support", images, "--support-prompts", tmp_path / "noslice.json", "--input", src,
+            "--output", tmp_path / "o3")
+    assert r.returncode == 2 and "slice" in r.stderr and not (tmp_path / "o3").exists()

@@ -245,7 +245,7 @@ def test_serve_removes_its_temporary_workdir_on_shutdown(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-m", "medfound", "serve", "--port", str(port), "--sam", "tiny"],
+    proc = subprocess.Popen([sys.executable, "-m", "medfound", "serve", "--port", str(port), "--sam-model", "tiny"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()

@@ -15,6 +15,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "--lora-rank": ("--rank",),
     "--structure": ("--label",),
     "--bf16": ("--precision", "bf16"),
+    "--sam": ("--sam-model",),
 }
 
 

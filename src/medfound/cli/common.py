@@ -65,6 +65,9 @@ SmoothOpt = Annotated[Optional[float], typer.Option(
     "--through-plane-sigma", help="3D: Gaussian smoothing of the probabilities across slices, in pixels of the model's "
     "in-plane grid (0 = none; default: the model's setting, 1 for the shipped model).")]
 
+# Where the inference commands run (predict, segment, sam segment, serve).
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda (cuda:N) or auto (a GPU when there is one).")]
+
 # Options of the step-indexed many-task training commands (`incontext train`, `sam train`).
 BankOpt = Annotated[Optional[Path], typer.Option(help="A slice bank from `medfound incontext bank` instead of --datasets (train where the image readers are not installed).")]
 ExcludeLabelOpt = Annotated[Optional[list[str]], typer.Option("--exclude-label", help="Label name never trained on (held out); repeat. DESIGN.md's held-out structures are always excluded.")]

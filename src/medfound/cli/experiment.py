@@ -23,11 +23,11 @@ from medfound.errors import InputError
 @experiment_app.command("label-efficiency")
 def experiment_label_efficiency(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset (imagesTs/labelsTs are the test set if present).")],
-    encoder: Annotated[str, typer.Option("--encoder", help="Exported MAE run to compare against scratch.")],
+    encoder: Annotated[str, typer.Option("--encoder", help="An MAE run (arms pretrained-MODE and scratch-full), or a comma-separated list of arms: scratch, RUN, litemedsam, scratch:tinyvit; ENTRY=MODE sets an entry's mode (litemedsam=linear).")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Folder: results.csv, summary.csv, label_efficiency.png, runs/.")],
     fractions: Annotated[str, typer.Option(help="Comma-separated label fractions.")] = "0.05,0.1,0.25,0.5,1",
     seeds: Annotated[int, typer.Option(help="Seeds per fraction and arm.")] = 3,
-    modes: Annotated[str, typer.Option(help="Pretrained arms: comma-separated of full, linear, lora (scratch-full is always added with full).")] = "full",
+    modes: Annotated[str, typer.Option(help="Modes of the pretrained arms: comma-separated of full, linear, lora (scratch trains fully).")] = "full",
     max_steps: Annotated[int, typer.Option(help="Fine-tuning steps per run.")] = 300,
     ood_dataset: Annotated[Optional[Path], typer.Option("--ood-dataset", help="Second dataset for an out-of-domain table (labels matched by name).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Slice size (default: the encoder's).")] = None,
@@ -35,7 +35,7 @@ def experiment_label_efficiency(
     lr: Annotated[float, typer.Option(help="Decoder learning rate.")] = 1e-3,
 ) -> None:
     """Dice vs label fraction, pretrained vs scratch (and LoRA vs full), with seeds and CIs."""
-    from medfound.eval.experiments import label_efficiency
+    from medfound.eval.experiments import arms_for, label_efficiency
     from medfound.train.finetune import FinetuneConfig
 
     try:
@@ -47,6 +47,7 @@ def experiment_label_efficiency(
     mode_list = [m.strip() for m in modes.split(",")]
     if any(m not in ("full", "linear", "lora") for m in mode_list):
         raise InputError(None, f"--modes takes full, linear, lora; got {modes!r}")
+    arms_for(encoder, mode_list)  # bad --encoder lists fail before anything trains
     base = FinetuneConfig(image_size=image_size, batch_size=batch_size, lr=lr)
     summary = label_efficiency(dataset, encoder, fr, seeds, out, mode_list, max_steps, ood_dataset, base)
     for r in summary:

@@ -12,6 +12,7 @@ from medfound.cli.common import (
     AcceleratorOpt,
     BankOpt,
     CheckpointEveryOpt,
+    DeviceOpt,
     DevicesOpt,
     ExcludeDatasetOpt,
     ExcludeLabelOpt,
@@ -108,7 +109,7 @@ def incontext_bank(
 
 @app.command("segment")
 def segment(
-    support: Annotated[Path, typer.Option("--support", help="Example set: nnU-Net folder (imagesTr/labelsTr), 2D or 3D.")],
+    support: Annotated[Path, typer.Option("--support", help="Example set: nnU-Net folder (imagesTr/labelsTr), 2D or 3D; with --support-prompts, the support images alone.")],
     input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, or folder of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: one mask per input, in its geometry.")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the model shipped with medfound).")] = None,
@@ -124,17 +125,34 @@ def segment(
     flip: FlipOpt = None,
     prior_weight: PriorOpt = None,
     through_plane_sigma: SmoothOpt = None,
+    support_prompts: Annotated[Optional[Path], typer.Option("--support-prompts", help="JSON of boxes/points per support image, label and slice (docs/guide/incontext.md): a SAM draws the support masks.")] = None,
+    sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="SAM that turns --support-prompts into masks (as sam segment --model; default: the shipped small SAM).")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Segment new images from an example set, with no training (in-context).
 
     Outputs appear whole or not at all: every input is read first, the masks are staged beside OUTPUT
     and moved in only when every input has succeeded. OUTPUT may not be, contain or lie inside an input."""
+    from medfound.device import inference_device
     from medfound.infer.incontext import segment_path
 
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
-    written = segment_path(support, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
-                           progress=True, keep_largest=keep_largest, register=register, refine=refine,
-                           flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma)
+    dev = inference_device(device)
+
+    def run(example_set: Path) -> list:
+        return segment_path(example_set, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
+                            progress=True, keep_largest=keep_largest, register=register, refine=refine,
+                            flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma, device=dev)
+
+    if support_prompts is None:
+        written = run(support)
+    else:
+        from medfound.infer.support_prompts import prompted_support_set
+        from medfound.io.outputs import check_output_dir
+
+        check_output_dir(output, [input, support, support_prompts, model])
+        with prompted_support_set(support, support_prompts, sam_model, dev) as example_set:
+            written = run(example_set)
     for w in written:
         print(w)

@@ -11,6 +11,7 @@ from medfound.cli.common import (
     AcceleratorOpt,
     BankOpt,
     CheckpointEveryOpt,
+    DeviceOpt,
     DevicesOpt,
     ExcludeDatasetOpt,
     ExcludeLabelOpt,
@@ -132,11 +133,14 @@ def sam_segment(
     propagate: Annotated[bool, typer.Option(help="Carry the box through neighbouring slices.")] = False,
     base: Annotated[Optional[str], typer.Option(help="Where the run's base checkpoint is now, if moved.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size for a plain checkpoint (default: its own).")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Segment one structure with a box and/or points on a slice (or through a volume)."""
     import numpy as np
 
+    from medfound.device import inference_device
     from medfound.infer.sam_segment import SamSession
+    from medfound.infer.summary import summarise
     from medfound.io import read_image, write_mask
     from medfound.io.formats import case_name
     from medfound.models.sam import load_sam_model
@@ -156,10 +160,14 @@ def sam_segment(
     if image.ndim == 3 and slice_index is None:
         raise InputError(input, f"a volume of {image.shape[axis]} slices along --axis {axis}: give --slice K, the slice the prompt is on")
     slice_index = slice_index or 0
+    dev = inference_device(device)
     sam, cfg = load_sam_model(model, base, image_size)
-    session = SamSession.for_model(sam, cfg, image, axis=axis)
+    session = SamSession.for_model(sam.to(dev), cfg, image, axis=axis)
     if propagate:
-        vol = session.propagate(slice_index, b)
+        from medfound.progress import Progress
+
+        with Progress("propagating the box", session.n_slices, enabled=True) as bar:
+            vol = session.propagate(slice_index, b, progress=lambda note: bar.advance(1, note))
     else:
         m2 = session.segment(slice_index, box=b, points=[p[:2] for p in pts] or None, labels=[int(p[2]) for p in pts] or None)
         vol = np.zeros(image.shape, bool)
@@ -172,7 +180,13 @@ def sam_segment(
     name = input.name if input.is_dir() else case_name(input, strip_channel=True)
     ext = ".png" if image.format in ("png", "jpeg", "bmp") else ".nii.gz"
     path = write_mask(vol.astype(np.uint8), image, output / f"{name}{ext}")
-    print(f"{path}: {int(vol.sum())} voxels on {int(np.any(vol, axis=tuple(d for d in range(vol.ndim) if d != axis)).sum()) if vol.ndim == 3 else 1} slice(s)")
+    on = int(np.any(vol, axis=tuple(d for d in range(vol.ndim) if d != axis)).sum()) if vol.ndim == 3 else 1
+    prompt = " + ".join(p for p, given in (("box", b is not None), (f"{len(pts)} point(s)", bool(pts))) if given)
+    summarise(name, vol.astype(np.uint8), image, {1: "structure"},
+              f"{Path(model).name if model else 'the shipped small SAM'} on {dev.type}, {prompt}"
+              + (f" on slice {slice_index}" if image.ndim == 3 else "") + (", propagated" if propagate else ""),
+              "the prompt found nothing: check the box is on this slice, in voxel indices")
+    print(f"{path}: {int(vol.sum())} voxels on {on if int(vol.sum()) else 0} slice(s)")
 
 
 @sam_app.command("evaluate")

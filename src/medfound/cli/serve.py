@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medfound.cli.common import app
+from medfound.cli.common import DeviceOpt, app
 from medfound.errors import InputError
 
 
@@ -18,12 +18,13 @@ def serve(
     workdir: Annotated[Optional[Path], typer.Option(help="Folder for uploaded studies and example sets (default: a new temporary folder).")] = None,
     support: Annotated[Optional[list[Path]], typer.Option("--support", help="nnU-Net example set offered on the page; repeat.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option("--model", "-m", help="Fine-tuned segmenter run offered on the page; repeat.")] = None,
-    sam: Annotated[Optional[str], typer.Option(help="SAM for box/point prompts: litemedsam, a `sam train` or `sam finetune` run, an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
+    sam: Annotated[Optional[str], typer.Option("--sam-model", help="SAM for box/point prompts: litemedsam, a `sam train` or `sam finetune` run, an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
     incontext_model: Annotated[Optional[Path], typer.Option(help="In-context run (default: the shipped model).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload (refused from its Content-Length, never read in full).")] = 512,
     max_voxels: Annotated[int, typer.Option(help="Largest image accepted, in voxels (checked from the header where the format has one).")] = 100_000_000,
     memory_mb: Annotated[float, typer.Option(help="Memory budget of all open studies (images, masks, undo); uploads beyond it are refused.")] = 4096,
     idle_minutes: Annotated[float, typer.Option(help="Close a study (and remove its files) after this long without a request.")] = 60,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Web viewer: scroll a study, prompt SAM, segment from an example set, download the mask.
 
@@ -36,10 +37,12 @@ def serve(
     import uvicorn
 
     from medfound.data.nnunet import NnUNetDataset
+    from medfound.device import inference_device
     from medfound.viewer.app import create_app
 
     if not 1 <= port <= 65535:
         raise InputError(None, f"--port must be 1..65535, got {port}")
+    dev = inference_device(device)
     if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
         raise InputError(None, f"--max-upload-mb must be a positive number, got {max_upload_mb}")
     if workdir is not None:
@@ -57,7 +60,8 @@ def serve(
     # A wildcard bind answers to any name the machine has; a named bind only to that name (DNS rebinding).
     hosts = None if host in ("0.0.0.0", "::") else sorted({host, "localhost", "127.0.0.1", "::1"})
     app_ = create_app(work, support, model, sam, incontext_model, max_upload_mb, max_voxels=max_voxels,
-                      memory_mb=memory_mb, idle_minutes=idle_minutes, allowed_hosts=hosts)
+                      memory_mb=memory_mb, idle_minutes=idle_minutes, allowed_hosts=hosts,
+                      device=dev)
     print(f"medfound viewer on http://{host}:{port}/  (studies in {work})", flush=True)
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")

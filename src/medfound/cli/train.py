@@ -9,6 +9,7 @@ import typer
 
 from medfound.cli.common import (
     AcceleratorOpt,
+    DeviceOpt,
     DevicesOpt,
     NumNodesOpt,
     PrecisionOpt,
@@ -69,7 +70,7 @@ def pretrain(
 def finetune(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model.safetensors, config.json, checkpoints/, logs/.")],
-    encoder: Annotated[str, typer.Option(help="An exported MAE run folder, or scratch (scratch:vit-small ...).")] = "scratch",
+    encoder: Annotated[str, typer.Option(help="An exported MAE run folder, litemedsam (LiteMedSAM's TinyViT, released weights), or scratch (scratch:vit-small, scratch:tinyvit ...).")] = "scratch",
     mode: Annotated[str, typer.Option(help="full, linear (frozen encoder) or lora.")] = "full",
     rank: Annotated[int, typer.Option(help="LoRA rank (--mode lora).")] = 4,
     label_fraction: Annotated[float, typer.Option(help="Fraction of the non-validation cases whose labels are used.")] = 1.0,
@@ -87,7 +88,7 @@ def finetune(
     num_nodes: NumNodesOpt = 1,
     strategy: StrategyOpt = "auto",
 ) -> None:
-    """Fine-tune a segmenter (ViT-UNETR) on labeled cases, from a pretrained encoder or from scratch."""
+    """Fine-tune a segmenter on labeled cases (ViT-UNETR, or a U-Net on LiteMedSAM's TinyViT), from a pretrained encoder or from scratch."""
     from medfound.train.finetune import FinetuneConfig, run_finetune
 
     if max_steps < 1 or batch_size < 1 or rank < 1 or not 0 < val_fraction < 1:
@@ -115,11 +116,13 @@ def predict(
     dicom_seg: Annotated[bool, typer.Option(help="Also write DICOM-SEG for DICOM inputs.")] = False,
     precision: Annotated[str, typer.Option(help="bf16 (autocast: faster on CPUs with bf16 support and on GPUs) or 32.")] = "32",
     modality: Annotated[Optional[str], typer.Option(help="Modality of inputs that do not record one (default: the model's).")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Segment 2D images and 3D volumes (slice by slice, in batches) with a fine-tuned model.
 
     Outputs appear whole or not at all: the masks are staged beside OUTPUT and moved in only when every
     input has succeeded. OUTPUT may not be, contain or lie inside an input."""
+    from medfound.device import inference_device
     from medfound.infer.predict import predict_path
     from medfound.io.image import is_known_modality
 
@@ -129,7 +132,8 @@ def predict(
         raise InputError(None, f"unknown modality {modality!r} (use ct, mr, pet, nm, xray, us)")
     if precision not in ("bf16", "32"):
         raise InputError(None, f"--precision must be bf16 or 32, got {precision!r}")
-    for p in predict_path(model, input, output, batch_size, dicom_seg, precision == "bf16", modality=modality):
+    for p in predict_path(model, input, output, batch_size, dicom_seg, precision == "bf16", modality=modality,
+                          device=inference_device(device)):
         print(p)
 
 
@@ -174,7 +178,7 @@ def evaluate(
 def classify_train(
     csv_path: Annotated[Path, typer.Option("--csv", help="CSV with columns image,label (paths relative to the CSV).")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model.safetensors + config.json.")],
-    encoder: Annotated[str, typer.Option(help="Exported MAE run, or scratch.")] = "scratch",
+    encoder: Annotated[str, typer.Option(help="Exported MAE run, litemedsam, or scratch (scratch:tinyvit ...).")] = "scratch",
     mode: Annotated[str, typer.Option(help="linear (probe, frozen encoder) or full.")] = "linear",
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,

@@ -77,7 +77,7 @@ def from_square(square: np.ndarray | torch.Tensor, geom: SquareGeometry, nearest
     t = t.reshape(-1, 1, geom.size, geom.size)
     (oi, oj), (ri, rj) = geom.offset, geom.resized
     t = _resize(t[:, :, oi:oi + ri, oj:oj + rj], geom.shape, nearest)
-    return t.reshape(*lead, *geom.shape).numpy()
+    return t.reshape(*lead, *geom.shape).cpu().numpy()
 
 
 def iter_slices(image: MedImage, axis: int = 2) -> Iterator[tuple[int, np.ndarray, tuple[float, float]]]:

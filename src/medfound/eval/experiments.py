@@ -32,15 +32,49 @@ class Arm:
     mode: str
 
 
+MODES = ("full", "linear", "lora")
+
+
 def arms_for(encoder: str, modes: list[str], scratch: str | None = None) -> list[Arm]:
-    """Pretrained arms per mode, plus scratch-full: a fresh encoder of the same architecture."""
-    scratch = scratch or f"scratch:{encoder}"
-    arms = []
-    for mode in modes:
-        arms.append(Arm(f"pretrained-{mode}", encoder, mode))
-    if "full" in modes:
-        arms.append(Arm("scratch-full", scratch, "full"))
+    """The arms of a label-efficiency experiment.
+
+    One MAE run (``--encoder RUN``): ``pretrained-MODE`` for each mode, plus ``scratch-full`` (a fresh
+    encoder of the same architecture). A list (``--encoder scratch,RUN,litemedsam``): one arm per entry
+    and mode, named by the entry (``scratch-full``, ``RUNNAME-MODE``, ``litemedsam-MODE``); ``scratch``
+    is a fresh encoder shaped like the first run of the list (vit-tiny without one) and trains fully;
+    ``ENTRY=MODE[+MODE]`` sets an entry's own modes (``litemedsam=linear``).
+    """
+    entries = [e.strip() for e in encoder.split(",") if e.strip()]
+    if not entries:
+        raise InputError(None, "--encoder is empty")
+    if len(entries) == 1 and "=" not in entries[0] and not _named(entries[0]):
+        scratch = scratch or f"scratch:{encoder}"
+        arms = [Arm(f"pretrained-{mode}", encoder, mode) for mode in modes]
+        return arms + ([Arm("scratch-full", scratch, "full")] if "full" in modes else [])
+    runs = [e.partition("=")[0] for e in entries if not _named(e.partition("=")[0])]
+    arms: list[Arm] = []
+    for entry in entries:
+        spec, _, own = entry.partition("=")
+        entry_modes = own.split("+") if own else (["full"] if spec.startswith("scratch") else list(modes))
+        bad = [m for m in entry_modes if m not in MODES]
+        if bad:
+            raise InputError(None, f"--encoder {entry!r}: modes are {', '.join(MODES)}, got {', '.join(bad)}")
+        if spec == "scratch":
+            name, spec = "scratch", scratch or (f"scratch:{runs[0]}" if runs else "scratch:vit-tiny")
+        elif spec.startswith("scratch:"):
+            name = "scratch-" + Path(spec[len("scratch:"):]).name
+        else:
+            name = spec if spec == "litemedsam" else Path(spec).name
+        arms += [Arm(f"{name}-{m}", spec, m) for m in entry_modes]
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise InputError(None, f"--encoder {encoder!r} names an arm twice ({', '.join(names)})")
     return arms
+
+
+def _named(spec: str) -> bool:
+    """An encoder given by name rather than by an MAE run folder."""
+    return spec == "litemedsam" or spec.startswith("scratch") or spec.startswith("sam:")
 
 
 def test_split(ds: NnUNetDataset, test_fraction: float = 0.25) -> tuple[list[str], list[str], str]:

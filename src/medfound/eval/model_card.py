@@ -58,6 +58,15 @@ def _worst_overlays(run: Path, rows: list, preds: dict, k: int = 2) -> list[str]
     return files
 
 
+def _architecture(cfg: dict) -> str:
+    enc = cfg["encoder_config"]
+    if cfg["architecture"]["type"] == "tinyvit":
+        return (f"U-Net on a TinyViT feature pyramid (stages {'/'.join(map(str, enc['embed_dims']))} wide, "
+                f"{'/'.join(map(str, enc['depths']))} blocks)")
+    return (f"ViT-UNETR segmenter: {cfg['architecture']['type']} encoder {enc['width']} wide x {enc['depth']} blocks "
+            f"(patch {enc['patch_size']})")
+
+
 def write_model_card(run: str | os.PathLike, dataset: str | os.PathLike, cases: list[str], split: str = "Tr",
                      what: str = "validation cases (also used to pick the checkpoint: optimistic)") -> tuple[Path, list]:
     """Write the card; returns its path and the per case/label metric rows it reports."""
@@ -70,8 +79,7 @@ def write_model_card(run: str | os.PathLike, dataset: str | os.PathLike, cases: 
     figures = _worst_overlays(run, rows, preds)
     lines = [f"# Model card: {run.name}", "",
              "## Model",
-             f"ViT-UNETR segmenter: {cfg['architecture']['type']} encoder {cfg['encoder_config']['width']} wide x "
-             f"{cfg['encoder_config']['depth']} blocks (patch {cfg['encoder_config']['patch_size']}), from `{cfg['encoder']['source']}` ({cfg['encoder']['kind']}); "
+             _architecture(cfg) + f", from `{cfg['encoder']['source']}` ({cfg['encoder']['kind']}); "
              f"fine-tuning mode **{cfg['mode']}**" + (f" (LoRA rank {cfg['lora_rank']})" if cfg.get("lora_rank") else "")
              + f"; {cfg['training']['trainable_parameters']:,} of {cfg['training']['total_parameters']:,} parameters trained, "
              f"{cfg['training']['steps']} steps, {cfg['training']['seconds']:.0f} s.", "",

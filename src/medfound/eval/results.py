@@ -288,6 +288,32 @@ def label_efficiency(d: Data) -> str:
     return _table(["arm", *(f"{f:g} of the labels ({cases[f]} case(s))" for f in fr)], body)
 
 
+def label_efficiency_paired(d: Data) -> str:
+    """Each arm minus the scratch arm, seed by seed (the arms of one seed share its case split)."""
+    path = d.root / "label_efficiency" / "results.csv"
+    if not path.is_file():
+        return "_(no data yet: run the command above)_"
+    rows = _rows(path)
+    base = next((a for a in dict.fromkeys(r["arm"] for r in rows) if a.startswith("scratch")), None)
+    if base is None:
+        return "_(no scratch arm in this run)_"
+    dice = {(r["arm"], float(r["fraction"]), int(r["seed"])): float(r["test_dice"]) for r in rows}
+    body = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        if arm == base:
+            continue
+        for frac in sorted({k[1] for k in dice}):
+            diffs = [dice[(arm, frac, s)] - dice[(base, frac, s)] for (a, f, s) in dice
+                     if a == arm and f == frac and (base, frac, s) in dice]
+            if not diffs:
+                continue
+            st = summarise(diffs)
+            wins = sum(x > 0 for x in diffs)
+            body.append([arm, f"{frac:g}", f"{st['mean']:+.3f} [{st['ci_low']:+.3f}, {st['ci_high']:+.3f}]",
+                         f"{wins} of {len(diffs)}"])
+    return _table(["arm", "label fraction", f"Dice minus {base} (paired by seed, 95 % CI)", "seeds it wins"], body)
+
+
 def throughput(d: Data) -> str:
     folder = d.root / "bench"
     if not folder.is_dir():
@@ -311,7 +337,8 @@ TABLES: dict[str, Callable[[Data], str]] = {
     "tried_heldout": tried_heldout, "tried_heldout_nm": tried_heldout_nm, "tried_validation_training": tried_validation_training,
     "tried_validation_smoothing": tried_validation_smoothing, "tried_validation_prior": tried_validation_prior,
     "tried_validation_refine": tried_validation_refine, "tried_validation_registration": tried_validation_registration,
-    "tried_validation_encoder": tried_validation_encoder, "label_efficiency": label_efficiency, "throughput": throughput,
+    "tried_validation_encoder": tried_validation_encoder, "label_efficiency": label_efficiency,
+    "label_efficiency_paired": label_efficiency_paired, "throughput": throughput,
 }
 
 
@@ -348,7 +375,35 @@ def _curve_plot(d: Data, path: Path, series: list[tuple[str, str, str]], title: 
     plt.close(fig)
 
 
+def _seeds_plot(d: Data, path: Path) -> None:
+    """Test Dice of every run, by arm (one panel per label fraction), with the arm's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(d.root / "label_efficiency" / "results.csv")
+    fracs = sorted({float(r["fraction"]) for r in rows})
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    fig, axes = plt.subplots(1, len(fracs), figsize=(2.2 + 1.3 * len(arms) * len(fracs), 3.6), dpi=100, squeeze=False)
+    for ax, frac in zip(axes[0], fracs):
+        for i, arm in enumerate(arms):
+            ys = [float(r["test_dice"]) for r in rows if r["arm"] == arm and float(r["fraction"]) == frac]
+            ax.scatter([i] * len(ys), ys, s=18, alpha=0.7)
+            if ys:
+                ax.hlines(np.mean(ys), i - 0.3, i + 0.3, color="k", lw=1.5)
+        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
+        ax.set_title(f"label fraction {frac:g}", fontsize=10)
+        ax.set_ylabel("test Dice (one dot per seed)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
 PLOTS: dict[str, Callable[[Data, Path], None]] = {
+    "label_efficiency": _seeds_plot,
     "aal_curve": lambda d, p: _curve_plot(d, p, [
         ("in-context, shipped", "heldout_aal_shipped", "incontext"),
         ("in-context, no smoothing", "heldout_aal_no_smoothing", "incontext"),

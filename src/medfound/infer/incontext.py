@@ -24,6 +24,7 @@ from medfound.data.orientation import from_canonical, to_canonical
 from medfound.data.slicing import from_square, iter_slices, plane_spacing, put_slice, take_slice, to_square
 from medfound.errors import InputError
 from medfound.infer.label_fusion import registered_label_fusion
+from medfound.infer.summary import summarise, warn
 from medfound.io import MedImage, mask_extension, read_image, write_mask
 from medfound.io.image import is_known_modality
 from medfound.io.outputs import check_output_dir, final_paths, staged_dir, write_label_names
@@ -524,7 +525,8 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                  support_size: int | None = 16, ensemble: int = 1, axis: int = 2, batch_size: int = 16,
                  modality: str | None = None, progress: bool = True, keep_largest: bool = False,
                  register: bool = True, refine: bool | None = None, flip: bool | None = None,
-                 prior_weight: float | None = None, through_plane_sigma: float | None = None) -> list[Path]:
+                 prior_weight: float | None = None, through_plane_sigma: float | None = None,
+                 device: torch.device | str = "cpu") -> list[Path]:
     """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``
     (``refine``, ``flip``, ``prior_weight``, ``through_plane_sigma``: the model's setting when ``None``)."""
     from medfound.models.incontext_weights import load_incontext
@@ -539,6 +541,7 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
     if modality is not None and not is_known_modality(modality):
         raise InputError(None, f"unknown modality {modality!r} (use ct, mr, pet, nm, xray, us)")
     model, cfg = load_incontext(model_run)
+    model = model.to(device)
     size = int(cfg["model"]["size"])
     settings = inference_settings(cfg, refine=refine, flip=flip, prior_weight=prior_weight,
                                   through_plane_sigma=through_plane_sigma)
@@ -568,24 +571,9 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
     return final_paths(written, stage, output)
 
 
-def warn(text: str) -> None:
-    import sys
-
-    print(f"medfound: warning: {text}", file=sys.stderr)
-
-
 def summarise_mask(case: str, mask: np.ndarray, image: MedImage, names: dict[int, str], report: dict) -> None:
-    """One line per image on stderr: what was used and assumed, the volume of each label in ml, and a
-    warning for a label that came out empty."""
-    import sys
-
-    voxel_ml = float(np.prod(image.spacing[: mask.ndim])) / 1000.0
-    counts = {v: int(np.count_nonzero(mask == v)) for v in names}
-    vols = ", ".join(f"{names[v]} {counts[v] * voxel_ml:.2f} ml" for v in names)
+    """The image's summary line: modality assumed, support slices per label, registration, ml per label."""
     slices = sorted(set(report.get("support_slices", {}).values()))
-    print(f"medfound: {case}: modality {report.get('modality')}, {'/'.join(map(str, slices)) or '?'} support "
-          f"slices per label, registered: {report.get('registered', 'no')}; {vols}", file=sys.stderr)
-    for v, c in counts.items():
-        if c == 0:
-            warn(f"{case}: {names[v]} came out empty (not in this image's field of view, or examples that do not "
-                 "match it)")
+    summarise(case, mask, image, names, f"modality {report.get('modality')}, {'/'.join(map(str, slices)) or '?'} "
+              f"support slices per label, registered: {report.get('registered', 'no')}",
+              "not in this image's field of view, or examples that do not match it")

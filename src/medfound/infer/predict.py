@@ -38,8 +38,9 @@ def _batches(image: MedImage, axis: int, size: int, batch: int,
 
 
 def predict_image(model: torch.nn.Module, cfg: dict, image: MedImage, batch_size: int = 16,
-                  bf16: bool = False, modality: str | None = None) -> np.ndarray:
-    """Label map (dataset label values) on ``image``'s grid."""
+                  bf16: bool = False, modality: str | None = None, progress=None) -> np.ndarray:
+    """Label map (dataset label values) on ``image``'s grid; ``progress(n)`` is called after each
+    batch of ``n`` slices."""
     # Files that do not record a modality (NIfTI, PNG) are taken to be of the training modality.
     mod = modality or (image.modality if image.modality != "OT" else None) or cfg.get("modality") or "OT"
     bounds = intensity_bounds(image.array, mod)  # once per volume; applied slice by slice below
@@ -63,38 +64,56 @@ def predict_image(model: torch.nn.Module, cfg: dict, image: MedImage, batch_size
                 idx = [slice(None)] * 3
                 idx[axis] = k
                 out[tuple(idx)] = labels
+        if progress is not None:
+            progress(len(items))
     if ornt is not None:
         out = from_canonical(out, ornt)
     return lut[out]
 
 
+def _n_slices(image: MedImage, cfg: dict) -> int:
+    """How many slices :func:`predict_image` cuts ``image`` into."""
+    if image.ndim == 2:
+        return 1
+    view = image if image.meta.get("frames_are_time") else to_canonical(image)[0]
+    return view.shape[cfg.get("axis", 2)]
+
+
 def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,
                  batch_size: int = 16, dicom_seg: bool = False, bf16: bool = False, progress: bool = True,
-                 modality: str | None = None) -> list[Path]:
+                 modality: str | None = None, device: torch.device | str = "cpu") -> list[Path]:
     """Every image of ``input_path`` -> ``output/<case>.<ext>``. Outputs appear together when every
-    image has succeeded, or not at all (they are staged beside ``output`` meanwhile)."""
-    from rich.progress import Progress
+    image has succeeded, or not at all (they are staged beside ``output`` meanwhile). Progress advances
+    slice batch by slice batch; each image ends with a summary line (modality, slices, ml per label)."""
+    from medfound.infer.summary import summarise
+    from medfound.progress import Progress
 
     model, cfg = load_segmenter(model_run)
+    model = model.to(device)
     items = inputs_of(Path(input_path))
     output = check_output_dir(output, [input_path, model_run])
+    names = {int(i["label"]): i["name"] for i in cfg["classes"].values()}
     written = []
-    with Progress(disable=not progress, transient=True) as bar, staged_dir(output) as stage:
-        task = bar.add_task("predict", total=len(items))
-        for case, path in items:
+    # Images are read one at a time (an archive need not fit in memory); progress counts images, each
+    # advanced slice batch by slice batch.
+    with Progress("predict", len(items), enabled=progress) as bar, staged_dir(output) as stage:
+        for n, (case, path) in enumerate(items, start=1):
             image = read_image(path)
+            slices = _n_slices(image, cfg)
             if dicom_seg and image.format == "dicom":
                 from medfound.io.dicomseg import check_dicom_seg_source
 
                 check_dicom_seg_source(image, path)  # before this image's NIfTI is written
-            mask = predict_image(model, cfg, image, batch_size, bf16, modality)
+            mod = modality or (image.modality if image.modality != "OT" else None) or cfg.get("modality") or "OT"
+            mask = predict_image(model, cfg, image, batch_size, bf16, mod,
+                                 progress=lambda k, n=n, s=slices: bar.advance(k / s, f"image {n}/{len(items)}"))
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
             written.append(write_mask(mask, image, stage / f"{case}{ext}"))
             if dicom_seg and image.format == "dicom":
                 from medfound.io.dicomseg import write_dicom_seg
 
-                names = {int(i["label"]): i["name"] for i in cfg["classes"].values()}
                 written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=names))
-            bar.advance(task)
-        written.append(write_label_names(stage, {int(i["label"]): i["name"] for i in cfg["classes"].values()}))
+            summarise(case, mask, image, names, f"modality {mod}, {slices} slice(s) at "
+                      f"{cfg['image_size']} px on {torch.device(device).type}")
+        written.append(write_label_names(stage, names))
     return final_paths(written, stage, output)

@@ -65,6 +65,7 @@ class SamSession:
         self._cache: OrderedDict[int, tuple[torch.Tensor, SquareGeometry]] = OrderedDict()
         self.cache_size = cache_size
         self.encoder_calls = 0
+        self.device = next(sam.parameters()).device
 
     @classmethod
     def for_model(cls, sam, config: dict, image: MedImage, axis: int = 2) -> SamSession:
@@ -99,7 +100,7 @@ class SamSession:
             self._cache.move_to_end(k)
             return self._cache[k]
         sq, geom = to_square(apply_bounds(self.slice_array(k), self.bounds), self.spacing(), self.size)
-        x = torch.from_numpy(sq)[None, None]
+        x = torch.from_numpy(sq)[None, None].to(self.device)
         emb = self.sam.image_encoder(to_sam_input(sam_view(x)))
         self.encoder_calls += 1
         self._cache[k] = (emb, geom)
@@ -124,11 +125,12 @@ class SamSession:
         boxes = None
         if box is not None:
             corners = square_coords(np.array(box, np.float32).reshape(2, 2), geom).reshape(1, 4)
-            boxes = torch.from_numpy(corners)
+            boxes = torch.from_numpy(corners).to(self.device)
         pts = None
         if points:
-            xy = torch.from_numpy(square_coords(np.array(points, np.float32).reshape(-1, 2), geom))[None]
-            lab = torch.tensor([list(labels if labels is not None else [1] * len(points))], dtype=torch.long)
+            xy = torch.from_numpy(square_coords(np.array(points, np.float32).reshape(-1, 2), geom))[None].to(self.device)
+            lab = torch.tensor([list(labels if labels is not None else [1] * len(points))], dtype=torch.long,
+                               device=self.device)
             pts = (xy, lab)
         logits = sam_view(decode(self.sam, emb, boxes, pts, self.size))[0, 0]
         return from_square(logits, geom)
@@ -154,7 +156,7 @@ class SamSession:
         crop = np.zeros(tuple(n), np.float32)  # zero-padded where the crop leaves the slice
         crop[in_crop] = sl[in_slice]
         sq, geom = to_square(crop, tuple(sp), self.size)
-        emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None])))
+        emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None].to(self.device))))
         self.encoder_calls += 1
         shift = np.tile(start, 2)
         pts = [list(np.asarray(p, np.float64) - start) for p in points] if points else None
@@ -162,8 +164,9 @@ class SamSession:
         out[in_slice] = m[in_crop]
         return out
 
-    def propagate(self, k: int, box, max_slices: int | None = None) -> np.ndarray:
-        """3D mask: ``box`` on slice ``k``, then each neighbour prompted with the previous mask's box."""
+    def propagate(self, k: int, box, max_slices: int | None = None, progress=None) -> np.ndarray:
+        """3D mask: ``box`` on slice ``k``, then each neighbour prompted with the previous mask's box;
+        ``progress(note)`` is called after each slice."""
         if self.image.ndim != 3:
             raise InputError(self.image.source, "propagation needs a 3D volume")
         out = np.zeros(self.image.shape, dtype=bool)
@@ -177,6 +180,8 @@ class SamSession:
                 if m.sum() < 0.2 * prev.sum():  # the structure has ended (or SAM lost it)
                     break
                 self._put(out, j, m)
+                if progress is not None:
+                    progress(f"slice {j}")
                 prev, j = m, j + step
         return out
 

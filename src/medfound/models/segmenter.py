@@ -22,23 +22,54 @@ from medfound.models.vit import VIT_CONFIGS, ViTConfig, ViTEncoder
 MODEL_FILE = "model.safetensors"
 
 
-def build_segmenter(arch: dict, n_classes: int, mode: str = "full", rank: int = 4, feature_size: int = 16) -> ViTUNETR:
+def build_encoder(arch: dict) -> torch.nn.Module:
+    """An encoder of the recorded architecture (``vit``, ``sam`` or ``tinyvit``), random weights."""
     if arch.get("type") == "sam":
         from medfound.models.sam_encoder import build_sam_encoder
 
-        encoder = build_sam_encoder(arch)
-    else:
-        encoder = ViTEncoder(ViTConfig(**{k: v for k, v in arch.items() if k != "type"}))
-    if mode == "lora":
-        encoder = add_lora(encoder, rank=rank)
+        return build_sam_encoder(arch)
+    if arch.get("type") == "tinyvit":
+        from medfound.models.tinyvit_unet import build_tinyvit_encoder
+
+        return build_tinyvit_encoder(arch)
+    return ViTEncoder(ViTConfig(**{k: v for k, v in arch.items() if k != "type"}))
+
+
+def segmenter_for(encoder: torch.nn.Module, n_classes: int, feature_size: int = 16) -> torch.nn.Module:
+    """The decoder that fits the encoder: UNETR on a plain ViT's token grid, a U-Net on TinyViT's pyramid."""
+    from medfound.models.tinyvit_unet import TinyViTEncoder, TinyViTUNet
+
+    if isinstance(encoder, TinyViTEncoder):
+        return TinyViTUNet(encoder, n_classes, feature_size=feature_size)
     return ViTUNETR(encoder, n_classes, feature_size=feature_size)
 
 
-def encoder_for(name_or_run: str, image_size: int | None = None) -> tuple[ViTEncoder, dict]:
+def size_multiple(encoder: torch.nn.Module) -> int:
+    """What the slice side must divide by for this encoder."""
+    from medfound.models.tinyvit_unet import SIZE_MULTIPLE, TinyViTEncoder
+
+    return SIZE_MULTIPLE if isinstance(encoder, TinyViTEncoder) else encoder.config.patch_size
+
+
+def build_segmenter(arch: dict, n_classes: int, mode: str = "full", rank: int = 4,
+                    feature_size: int = 16) -> torch.nn.Module:
+    encoder = build_encoder(arch)
+    if mode == "lora":
+        encoder = add_lora(encoder, rank=rank)
+    return segmenter_for(encoder, n_classes, feature_size=feature_size)
+
+
+def encoder_for(name_or_run: str, image_size: int | None = None) -> tuple[torch.nn.Module, dict]:
     """``scratch`` / ``scratch:vit-small`` / ``scratch:RUN`` -> a fresh encoder (RUN's shape);
-    ``sam:PATH.pth`` / ``sam:vit_b`` -> SAM's image encoder; anything else -> an exported MAE run."""
+    ``litemedsam`` -> LiteMedSAM's TinyViT with its released weights (``scratch:tinyvit``: the same
+    network, random); ``sam:PATH.pth`` / ``sam:vit_b`` -> SAM's image encoder; anything else -> an
+    exported MAE run."""
     from medfound.models.export import load_encoder
 
+    if name_or_run in ("litemedsam", "scratch:tinyvit"):
+        from medfound.models.tinyvit_unet import litemedsam_encoder
+
+        return litemedsam_encoder(image_size, pretrained=name_or_run == "litemedsam")
     if name_or_run.startswith("sam:"):
         from medfound.models.sam_encoder import sam_encoder
 

@@ -2,7 +2,8 @@
 
 Input is a CSV ``image,label`` (paths relative to the CSV). Each image becomes one normalised square
 slice: 2D images as they are, volumes by their middle slice along the axial (canonical RAS) axis.
-The head reads the mean of the patch tokens joined with the class token, as MAE's linear probes do.
+The head reads the mean of the patch tokens joined with the class token, as MAE's linear probes do
+(a TinyViT: its two deepest stages averaged over space).
 Rows are split into training and validation by a seeded shuffle stratified by class.
 """
 
@@ -28,21 +29,23 @@ from medfound.data.slicing import to_square
 from medfound.errors import InputError
 from medfound.io import read_image
 from medfound.io.atomic import atomic_file, write_text
-from medfound.models.segmenter import encoder_for
-from medfound.models.vit import ViTConfig, ViTEncoder
+from medfound.models.segmenter import build_encoder, encoder_for
 
 
 class ViTClassifier(nn.Module):
-    """(B, 1, S, S) -> logits (B, n_classes) from [class token, mean patch token]."""
+    """(B, 1, S, S) -> logits (B, n_classes) from [class token, mean patch token] of a ViT, or from
+    the encoder's own ``pooled`` features where it has them (TinyViT, whose output is a pyramid)."""
 
-    def __init__(self, encoder: ViTEncoder, n_classes: int):
+    def __init__(self, encoder: nn.Module, n_classes: int):
         super().__init__()
         self.encoder = encoder
-        D = encoder.config.width
-        self.norm = nn.BatchNorm1d(2 * D, affine=False)  # the MAE linear-probe trick: normalised features
-        self.head = nn.Linear(2 * D, n_classes)
+        dim = getattr(encoder, "pooled_dim", None) or 2 * encoder.config.width
+        self.norm = nn.BatchNorm1d(dim, affine=False)  # the MAE linear-probe trick: normalised features
+        self.head = nn.Linear(dim, n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.encoder, "pooled"):
+            return self.encoder.pooled(x)
         tokens = self.encoder(x)
         return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
 
@@ -140,7 +143,7 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
     names = sorted({l for _, l in rows})
     if len(names) < 2:
         raise InputError(csv_path, "need at least 2 classes")
-    enc, enc_cfg = encoder_for(encoder)
+    enc, enc_cfg = encoder_for(encoder, cfg.image_size)
     size = cfg.image_size or int(enc_cfg.get("image_size", 224))
     if cfg.mode not in ("linear", "full"):
         raise InputError(None, f"--mode must be linear or full, got {cfg.mode!r}")
@@ -164,7 +167,8 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
     with torch.no_grad():
         pred = model(x[va]).argmax(1)
     recalls = [float((pred[y[va] == c] == c).float().mean()) for c in y[va].unique()]
-    config = {"kind": "classifier", "architecture": {"type": "vit", **enc.config.as_dict()}, "classes": names,
+    arch = enc.architecture() if hasattr(enc, "architecture") else {"type": "vit", **enc.config.as_dict()}
+    config = {"kind": "classifier", "architecture": arch, "classes": names,
               "mode": cfg.mode, "image_size": size, "encoder": {"source": encoder, "kind": enc_cfg.get("kind")},
               "data": {"csv": str(csv_path), "train_images": len(tr), "val_images": len(va)},
               "validation": {"accuracy": float((pred == y[va]).float().mean()), "balanced_accuracy": float(np.mean(recalls))},
@@ -184,8 +188,7 @@ def load_classifier(run: str | os.PathLike) -> tuple[ViTClassifier, dict]:
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("kind") != "classifier":
         raise InputError(cfg_path, f"not a classifier config (kind={cfg.get('kind')!r})")
-    enc = ViTEncoder(ViTConfig(**{k: v for k, v in cfg["architecture"].items() if k != "type"}))
-    model = ViTClassifier(enc, len(cfg["classes"]))
+    model = ViTClassifier(build_encoder(cfg["architecture"]), len(cfg["classes"]))
     model.load_state_dict(load_file(str(run / "model.safetensors")))
     return model.eval(), cfg
 

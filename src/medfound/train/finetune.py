@@ -4,6 +4,11 @@ Modes: ``full`` (everything trains; the encoder at ``encoder_lr_scale`` x the de
 ``encoder_warmup`` steps frozen), ``linear`` (encoder frozen: the decoder alone) and ``lora`` (rank-r
 adapters on the encoder's attention, the decoder trains). Validation Dice on held-back *cases* picks
 the exported weights; test data never enters this function.
+
+The encoder is a ViT (MAE run, scratch, SAM's) under UNETR, or LiteMedSAM's TinyViT under a U-Net
+decoder on its feature pyramid. A frozen TinyViT (``linear``) embeds each training and validation
+slice once and the decoder trains on those features, without augmentation: its full-resolution first
+stage makes it far too slow to run at every step on a CPU.
 """
 
 from __future__ import annotations
@@ -17,17 +22,17 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn as nn
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from monai.losses import DiceCELoss
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from medfound.data.labeled import SliceDataset, case_slices, label_lut, split_cases, training_classes
 from medfound.data.nnunet import NnUNetDataset
 from medfound.errors import InputError
 from medfound.models.lora import add_lora, count_parameters
-from medfound.models.segmenter import encoder_for, save_segmenter
-from medfound.models.unetr import ViTUNETR
+from medfound.models.segmenter import encoder_for, save_segmenter, segmenter_for, size_multiple
 from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
 
 
@@ -57,7 +62,7 @@ class FinetuneConfig:
 
 
 class SegModule(L.LightningModule):
-    def __init__(self, model: ViTUNETR, cfg: FinetuneConfig, n_classes: int):
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, n_classes: int):
         super().__init__()
         self.model, self.cfg, self.n_classes = model, cfg, n_classes
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -72,15 +77,17 @@ class SegModule(L.LightningModule):
             for p in self.model.encoder.parameters():
                 p.requires_grad = not frozen
 
+    def _logits(self, batch) -> torch.Tensor:
+        x, y, *feats = batch  # feats: a frozen encoder's cached features (FeatureCache)
+        return self.model.decode(x, feats) if feats else self.model(x)
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = self.loss(self.model(x), y)
+        loss = self.loss(self._logits(batch), batch[1])
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self._val.append((self.model(x).argmax(1).cpu(), y[:, 0].cpu()))
+        self._val.append((self._logits(batch).argmax(1).cpu(), batch[1][:, 0].cpu()))
 
     def on_validation_epoch_end(self):
         pred = torch.cat([p for p, _ in self._val])
@@ -107,7 +114,39 @@ class SegModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tuple[ViTUNETR, dict]:
+class FeatureCache(Dataset):
+    """(image, label, *features) with a frozen encoder's features computed once per slice, in fp16.
+
+    Features are kept in memory (about 2 MB per 128 px slice for TinyViT's stages 1-3)."""
+
+    def __init__(self, slices: SliceDataset, model: nn.Module, batch_size: int = 16, what: str = "embedding slices",
+                 progress: bool = True, device: str = "cpu"):
+        from medfound.progress import Progress
+
+        self.slices = slices
+        chunks: list[list[torch.Tensor]] = []
+        n = len(slices)
+        with torch.no_grad(), Progress(what, n, enabled=progress) as bar:
+            for i in range(0, n, batch_size):
+                x = torch.stack([slices[j][0] for j in range(i, min(n, i + batch_size))]).to(device)
+                chunks.append([f.half().cpu() for f in model.encode(x)])
+                bar.advance(len(x))
+        self.features = [torch.cat(level) for level in zip(*chunks)]
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int):
+        x, y = self.slices[i]
+        return (x, y, *(f[i] for f in self.features))
+
+
+def caches_features(model: nn.Module, cfg: FinetuneConfig) -> bool:
+    """Whether training embeds each slice once: a frozen encoder with a separate decoder."""
+    return cfg.mode == "linear" and hasattr(model, "encode")
+
+
+def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tuple[nn.Module, dict]:
     encoder, enc_cfg = encoder_for(encoder_spec, cfg.image_size)
     if cfg.mode == "linear":
         for p in encoder.parameters():
@@ -117,7 +156,7 @@ def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tup
     elif cfg.mode != "full":
         raise InputError(None, f"--mode must be full, linear or lora, got {cfg.mode!r}")
     torch.manual_seed(cfg.seed)
-    return ViTUNETR(encoder, n_classes), enc_cfg
+    return segmenter_for(encoder, n_classes), enc_cfg
 
 
 def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: str, cfg: FinetuneConfig,
@@ -132,17 +171,27 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
                                          cfg.val_fraction, cfg.seed)
     model, enc_cfg = prepare_model(encoder, len(classes) + 1, cfg)
     size = cfg.image_size or int(enc_cfg.get("image_size", 224))
-    p = model.encoder.config.patch_size
-    if size % (p * 1) or size < 2 * p:
+    p = size_multiple(model.encoder)
+    if size % p or size < 2 * p:
         raise InputError(None, f"--image-size {size} must be a multiple of {p}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     rng = np.random.default_rng(cfg.seed)
     train = [case_slices(ds, c, size, lut, cfg.axis, rng=rng) for c in train_cases]
     val = [case_slices(ds, c, size, lut, cfg.axis, keep_empty=0.25, rng=np.random.default_rng(0)) for c in val_cases]
-    train_set = SliceDataset(train, augment=True, seed=cfg.seed)
+    cached = caches_features(model, cfg)
+    train_set: Dataset = SliceDataset(train, augment=not cached, seed=cfg.seed)
+    val_set: Dataset = SliceDataset(val, augment=False)
+    workers = cfg.num_workers
+    if cached:
+        device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        model.eval().to(device)
+        train_set = FeatureCache(train_set, model, what="embedding training slices", progress=cfg.progress, device=device)
+        val_set = FeatureCache(val_set, model, what="embedding validation slices", progress=cfg.progress, device=device)
+        model.cpu().train()
+        workers = 0  # the features are in this process's memory
     train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    val_dl = DataLoader(SliceDataset(val, augment=False), batch_size=cfg.batch_size * 2, num_workers=0)
+                          num_workers=workers, persistent_workers=workers > 0)
+    val_dl = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=0)
     module = SegModule(model, cfg, len(classes) + 1)
     out.mkdir(parents=True, exist_ok=True)
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/dice", mode="max",
@@ -175,7 +224,7 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
         "axis": cfg.axis,
         "normalisation": "medfound.data.normalize by modality",
         "modality": _dataset_modality(ds),
-        "encoder": {"source": encoder, "kind": enc_cfg.get("kind", "mae-encoder")},
+        "encoder": {"source": encoder, "kind": enc_cfg.get("kind", "mae-encoder"), "features_cached": cached},
         "data": {"dataset": str(ds.root), "train_cases": train_cases, "val_cases": val_cases,
                  "label_fraction": cfg.label_fraction, "train_slices": int(sum(len(c.images) for c in train)),
                  "heldout_labels_excluded": ds.heldout},

@@ -110,12 +110,13 @@ def _png(a: np.ndarray) -> bytes:
 def create_app(workdir: str | Path, supports: list[Path] | None = None, models: list[Path] | None = None,
                sam: str | None = None, incontext_model: Path | None = None, max_upload_mb: float = 512,
                max_voxels: int = 100_000_000, memory_mb: float = 4096, idle_minutes: float = 60,
-               allowed_hosts: list[str] | None = None, token: str | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, token: str | None = None, device: str = "cpu") -> FastAPI:
     """Build the app. ``supports``: nnU-Net example sets offered by name; ``models``: fine-tuned segmenter
     runs; ``sam``: a SAM run/checkpoint/variant for box and point prompts (None: the packaged small SAM).
     Limits: bytes per upload, voxels per image, memory of all open studies, idle minutes before a study
     is closed. ``allowed_hosts``: Host names answered (None: any); ``token``: the page's token that every
-    state-changing request must carry in ``x-medfound-token`` (default: a new random one, ``app.state.token``)."""
+    state-changing request must carry in ``x-medfound-token`` (default: a new random one, ``app.state.token``).
+    ``device``: where the models run."""
     # No /api/docs page: FastAPI's loads its assets from a CDN, blank on an offline machine.
     app = FastAPI(title="medfound viewer", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.token = token or secrets.token_urlsafe(24)
@@ -146,7 +147,8 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
             if state["sam"] is None:
                 from medfound.models.sam import load_sam_model
 
-                state["sam"] = load_sam_model(sam)
+                model, cfg = load_sam_model(sam)
+                state["sam"] = (model.to(device), cfg)
         return state["sam"]
 
     def _incontext():
@@ -154,7 +156,8 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
             if state["incontext"] is None:
                 from medfound.models.incontext_weights import load_incontext
 
-                state["incontext"] = load_incontext(incontext_model)
+                model, cfg = load_incontext(incontext_model)
+                state["incontext"] = (model.to(device), cfg)
         return state["incontext"]
 
     def _support_folder(name: str) -> Path:
@@ -316,7 +319,8 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
 
         with load_lock:
             if req.model not in state["segmenters"]:
-                state["segmenters"][req.model] = load_segmenter(runs[req.model])
+                model, cfg = load_segmenter(runs[req.model])
+                state["segmenters"][req.model] = (model.to(device), cfg)
         model, cfg = state["segmenters"][req.model]
         with st.lock:
             out = predict_image(model, cfg, st.view)

@@ -1,0 +1,26 @@
+"""Where inference runs: ``--device cpu|cuda|auto`` of the inference commands (predict, segment,
+sam segment, serve). Training commands choose their devices through Lightning's ``--accelerator``."""
+
+from __future__ import annotations
+
+import torch
+
+from medfound.errors import InputError
+
+CHOICES = ("auto", "cpu", "cuda")
+
+
+def inference_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when there is one, else the CPU; ``cuda`` without a GPU is bad input."""
+    name = str(name).lower()
+    if name not in CHOICES and not name.startswith("cuda:"):
+        raise InputError(None, f"--device must be cpu, cuda (cuda:N) or auto, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(None, f"--device {name}: no CUDA GPU is visible to torch on this machine (use cpu or auto)")
+        index = int(name.partition(":")[2] or 0) if name.partition(":")[2].isdigit() or name == "cuda" else -1
+        if not 0 <= index < torch.cuda.device_count():
+            raise InputError(None, f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return torch.device(name)

@@ -1,0 +1,113 @@
+"""LiteMedSAM's TinyViT as an encoder for adaptation with few labels: a U-Net on its feature pyramid
+fine-tunes (full, linear on cached features, LoRA), reloads and predicts in the input's geometry; a
+classifier trains on its pooled features; label-efficiency takes several encoders as arms."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from medfound.data.phantoms import write_phantom_dataset
+from medfound.models import litemedsam
+from medfound.models.export import save_encoder
+from medfound.models.segmenter import encoder_for, load_segmenter
+from medfound.models.vit import VIT_CONFIGS, ViTEncoder
+
+needs_weights = pytest.mark.skipif(not litemedsam.weights_path().is_file(),
+                                   reason=f"LiteMedSAM weights absent; {litemedsam.HOW_TO_GET}")
+
+
+def test_pyramid_shapes_and_size_rule():
+    enc, info = encoder_for("scratch:tinyvit", 64)
+    assert info["kind"] == "scratch" and enc.dims == (128, 160, 320)
+    with torch.no_grad():
+        feats = enc.features(torch.rand(2, 1, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(2, 128, 32, 32), (2, 160, 16, 16), (2, 320, 16, 16)]
+    assert enc.pooled(torch.rand(2, 1, 64, 64)).shape == (2, enc.pooled_dim) == (2, 480)
+    from medfound.errors import InputError
+
+    with pytest.raises(InputError, match="multiple of 16"):
+        encoder_for("scratch:tinyvit", 72)
+
+
+@needs_weights
+def test_released_encoder_weights_load_at_another_size():
+    enc, info = encoder_for("litemedsam", 128)
+    assert info["kind"] == "litemedsam" and enc.config.image_size == 128
+    state = torch.load(str(litemedsam.weights_path()), weights_only=True)
+    w = state["image_encoder.layers.2.blocks.0.attn.qkv.weight"]
+    assert torch.equal(enc.tinyvit.layers[2].blocks[0].attn.qkv.weight, w)
+
+
+@needs_weights
+@pytest.mark.parametrize("mode", ["linear", "lora"])
+def test_finetune_on_litemedsam_trains_reloads_and_predicts(tmp_path, mode):
+    ds = write_phantom_dataset(tmp_path / "Dataset700_Ph", ("CT",), cases_per_modality=4)
+    run = tmp_path / "run"
+    r = run_cli("finetune", "--dataset", ds.root, "--output", run, "--encoder", "litemedsam", "--mode", mode,
+                "--max-steps", "4", "--batch-size", "4", "--image-size", "64", "--val-every", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["architecture"]["type"] == "tinyvit" and cfg["encoder"]["kind"] == "litemedsam"
+    assert cfg["encoder"]["features_cached"] is (mode == "linear")
+    t = cfg["training"]
+    if mode == "linear":
+        assert t["encoder_trainable_parameters"] == 0
+    else:  # LoRA: a few adapters on the attention, everything else frozen
+        assert 0 < t["encoder_trainable_parameters"] < t["encoder_parameters"] // 20
+    model, _ = load_segmenter(run)
+    state = torch.load(str(litemedsam.weights_path()), weights_only=True)
+    # a frozen encoder comes back exactly as released
+    assert torch.equal(model.encoder.tinyvit.patch_embed.seq[0].c.weight, state["image_encoder.patch_embed.seq.0.c.weight"])
+    case = ds.cases()[0]
+    image_path = ds.image_path(case)
+    r = run_cli("predict", "--model", run, "--input", image_path, "--output", tmp_path / "pred")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = next((tmp_path / "pred").glob("*.nii.gz"))
+    src = nib.load(image_path)
+    pred = nib.load(out)
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+
+
+def test_full_finetune_on_a_scratch_tinyvit(tmp_path):
+    ds = write_phantom_dataset(tmp_path / "Dataset700_Ph", ("CT",), cases_per_modality=4)
+    r = run_cli("finetune", "--dataset", ds.root, "--output", tmp_path / "run", "--encoder", "scratch:tinyvit",
+                "--max-steps", "3", "--batch-size", "2", "--image-size", "32", "--val-every", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, cfg = load_segmenter(tmp_path / "run")
+    assert cfg["mode"] == "full" and model(torch.rand(1, 1, 32, 32)).shape == (1, cfg["n_classes"], 32, 32)
+
+
+def test_classifier_on_a_tinyvit(tmp_path):
+    from test_classify import _csv
+
+    path = _csv(tmp_path)
+    r = run_cli("classify", "train", "--csv", path, "--out", tmp_path / "c", "--encoder", "scratch:tinyvit",
+                "--mode", "linear", "--max-steps", "4", "--batch-size", "4", "--image-size", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["architecture"]["type"] == "tinyvit"
+    r = run_cli("classify", "predict", "--model", tmp_path / "c", "--input", tmp_path, "--out", tmp_path / "p.csv")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 12
+
+
+def test_label_efficiency_with_several_encoders(tmp_path):
+    ds = write_phantom_dataset(tmp_path / "Dataset700_Ph", ("CT",), cases_per_modality=4)
+    enc = tmp_path / "mae"
+    save_encoder(ViTEncoder(VIT_CONFIGS["vit-micro"]), enc, {"image_size": 32})
+    r = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"scratch,{enc},scratch:tinyvit=linear",
+                "--output", tmp_path / "exp", "--fractions", "1", "--seeds", "1", "--max-steps", "2",
+                "--image-size", "32", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
+    assert [r["arm"] for r in rows] == ["scratch-full", "mae-full", "scratch-tinyvit-linear"]
+    scratch = json.loads((tmp_path / "exp" / "runs" / "scratch-full_f1_s0" / "config.json").read_text())
+    assert scratch["architecture"]["width"] == VIT_CONFIGS["vit-micro"].width  # shaped like the MAE run
+    bad = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"{enc}=sideways",
+                  "--output", tmp_path / "exp2")
+    assert bad.returncode == 2 and "sideways" in bad.stderr and not (tmp_path / "exp2").exists()
