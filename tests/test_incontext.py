@@ -685,3 +685,17 @@ def test_segment_from_an_example_set_given_as_prompts(phantom_sets, cli, tmp_pat
     r = cli("segment", "--support", images, "--support-prompts", tmp_path / "noslice.json", "--input", src,
             "--output", tmp_path / "o3")
     assert r.returncode == 2 and "slice" in r.stderr and not (tmp_path / "o3").exists()
+
+
+def test_support_prompts_experiment(phantom_sets, cli, tmp_path):
+    _, train, query = phantom_sets
+    r = cli("experiment", "support-prompts", "--support", train, "--test", query, "--output", tmp_path / "sp",
+            "--label", "organ", "--support-size", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "sp" / "summary.json").read_text())
+    assert summary["structures"] == ["organ"] and summary["prompted_slices"] > 4
+    s = summary["summary"]
+    assert 0 <= s["mask_defined"]["mean"] <= 1 and 0 <= s["prompt_defined"]["mean"] <= 1
+    assert s["sam_mask_dice_on_support_slices"]["n"] == summary["prompted_slices"]
+    rows = (tmp_path / "sp" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2  # two query volumes x one structure

@@ -111,3 +111,27 @@ def test_label_efficiency_with_several_encoders(tmp_path):
     bad = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"{enc}=sideways",
                   "--output", tmp_path / "exp2")
     assert bad.returncode == 2 and "sideways" in bad.stderr and not (tmp_path / "exp2").exists()
+
+
+@needs_weights
+def test_incontext_on_litemedsam_with_lora_trains_reloads_and_segments(tmp_path):
+    """GMISeg's mechanism: the in-context model on LiteMedSAM's frozen TinyViT with LoRA adapters."""
+    from medfound.models.incontext_weights import load_incontext
+
+    ds = write_phantom_dataset(tmp_path / "Dataset700_Ph", ("MR",), cases_per_modality=3)
+    run = tmp_path / "run"
+    r = run_cli("incontext", "train", "--datasets", ds.root, "--output", run, "--image-size", "32", "--batch-size", "1",
+                "--support-sizes", "1", "--max-steps", "2", "--precision", "32", "--accelerator", "cpu",
+                "--encoder", "litemedsam", "--rank", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["encoder"] == "litemedsam" and cfg["encoder"] == {"base": "litemedsam", "lora_rank": 2}
+    assert 0 < cfg["trainable_parameters"] < cfg["parameters"]
+    net, _ = load_incontext(run)
+    state = torch.load(str(litemedsam.weights_path()), weights_only=True)
+    params = dict(net.encoder.tinyvit.named_parameters())
+    base = next(n for n in params if n.endswith("layers.1.blocks.0.attn.qkv.base_layer.weight"))
+    assert torch.equal(params[base], state["image_encoder.layers.1.blocks.0.attn.qkv.weight"])  # frozen, as released
+    r = run_cli("segment", "--support", ds.root, "--input", ds.image_path(ds.cases()[0]), "--output", tmp_path / "m",
+                "--model", run, "--support-size", "2", "--no-refine", "--no-flip", "--label", "organ")
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -95,3 +95,28 @@ def experiment_support_size(
         print(f"{r['method']:17s} {r['size']:3d} supports: Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
               f"({r['runs']} runs, {r['seconds_mean']:.1f} s each)")
     print(f"{out / 'summary.json'}, {out / 'support_size.png'}")
+
+
+@experiment_app.command("support-prompts")
+def experiment_support_prompts(
+    support: Annotated[Path, typer.Option("--support", help="nnU-Net dataset with masks: the boxes are drawn from them.")],
+    test: Annotated[Path, typer.Option("--test", help="nnU-Net dataset of query volumes with their labels.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder: prompts.json, results.csv, sam_masks.csv, summary.json, both sets' masks.")],
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Support label name; repeat (default: the held-out structures found in both).")] = None,
+    sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="SAM that draws the masks (as sam segment --model; default: the shipped small SAM).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the shipped model).")] = None,
+    support_size: Annotated[int, typer.Option(help="Support slices per label.")] = 16,
+    jitter: Annotated[int, typer.Option(help="Each side of a box moved by up to this many pixels.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the box jitter.")] = 0,
+) -> None:
+    """In-context segmentation from an example set given as boxes (a SAM draws the masks) vs the same set's masks."""
+    from medfound.eval.prompted_supports import support_prompts_experiment
+
+    if support_size < 1 or jitter < 0:
+        raise InputError(None, "--support-size must be positive and --jitter not negative")
+    res = support_prompts_experiment(support, test, out, label, sam_model, model, support_size, jitter, seed,
+                                     progress=sys.stderr.isatty())
+    s = res["summary"]
+    for key in ("mask_defined", "prompt_defined", "prompt_minus_mask", "sam_mask_dice_on_support_slices"):
+        print(f"{key:32s} {s[key]['mean']:+.3f} [{s[key]['ci_low']:+.3f}, {s[key]['ci_high']:+.3f}] (n {s[key]['n']})")
+    print(out / "summary.json")

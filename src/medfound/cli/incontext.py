@@ -56,8 +56,8 @@ def incontext_train(
     warmup_steps: WarmupOpt = 100,
     max_minutes: MaxMinutesOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from this in-context run's weights.")] = None,
-    encoder: Annotated[str, typer.Option(help="Shared encoder: 'conv' (small convolutional, trained from scratch) or an MAE run folder from `medfound pretrain` (frozen ViT with LoRA adapters).")] = "conv",
-    lora_rank: Annotated[int, typer.Option("--rank", help="LoRA rank on the MAE encoder's attention (with --encoder RUN).")] = 4,
+    encoder: Annotated[str, typer.Option(help="Shared encoder: 'conv' (small convolutional, trained from scratch), 'litemedsam' (LiteMedSAM's TinyViT, as GMISeg; scratch:tinyvit: random) or an MAE run folder from `medfound pretrain`; the last two frozen with LoRA adapters.")] = "conv",
+    lora_rank: Annotated[int, typer.Option("--rank", help="LoRA rank on the encoder's attention (with --encoder litemedsam or RUN).")] = 4,
     precision: PrecisionOpt = "bf16",
     accelerator: AcceleratorOpt = "auto",
     devices: DevicesOpt = "auto",
@@ -72,8 +72,8 @@ def incontext_train(
 
     if not 0 <= negative_fraction < 1:
         raise InputError(None, "--negative-fraction must be in [0, 1)")
-    if encoder != "conv" and not Path(encoder).is_dir():
-        raise InputError(encoder, "--encoder must be 'conv' or an MAE run folder (from `medfound pretrain`)")
+    if encoder not in ("conv", "litemedsam", "scratch:tinyvit") and not Path(encoder).is_dir():
+        raise InputError(encoder, "--encoder must be 'conv', 'litemedsam' or an MAE run folder (from `medfound pretrain`)")
     if lora_rank < 1:
         raise InputError(None, "--rank must be positive")
     _step_training(InContextTrainConfig, run_incontext_train, "tasks", out=out, datasets=datasets, bank=bank,

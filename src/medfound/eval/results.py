@@ -85,8 +85,10 @@ def _mean_over(rows: list[dict], method: str, size: int, keep: Callable[[str], b
     return summarise(v)
 
 
-def _ci(s: dict) -> str:
-    return "—" if not s.get("n") else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+def _ci(s: dict, signed: bool = False) -> str:
+    """``mean [low, high]`` of a :func:`summarise` result (``signed``: differences, with their sign)."""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return "—" if not s.get("n") else f"{f.format(s['mean'])} [{f.format(s['ci_low'])}, {f.format(s['ci_high'])}]"
 
 
 # ---- tables ---------------------------------------------------------------------------------------------
@@ -307,11 +309,90 @@ def label_efficiency_paired(d: Data) -> str:
                      if a == arm and f == frac and (base, frac, s) in dice]
             if not diffs:
                 continue
-            st = summarise(diffs)
             wins = sum(x > 0 for x in diffs)
-            body.append([arm, f"{frac:g}", f"{st['mean']:+.3f} [{st['ci_low']:+.3f}, {st['ci_high']:+.3f}]",
-                         f"{wins} of {len(diffs)}"])
+            body.append([arm, f"{frac:g}", _ci(summarise(diffs), signed=True), f"{wins} of {len(diffs)}"])
     return _table(["arm", "label fraction", f"Dice minus {base} (paired by seed, 95 % CI)", "seeds it wins"], body)
+
+
+def support_prompts(d: Data) -> str:
+    """Example sets given as boxes (a SAM draws the masks) against the same sets' true masks."""
+    path = d.root / "incontext" / "heldout_aal_support_prompts_results.csv"
+    if not path.is_file():
+        return "_(no data yet: run the command above)_"
+    rows = _rows(path)
+    sam = _rows(d.root / "incontext" / "heldout_aal_support_prompts_sam_masks.csv")
+    mask = [float(r["mask_defined_dice"]) for r in rows]
+    prompt = [float(r["prompt_defined_dice"]) for r in rows]
+    diff = [b - a for a, b in zip(mask, prompt)]
+    return _table(["example set (16 supports per structure)", "3D Dice on MNI152 (95 % CI)"],
+                  [["true masks", _ci(summarise(mask))],
+                   ["boxes, masks drawn by the shipped small SAM", _ci(summarise(prompt))],
+                   ["difference (boxes minus masks, paired by structure)", _ci(summarise(diff), signed=True)],
+                   [f"the SAM's masks against the true ones, 2D Dice on the {len(sam)} prompted support slices",
+                    _ci(summarise([float(r["dice"]) for r in sam]))]])
+
+
+
+
+# ---- the head-to-head page (docs/paths.md) ----------------------------------------------------------------
+
+#: (row label, path, model file stem in data/sam)
+PATH_SAM_ROWS = (("box's inscribed ellipse (floor)", "—", "ellipse"),
+                 ("LiteMedSAM zero-shot", "1: adapt", "litemedsam"),
+                 ("LiteMedSAM, mask decoder adapted (`litemedsam-adapted`)", "1: adapt", "litemedsam_decoder"),
+                 ("small SAM trained on the sample atlases (shipped default)", "2: build", "smallsam"))
+PATH_SAM_COLUMNS = (("MNI152 AAL", "MNI152_AAL", "box"), ("MNI152 AAL", "MNI152_AAL", "1 point"),
+                    ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics", "box"),
+                    ("Colin27 AAL", "Colin27_AAL", "box"), ("lesions", "Lesions", "box"))
+
+
+def _sam_cell(d: Data, model: str, dataset: str, prompt: str) -> str:
+    stem = "smallsam" if model == "ellipse" else model
+    path = d.root / "sam" / f"{stem}_{dataset}.csv"
+    if not path.is_file():
+        return "not measured"
+    rows = {r["prompt"]: r for r in _rows(path)}
+    key = "box (inscribed ellipse)" if model == "ellipse" else prompt
+    if model == "ellipse" and prompt != "box":
+        return "—"
+    r = rows.get(key)
+    return f"{float(r['dice_mean']):.3f} [{float(r['ci95_low']):.3f}, {float(r['ci95_high']):.3f}]" if r else "—"
+
+
+def paths_prompts(d: Data) -> str:
+    header = ["model", "path", *(f"{ds}: {'click' if pr == '1 point' else pr}" for ds, _, pr in PATH_SAM_COLUMNS)]
+    body = [[label, path, *(_sam_cell(d, stem, ds, pr) for _, ds, pr in PATH_SAM_COLUMNS)]
+            for label, path, stem in PATH_SAM_ROWS]
+    return _table(header, body)
+
+
+def paths_few_labels(d: Data) -> str:
+    path = d.root / "label_efficiency" / "summary.csv"
+    if not path.is_file():
+        return "_(no data yet: run the command on the label-efficiency page)_"
+    kind = {"scratch": ("ViT-UNETR from scratch (floor)", "—"), "mae": ("MAE-pretrained ViT-UNETR", "2: build"),
+            "litemedsam": ("LiteMedSAM's TinyViT, frozen, U-Net decoder", "1: adapt")}
+    body = []
+    for r in _rows(path):
+        if float(r["fraction"]) != min(float(x["fraction"]) for x in _rows(path)):
+            continue
+        label, p = kind.get(r["arm"].split("-")[0], (r["arm"], "?"))
+        body.append([f"{label} (`{r['arm']}`)", p, f"{float(r['test_dice_mean']):.3f} [{float(r['ci_low']):.3f}, "
+                     f"{float(r['ci_high']):.3f}]", r["seeds"]])
+    return _table(["encoder", "path", "test Dice, one labeled brain (95 % CI)", "seeds"], body)
+
+
+def paths_incontext(d: Data) -> str:
+    aal, aal_base = d.summary("heldout_aal_shipped"), d.summary("heldout_aal_no_smoothing")
+    nm, nm_base = d.summary("heldout_neuromorphometrics_shipped"), d.summary("heldout_neuromorphometrics_no_smoothing")
+    ft = d.summary("heldout_vs_finetuning")
+    rows = [["conv in-context model (shipped)", "2: build", *(_cell(t, "incontext", n, ci=True) for t in (aal, nm) for n in (8, 16))],
+            ["registered label fusion (no model)", "—", *(_cell(t, "registered-label-fusion", n, ci=True)
+                                                        for t in (aal_base, nm_base) for n in (8, 16))],
+            ["U-Net trained on the example slices (from-scratch CNN floor)", "—",
+             _cell(ft, "finetune", 8, ci=True), _cell(ft, "finetune", 16, ci=True), "not measured", "not measured"],
+            ["in-context on LiteMedSAM's encoder with LoRA (GMISeg)", "1: adapt", *(["not built"] * 4)]]
+    return _table(["model", "path", "AAL, 8 supports", "AAL, 16", "Neuromorphometrics, 8", "Neuromorphometrics, 16"], rows)
 
 
 def throughput(d: Data) -> str:
@@ -339,7 +420,11 @@ TABLES: dict[str, Callable[[Data], str]] = {
     "tried_validation_refine": tried_validation_refine, "tried_validation_registration": tried_validation_registration,
     "tried_validation_encoder": tried_validation_encoder, "label_efficiency": label_efficiency,
     "label_efficiency_paired": label_efficiency_paired, "throughput": throughput,
+    "support_prompts": support_prompts, "paths_prompts": paths_prompts, "paths_few_labels": paths_few_labels, "paths_incontext": paths_incontext,
 }
+
+#: templates rendered somewhere other than beside the results pages (relative to them)
+ELSEWHERE = {"paths.md": Path("..") / "paths.md"}
 
 
 # ---- plots ----------------------------------------------------------------------------------------------
@@ -445,9 +530,11 @@ def render(root: str | Path = "docs/results", out: str | Path | None = None, plo
                 PLOTS[key](data, out / "plots" / f"{key}.png")
             return f"![{key}](plots/{key}.png)"
 
-        page = "<!-- made by `make results` from templates/" + template.name + " and data/; edit those -->\n" + \
+        where = "results/" if template.name in ELSEWHERE else ""
+        page = f"<!-- made by `make results` from {where}templates/{template.name} and {where}data/; edit those -->\n" + \
             TOKEN.sub(fill, text)
-        path = out / template.name
+        # the head-to-head page lives in docs/ (rendered beside the others when out is not the docs tree)
+        path = (root / ELSEWHERE[template.name]) if template.name in ELSEWHERE and out == root else out / template.name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page)
         written.append(path)

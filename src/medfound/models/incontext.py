@@ -34,8 +34,8 @@ class InContextConfig:
     value_dim: int = 32                         # attention value width (all heads, incl. the mask votes)
     heads: int = 4
     windows: tuple[int, int] = (7, 9)           # local window at 1/4 and at 1/8
-    encoder: str = "conv"                       # "conv" or "mae" (a pretrained ViT with LoRA, see ViTPyramid)
-    vit: dict | None = None                     # the ViT's architecture when encoder == "mae"
+    encoder: str = "conv"                       # "conv", "mae" (a ViT with LoRA, ViTPyramid) or "litemedsam"
+    vit: dict | None = None                     # the ViT's (or TinyViT's) architecture when not "conv"
     lora_rank: int = 4
     extra: dict = field(default_factory=dict)
 
@@ -113,13 +113,51 @@ class ViTPyramid(nn.Module):
         return [f1, self.stem[1](f1), f4, f8]
 
 
+def _project(cin: int, cout: int) -> nn.Module:
+    """1x1 conv -> GN -> GELU: a stage's channels to the decoder's width."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.GroupNorm(min(8, cout // 4), cout), nn.GELU())
+
+
+class TinyViTPyramid(nn.Module):
+    """LiteMedSAM's TinyViT (frozen, LoRA on its attention) as the in-context encoder, as GMISeg
+    adapts SAM's encoder for in-context segmentation.
+
+    Its stages already form a pyramid at S, S/2, S/4 and S/4 (64, 128, 160, 320 channels); 1x1
+    projections bring them to the decoder's widths, the two S/4 stages joined, and a stride-2 block
+    makes the S/8 level. Output: the same four maps as :class:`Encoder`."""
+
+    def __init__(self, widths: tuple[int, ...], tinyvit: nn.Module):
+        super().__init__()
+        self.tinyvit = tinyvit
+        c0, c1, c2, c3 = tinyvit.cfg.embed_dims
+        self.p1, self.p2, self.p4 = _project(c0, widths[0]), _project(c1, widths[1]), _project(c2 + c3, widths[2])
+        self.down8 = ConvBlock(widths[2], widths[3], 2)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        from medfound.models.sam import to_sam_input
+
+        s1, s2, s4a, s4b = self.tinyvit.features(to_sam_input(x))  # TinyViT rescales each image to [0, 1]
+        f4 = self.p4(torch.cat([s4a, s4b], dim=1))
+        return [self.p1(s1), self.p2(s2), f4, self.down8(f4)]
+
+
 def build_encoder(cfg: InContextConfig, vit: nn.Module | None = None) -> nn.Module:
-    """The convolutional encoder, or a ViT (``vit``: pretrained weights, else built from ``cfg.vit``)
-    with LoRA adapters for ``encoder == "mae"``."""
+    """The convolutional encoder, or a ViT / TinyViT (``vit``: pretrained weights, else built from
+    ``cfg.vit``) with LoRA adapters for ``encoder == "mae"`` / ``"litemedsam"``."""
     if cfg.encoder == "conv":
         return Encoder(cfg.widths)
+    if cfg.encoder == "litemedsam":
+        from medfound.models.lora import add_lora
+        from medfound.models.tinyvit import TinyViT, TinyViTConfig
+
+        if vit is None:
+            vit = TinyViT(TinyViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in (cfg.vit or {}).items() if k != "type"}))
+        if cfg.size % 16:
+            raise ValueError(f"the in-context TinyViT encoder needs a working size that is a multiple of 16 (got {cfg.size})")
+        return TinyViTPyramid(cfg.widths, add_lora(vit, cfg.lora_rank))
     if cfg.encoder != "mae" or not cfg.vit:
-        raise ValueError(f"unknown in-context encoder {cfg.encoder!r} (conv, or mae with a ViT architecture)")
+        raise ValueError(f"unknown in-context encoder {cfg.encoder!r} (conv, litemedsam, or mae with a ViT architecture)")
     from medfound.models.lora import add_lora
     from medfound.models.vit import ViTConfig, ViTEncoder
 

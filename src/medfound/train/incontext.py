@@ -38,7 +38,7 @@ class InContextTrainConfig(StepTrainConfig):
     widths: tuple[int, ...] = (16, 32, 48, 64)
     support_sizes: tuple[int, ...] = SUPPORT_SIZES
     p_negative: float = 0.3  # share of queries where the label is absent (near the structure or anywhere)
-    encoder: str = "conv"    # "conv", or an MAE run folder: its ViT, frozen, with LoRA adapters
+    encoder: str = "conv"    # "conv", "litemedsam" (its TinyViT), or an MAE run folder: frozen, LoRA adapters
     lora_rank: int = 4
     zoom_fraction: float = 0.0  # share of real episodes cut to a window around the task at 2-3x (bank at 2x size)
     cross_subject_fraction: float = 0.0  # share of real episodes with supports and query from different subjects
@@ -55,6 +55,13 @@ def build_incontext_net(cfg: dict) -> InContextSegmenter:
     encoder = cfg.get("encoder", "conv")
     if encoder == "conv":
         return InContextSegmenter(InContextConfig(size=cfg["size"], widths=tuple(cfg["widths"])))
+    if encoder in ("litemedsam", "scratch:tinyvit"):  # LiteMedSAM's TinyViT (random for scratch), LoRA
+        from medfound.models.tinyvit_unet import litemedsam_encoder
+
+        tiny, _ = litemedsam_encoder(cfg["size"], pretrained=encoder == "litemedsam")
+        config = InContextConfig(size=cfg["size"], widths=tuple(cfg["widths"]), encoder="litemedsam",
+                                 vit=tiny.tinyvit.cfg.as_dict(), lora_rank=int(cfg.get("lora_rank", 4)))
+        return InContextSegmenter(config, tiny.tinyvit)
     from medfound.models.export import load_encoder
 
     vit, enc_cfg = load_encoder(encoder)
@@ -190,7 +197,9 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
             "normalisation": "medfound.data.normalize per modality (CT windows; MR/PET foreground percentiles)",
             "parameters": total,
             "trainable_parameters": trainable,
-            "encoder": "conv" if cfg.encoder == "conv" else {"mae_run": str(cfg.encoder), "lora_rank": cfg.lora_rank},
+            "encoder": "conv" if cfg.encoder == "conv" else
+            {("base" if cfg.encoder in ("litemedsam", "scratch:tinyvit") else "mae_run"): str(cfg.encoder),
+             "lora_rank": cfg.lora_rank},
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
                          "global_batch": cfg.batch_size * trainer.world_size, "support_sizes": list(cfg.support_sizes),
                          "synthetic_fraction": cfg.synthetic_fraction, "lr": cfg.lr, "precision": cfg.precision,
