@@ -85,7 +85,9 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
     """Every image of ``input_path`` -> ``output/<case>.<ext>``. Outputs appear together when every
     image has succeeded, or not at all (they are staged beside ``output`` meanwhile). Progress advances
     slice batch by slice batch; each image ends with a summary line (modality, slices, ml per label)."""
-    from medfound.infer.summary import summarise
+    import sys
+
+    from medfound.infer.summary import summary_lines
     from medfound.progress import Progress
 
     model, cfg = load_segmenter(model_run)
@@ -93,7 +95,7 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
     items = inputs_of(Path(input_path))
     output = check_output_dir(output, [input_path, model_run])
     names = {int(i["label"]): i["name"] for i in cfg["classes"].values()}
-    written = []
+    written, report = [], []
     # Images are read one at a time (an archive need not fit in memory); progress counts images, each
     # advanced slice batch by slice batch.
     with Progress("predict", len(items), enabled=progress) as bar, staged_dir(output) as stage:
@@ -113,7 +115,9 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
                 from medfound.io.dicomseg import write_dicom_seg
 
                 written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=names))
-            summarise(case, mask, image, names, f"modality {mod}, {slices} slice(s) at "
-                      f"{cfg['image_size']} px on {torch.device(device).type}")
+            report += summary_lines(case, mask, image, names, f"modality {mod}, {slices} slice(s) at "
+                                    f"{cfg['image_size']} px on {torch.device(device).type}")
         written.append(write_label_names(stage, names))
+    # Told once every image has succeeded: a bad input later in the folder stays a one-line error.
+    print("\n".join(report), file=sys.stderr)
     return final_paths(written, stage, output)

@@ -20,11 +20,17 @@ def label_volumes(mask: np.ndarray, image: MedImage, names: dict[int, str]) -> d
     return {v: int(np.count_nonzero(mask == v)) * voxel_ml for v in names}
 
 
-def summarise(case: str, mask: np.ndarray, image: MedImage, names: dict[int, str], used: str,
-              empty_hint: str = "not in this image's field of view?") -> None:
+def summary_lines(case: str, mask: np.ndarray, image: MedImage, names: dict[int, str], used: str,
+                  empty_hint: str = "not in this image's field of view?") -> list[str]:
     """``medfound: CASE: USED; name 1.23 ml, ...`` and a warning per empty label."""
     vols = label_volumes(mask, image, names)
-    print(f"medfound: {case}: {used}; " + ", ".join(f"{names[v]} {ml:.2f} ml" for v, ml in vols.items()), file=sys.stderr)
-    for v, ml in vols.items():
-        if ml == 0:
-            warn(f"{case}: {names[v]} came out empty ({empty_hint})")
+    lines = [f"medfound: {case}: {used}; " + ", ".join(f"{names[v]} {ml:.2f} ml" for v, ml in vols.items())]
+    return lines + [f"medfound: warning: {case}: {names[v]} came out empty ({empty_hint})"
+                    for v, ml in vols.items() if ml == 0]
+
+
+def summarise(case: str, mask: np.ndarray, image: MedImage, names: dict[int, str], used: str,
+              empty_hint: str = "not in this image's field of view?") -> None:
+    """Print :func:`summary_lines` on stderr."""
+    for line in summary_lines(case, mask, image, names, used, empty_hint):
+        print(line, file=sys.stderr)
