@@ -314,24 +314,31 @@ def label_efficiency_paired(d: Data) -> str:
     return _table(["arm", "label fraction", f"Dice minus {base} (paired by seed, 95 % CI)", "seeds it wins"], body)
 
 
+#: (who drew the masks, file stem in data/incontext) of the prompt-defined example sets measured
+PROMPT_SETS = (("the shipped small SAM", "heldout_aal_support_prompts"),
+               ("LiteMedSAM, decoder adapted", "heldout_aal_support_prompts_litemedsam_adapted"))
+
+
 def support_prompts(d: Data) -> str:
     """Example sets given as boxes (a SAM draws the masks) against the same sets' true masks."""
-    path = d.root / "incontext" / "heldout_aal_support_prompts_results.csv"
-    if not path.is_file():
+    body = []
+    for who, stem in PROMPT_SETS:
+        path = d.root / "incontext" / f"{stem}_results.csv"
+        if not path.is_file():
+            continue
+        rows = _rows(path)
+        sam = _rows(d.root / "incontext" / f"{stem}_sam_masks.csv")
+        mask = [float(r["mask_defined_dice"]) for r in rows]
+        prompt = [float(r["prompt_defined_dice"]) for r in rows]
+        if not body:
+            body.append(["true masks", _ci(summarise(mask)), "—", "1"])
+        body.append([f"boxes, masks drawn by {who}", _ci(summarise(prompt)),
+                     _ci(summarise([b - a for a, b in zip(mask, prompt)]), signed=True),
+                     _ci(summarise([float(r["dice"]) for r in sam]))])
+    if not body:
         return "_(no data yet: run the command above)_"
-    rows = _rows(path)
-    sam = _rows(d.root / "incontext" / "heldout_aal_support_prompts_sam_masks.csv")
-    mask = [float(r["mask_defined_dice"]) for r in rows]
-    prompt = [float(r["prompt_defined_dice"]) for r in rows]
-    diff = [b - a for a, b in zip(mask, prompt)]
-    return _table(["example set (16 supports per structure)", "3D Dice on MNI152 (95 % CI)"],
-                  [["true masks", _ci(summarise(mask))],
-                   ["boxes, masks drawn by the shipped small SAM", _ci(summarise(prompt))],
-                   ["difference (boxes minus masks, paired by structure)", _ci(summarise(diff), signed=True)],
-                   [f"the SAM's masks against the true ones, 2D Dice on the {len(sam)} prompted support slices",
-                    _ci(summarise([float(r["dice"]) for r in sam]))]])
-
-
+    return _table(["example set (16 supports per structure)", "3D Dice on MNI152 (95 % CI)",
+                   "minus true masks (paired by structure)", "the drawn masks' 2D Dice on the prompted slices"], body)
 
 
 # ---- the head-to-head page (docs/paths.md) ----------------------------------------------------------------
@@ -391,7 +398,14 @@ def paths_incontext(d: Data) -> str:
                                                         for t in (aal_base, nm_base) for n in (8, 16))],
             ["U-Net trained on the example slices (from-scratch CNN floor)", "—",
              _cell(ft, "finetune", 8, ci=True), _cell(ft, "finetune", 16, ci=True), "not measured", "not measured"],
-            ["in-context on LiteMedSAM's encoder with LoRA (GMISeg)", "1: adapt", *(["not built"] * 4)]]
+            ["in-context on LiteMedSAM's encoder with LoRA (GMISeg)", "1: adapt",
+             *(["built, not trained (needs a GPU)"] * 4)]]
+    for who, stem in PROMPT_SETS:
+        path = d.root / "incontext" / f"{stem}_results.csv"
+        if path.is_file():
+            dice = [float(r["prompt_defined_dice"]) for r in _rows(path)]
+            rows.append([f"conv in-context, example set given as boxes (masks drawn by {who})", "2: build",
+                         "not measured", _ci(summarise(dice)), "not measured", "not measured"])
     return _table(["model", "path", "AAL, 8 supports", "AAL, 16", "Neuromorphometrics, 8", "Neuromorphometrics, 16"], rows)
 
 
