@@ -315,14 +315,14 @@ def label_efficiency_paired(d: Data) -> str:
 
 
 #: (who drew the masks, file stem in data/incontext) of the prompt-defined example sets measured
-PROMPT_SETS = (("the shipped small SAM", "heldout_aal_support_prompts"),
-               ("LiteMedSAM, decoder adapted", "heldout_aal_support_prompts_litemedsam_adapted"))
+PROMPT_SETS = (("the shipped small SAM", "heldout_aal_support_prompts", "2: build"),
+               ("LiteMedSAM, decoder adapted", "heldout_aal_support_prompts_litemedsam_adapted", "1 + 2"))
 
 
 def support_prompts(d: Data) -> str:
     """Example sets given as boxes (a SAM draws the masks) against the same sets' true masks."""
     body = []
-    for who, stem in PROMPT_SETS:
+    for who, stem, _ in PROMPT_SETS:
         path = d.root / "incontext" / f"{stem}_results.csv"
         if not path.is_file():
             continue
@@ -400,11 +400,11 @@ def paths_incontext(d: Data) -> str:
              _cell(ft, "finetune", 8, ci=True), _cell(ft, "finetune", 16, ci=True), "not measured", "not measured"],
             ["in-context on LiteMedSAM's encoder with LoRA (GMISeg)", "1: adapt",
              *(["built, not trained (needs a GPU)"] * 4)]]
-    for who, stem in PROMPT_SETS:
+    for who, stem, which in PROMPT_SETS:
         path = d.root / "incontext" / f"{stem}_results.csv"
         if path.is_file():
             dice = [float(r["prompt_defined_dice"]) for r in _rows(path)]
-            rows.append([f"conv in-context, example set given as boxes (masks drawn by {who})", "2: build",
+            rows.append([f"conv in-context, example set given as boxes (masks drawn by {who})", which,
                          "not measured", _ci(summarise(dice)), "not measured", "not measured"])
     return _table(["model", "path", "AAL, 8 supports", "AAL, 16", "Neuromorphometrics, 8", "Neuromorphometrics, 16"], rows)
 
