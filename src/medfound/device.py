@@ -20,7 +20,8 @@ def inference_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise InputError(None, f"--device {name}: no CUDA GPU is visible to torch on this machine (use cpu or auto)")
-        index = int(name.partition(":")[2] or 0) if name.partition(":")[2].isdigit() or name == "cuda" else -1
+        _, sep, number = name.partition(":")
+        index = 0 if not sep else int(number) if number.isdigit() else -1  # "cuda:" or "cuda:x": no such GPU
         if not 0 <= index < torch.cuda.device_count():
             raise InputError(None, f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return torch.device(name)

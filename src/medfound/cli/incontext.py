@@ -72,7 +72,9 @@ def incontext_train(
 
     if not 0 <= negative_fraction < 1:
         raise InputError(None, "--negative-fraction must be in [0, 1)")
-    if encoder not in ("conv", "litemedsam", "scratch:tinyvit") and not Path(encoder).is_dir():
+    from medfound.models.tinyvit import TINYVIT_ENCODERS
+
+    if encoder not in ("conv", *TINYVIT_ENCODERS) and not Path(encoder).is_dir():
         raise InputError(encoder, "--encoder must be 'conv', 'litemedsam' or an MAE run folder (from `medfound pretrain`)")
     if lora_rank < 1:
         raise InputError(None, "--rank must be positive")

@@ -179,14 +179,15 @@ def sam_segment(
             vol[tuple(idx)] = m2
     name = input.name if input.is_dir() else case_name(input, strip_channel=True)
     ext = ".png" if image.format in ("png", "jpeg", "bmp") else ".nii.gz"
-    path = write_mask(vol.astype(np.uint8), image, output / f"{name}{ext}")
-    on = int(np.any(vol, axis=tuple(d for d in range(vol.ndim) if d != axis)).sum()) if vol.ndim == 3 else 1
+    mask = vol.astype(np.uint8)
+    path = write_mask(mask, image, output / f"{name}{ext}")
+    on = int(np.any(vol, axis=tuple(d for d in range(vol.ndim) if d != axis)).sum()) if vol.ndim == 3 else int(vol.any())
     prompt = " + ".join(p for p, given in (("box", b is not None), (f"{len(pts)} point(s)", bool(pts))) if given)
-    summarise(name, vol.astype(np.uint8), image, {1: "structure"},
+    summarise(name, mask, image, {1: "structure"},
               f"{Path(model).name if model else 'the shipped small SAM'} on {dev.type}, {prompt}"
               + (f" on slice {slice_index}" if image.ndim == 3 else "") + (", propagated" if propagate else ""),
               "the prompt found nothing: check the box is on this slice, in voxel indices")
-    print(f"{path}: {int(vol.sum())} voxels on {on if int(vol.sum()) else 0} slice(s)")
+    print(f"{path}: {int(vol.sum())} voxels on {on} slice(s)")
 
 
 @sam_app.command("evaluate")

@@ -18,6 +18,7 @@ from medfound.data.heldout import heldout_labels
 from medfound.errors import InputError
 from medfound.io import MedImage, read_image
 from medfound.io.atomic import atomic_dir
+from medfound.io.json_file import read_json
 from medfound.io.write import write_image, mask_like
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -38,10 +39,7 @@ class NnUNetDataset:
         js = root / "dataset.json"
         if not js.is_file():
             raise InputError(root, "not an nnU-Net dataset: dataset.json is missing")
-        try:
-            info = json.loads(js.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(js, f"invalid JSON: {e}") from None
+        info = read_json(js)
         missing = [k for k in REQUIRED_KEYS if k not in info]
         if missing:
             raise InputError(js, f"missing key(s) {', '.join(missing)}")

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from medfound.errors import InputError
+from medfound.io.json_file import read_json
 
 
 class ShardWriter:
@@ -72,10 +73,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     path = folder / "manifest.json"
     if not path.is_file():
         raise InputError(folder, "not an ingested shard folder: manifest.json is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"invalid JSON: {e}") from None
+    return read_json(path)
 
 
 class ShardSliceDataset(IterableDataset):

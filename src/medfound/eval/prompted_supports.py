@@ -24,6 +24,7 @@ from medfound.infer.incontext import segment_path
 from medfound.infer.support_prompts import prompted_support_set
 from medfound.io import read_image
 from medfound.io.atomic import write_csv, write_text
+from medfound.io.json_file import read_json
 
 
 def boxes_from_masks(ds: NnUNetDataset, values: dict[int, str], jitter: int = 2, min_voxels: int = 10,
@@ -68,18 +69,21 @@ def support_prompts_experiment(support: str | os.PathLike, test: str | os.PathLi
         sam_rows = _sam_masks_against_truth(sds, dds, prompts)
         segment_path(drawn, tds.root / "imagesTr", out / "prompt_defined", model_run, names, support_size,
                      progress=progress)
+    methods = ("mask_defined", "prompt_defined")
+    # each run's label values, by name, from the labels.json written beside its masks
+    value = {m: {n: int(v) for v, n in read_json(out / m / "labels.json").items()} for m in methods}
     rows = []
     for case in tds.cases():
         _, truth = tds.read_case(case)
-        preds = {m: read_image(out / m / f"{case}.nii.gz").array for m in ("mask_defined", "prompt_defined")}
+        preds = {m: read_image(out / m / f"{case}.nii.gz").array for m in methods}
         for sv, sname, tv, tname in pairs:
             row = {"test_case": case, "structure": sname}
             for m, pred in preds.items():
-                row[f"{m}_dice"] = label_metrics(pred == _value(out / m, sname), truth.array == tv, truth.spacing)["dice"]
+                row[f"{m}_dice"] = label_metrics(pred == value[m][sname], truth.array == tv, truth.spacing)["dice"]
             rows.append(row)
     write_csv(out / "results.csv", rows)
     write_csv(out / "sam_masks.csv", sam_rows)
-    summary = {m: summarise([r[f"{m}_dice"] for r in rows]) for m in ("mask_defined", "prompt_defined")}
+    summary = {m: summarise([r[f"{m}_dice"] for r in rows]) for m in methods}
     summary["prompt_minus_mask"] = summarise([r["prompt_defined_dice"] - r["mask_defined_dice"] for r in rows])
     summary["sam_mask_dice_on_support_slices"] = summarise([r["dice"] for r in sam_rows])
     meta = {"support": str(sds.root), "test": str(tds.root), "structures": names, "support_size": support_size,
@@ -87,11 +91,6 @@ def support_prompts_experiment(support: str | os.PathLike, test: str | os.PathLi
             "prompted_slices": sum(len(e) for labels_ in prompts.values() for e in labels_.values())}
     write_text(out / "summary.json", json.dumps(meta | {"summary": summary}, indent=2))
     return meta | {"summary": summary}
-
-
-def _value(folder: Path, name: str) -> int:
-    table = json.loads((folder / "labels.json").read_text())
-    return next(int(v) for v, n in table.items() if n == name)
 
 
 def _sam_masks_against_truth(sds: NnUNetDataset, drawn: NnUNetDataset, prompts: dict) -> list[dict]:

@@ -354,15 +354,14 @@ PATH_SAM_COLUMNS = (("MNI152 AAL", "MNI152_AAL", "box"), ("MNI152 AAL", "MNI152_
 
 
 def _sam_cell(d: Data, model: str, dataset: str, prompt: str) -> str:
-    stem = "smallsam" if model == "ellipse" else model
-    path = d.root / "sam" / f"{stem}_{dataset}.csv"
+    """One cell of the prompt table; the ellipse (a box's answer only) is read from the small SAM's CSV."""
+    ellipse = model == "ellipse"
+    if ellipse and prompt != "box":
+        return "—"
+    path = d.root / "sam" / f"{'smallsam' if ellipse else model}_{dataset}.csv"
     if not path.is_file():
         return "not measured"
-    rows = {r["prompt"]: r for r in _rows(path)}
-    key = "box (inscribed ellipse)" if model == "ellipse" else prompt
-    if model == "ellipse" and prompt != "box":
-        return "—"
-    r = rows.get(key)
+    r = {r["prompt"]: r for r in _rows(path)}.get("box (inscribed ellipse)" if ellipse else prompt)
     return f"{float(r['dice_mean']):.3f} [{float(r['ci95_low']):.3f}, {float(r['ci95_high']):.3f}]" if r else "—"
 
 
@@ -379,9 +378,11 @@ def paths_few_labels(d: Data) -> str:
         return "_(no data yet: run the command on the label-efficiency page)_"
     kind = {"scratch": ("ViT-UNETR from scratch (floor)", "—"), "mae": ("MAE-pretrained ViT-UNETR", "2: build"),
             "litemedsam": ("LiteMedSAM's TinyViT, frozen, U-Net decoder", "1: adapt")}
+    rows = _rows(path)
+    fewest = min(float(r["fraction"]) for r in rows)
     body = []
-    for r in _rows(path):
-        if float(r["fraction"]) != min(float(x["fraction"]) for x in _rows(path)):
+    for r in rows:
+        if float(r["fraction"]) != fewest:
             continue
         label, p = kind.get(r["arm"].split("-")[0], (r["arm"], "?"))
         body.append([f"{label} (`{r['arm']}`)", p, f"{float(r['test_dice_mean']):.3f} [{float(r['ci_low']):.3f}, "

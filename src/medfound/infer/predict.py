@@ -37,12 +37,17 @@ def _batches(image: MedImage, axis: int, size: int, batch: int,
         yield buf
 
 
+def assumed_modality(image: MedImage, cfg: dict, modality: str | None = None) -> str:
+    """``modality`` if given, else the file's; files that record none (NIfTI, PNG) are taken to be of
+    the training modality."""
+    return modality or (image.modality if image.modality != "OT" else None) or cfg.get("modality") or "OT"
+
+
 def predict_image(model: torch.nn.Module, cfg: dict, image: MedImage, batch_size: int = 16,
                   bf16: bool = False, modality: str | None = None, progress=None) -> np.ndarray:
     """Label map (dataset label values) on ``image``'s grid; ``progress(n)`` is called after each
     batch of ``n`` slices."""
-    # Files that do not record a modality (NIfTI, PNG) are taken to be of the training modality.
-    mod = modality or (image.modality if image.modality != "OT" else None) or cfg.get("modality") or "OT"
+    mod = assumed_modality(image, cfg, modality)
     bounds = intensity_bounds(image.array, mod)  # once per volume; applied slice by slice below
     view, ornt = image, None
     if image.ndim == 3 and not image.meta.get("frames_are_time"):
@@ -106,7 +111,7 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
                 from medfound.io.dicomseg import check_dicom_seg_source
 
                 check_dicom_seg_source(image, path)  # before this image's NIfTI is written
-            mod = modality or (image.modality if image.modality != "OT" else None) or cfg.get("modality") or "OT"
+            mod = assumed_modality(image, cfg, modality)
             mask = predict_image(model, cfg, image, batch_size, bf16, mod,
                                  progress=lambda k, n=n, s=slices: bar.advance(k / s, f"image {n}/{len(items)}"))
             ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)

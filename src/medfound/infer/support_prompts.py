@@ -16,7 +16,6 @@ runs as with a mask-defined example set.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import numpy as np
 
 from medfound.errors import InputError
 from medfound.io import read_image
+from medfound.io.json_file import read_json
 from medfound.io.read import inputs_of
 
 
@@ -34,10 +34,7 @@ def read_prompts(path: str | os.PathLike, cases: set[str]) -> dict[str, dict[str
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(path, f"not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not data:
         raise InputError(path, 'expected {"CASE": {"LABEL": [{"slice": K, "box": [x0, y0, x1, y1]}, ...]}}')
     for case, labels in data.items():

@@ -151,8 +151,7 @@ def build_encoder(cfg: InContextConfig, vit: nn.Module | None = None) -> nn.Modu
         from medfound.models.tinyvit import TinyViT, TinyViTConfig
 
         if vit is None:
-            vit = TinyViT(TinyViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in (cfg.vit or {}).items() if k != "type"}))
+            vit = TinyViT(TinyViTConfig.from_dict(cfg.vit or {}))
         if cfg.size % 16:
             raise ValueError(f"the in-context TinyViT encoder needs a working size that is a multiple of 16 (got {cfg.size})")
         return TinyViTPyramid(cfg.widths, add_lora(vit, cfg.lora_rank))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from medfound.errors import InputError
 from medfound.io.atomic import atomic_file, write_text
+from medfound.io.json_file import read_json
 
 MODEL_FILE = "model.safetensors"
 
@@ -49,10 +50,7 @@ def load_run(run: Path, kind: str, build: Callable[[dict], nn.Module], default_d
             msg = f"the packaged default {what} is missing (reinstall medfound)" if run == default_dir \
                 else f"missing: not a {what} run (train one with `{train_hint}`)"
             raise InputError(p, msg)
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(cfg_path, f"invalid JSON: {e}") from None
+    cfg = read_json(cfg_path)
     if cfg.get("kind") != kind:
         raise InputError(cfg_path, f"not a {what} config (kind={cfg.get('kind')!r})")
     module = build(cfg)

@@ -65,8 +65,9 @@ def encoder_for(name_or_run: str, image_size: int | None = None) -> tuple[torch.
     network, random); ``sam:PATH.pth`` / ``sam:vit_b`` -> SAM's image encoder; anything else -> an
     exported MAE run."""
     from medfound.models.export import load_encoder
+    from medfound.models.tinyvit import TINYVIT_ENCODERS
 
-    if name_or_run in ("litemedsam", "scratch:tinyvit"):
+    if name_or_run in TINYVIT_ENCODERS:
         from medfound.models.tinyvit_unet import litemedsam_encoder
 
         return litemedsam_encoder(image_size, pretrained=name_or_run == "litemedsam")

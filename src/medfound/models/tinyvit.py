@@ -20,6 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+#: ``--encoder`` names of LiteMedSAM's TinyViT: with its released weights, and the same network random
+TINYVIT_ENCODERS = ("litemedsam", "scratch:tinyvit")
+
+
 @dataclass(frozen=True)
 class TinyViTConfig:
     image_size: int = 256
@@ -33,6 +37,11 @@ class TinyViTConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TinyViTConfig:
+        """Back from :meth:`as_dict` as stored in a config.json (lists -> tuples; a ``type`` key ignored)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     @property
     def resolutions(self) -> list[int]:

@@ -57,8 +57,7 @@ class TinyViTEncoder(nn.Module):
 
 def build_tinyvit_encoder(arch: dict) -> TinyViTEncoder:
     """A TinyViT of the recorded shape, random weights (a saved segmenter's weights load over it)."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items() if k != "type"}
-    return TinyViTEncoder(TinyViT(TinyViTConfig(**fields)))
+    return TinyViTEncoder(TinyViT(TinyViTConfig.from_dict(arch)))
 
 
 class TinyViTUNet(nn.Module):

@@ -26,6 +26,7 @@ from medfound.errors import InputError
 from medfound.models.incontext import InContextConfig, InContextSegmenter
 from medfound.models.incontext_weights import save_incontext
 from medfound.models.lora import count_parameters as count_trainable
+from medfound.models.tinyvit import TINYVIT_ENCODERS
 from medfound.train.checkpoint import (StepTrainConfig, device_name, fit_by_steps, run_folder_checkpoint, step_random,
                                       step_trainer, warmup_cosine)
 
@@ -55,7 +56,7 @@ def build_incontext_net(cfg: dict) -> InContextSegmenter:
     encoder = cfg.get("encoder", "conv")
     if encoder == "conv":
         return InContextSegmenter(InContextConfig(size=cfg["size"], widths=tuple(cfg["widths"])))
-    if encoder in ("litemedsam", "scratch:tinyvit"):  # LiteMedSAM's TinyViT (random for scratch), LoRA
+    if encoder in TINYVIT_ENCODERS:  # LiteMedSAM's TinyViT (random for scratch), LoRA
         from medfound.models.tinyvit_unet import litemedsam_encoder
 
         tiny, _ = litemedsam_encoder(cfg["size"], pretrained=encoder == "litemedsam")
@@ -198,7 +199,7 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
             "parameters": total,
             "trainable_parameters": trainable,
             "encoder": "conv" if cfg.encoder == "conv" else
-            {("base" if cfg.encoder in ("litemedsam", "scratch:tinyvit") else "mae_run"): str(cfg.encoder),
+            {("base" if cfg.encoder in TINYVIT_ENCODERS else "mae_run"): str(cfg.encoder),
              "lora_rank": cfg.lora_rank},
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
                          "global_batch": cfg.batch_size * trainer.world_size, "support_sizes": list(cfg.support_sizes),
