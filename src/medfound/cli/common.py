@@ -51,7 +51,7 @@ app.add_typer(incontext_app, name="incontext")
 # In-context inference (`segment`, `experiment support-size`).
 RegisterOpt = Annotated[bool, typer.Option(
     "--register/--no-register", help="Place 3D support slices at the query height they show by an affine registration of "
-    "each support volume onto the query (else by relative position in each volume).")]
+    "each support volume onto the query (else by relative position in each volume); register each 2D example onto a 2D query.")]
 RefineOpt = Annotated[Optional[bool], typer.Option(
     "--refine/--no-refine", help="A second pass on a window around each structure at 2-3x the resolution "
     "(default: the model's setting; the shipped model refines).")]

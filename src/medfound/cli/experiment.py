@@ -1,4 +1,4 @@
-"""`medfound experiment ...`: label efficiency, support size."""
+"""`medfound experiment ...`: label efficiency, support size, example sets as prompts, same-study completion."""
 
 from __future__ import annotations
 
@@ -119,4 +119,95 @@ def experiment_support_prompts(
     s = res["summary"]
     for key in ("mask_defined", "prompt_defined", "prompt_minus_mask", "sam_mask_dice_on_support_slices"):
         print(f"{key:32s} {s[key]['mean']:+.3f} [{s[key]['ci_low']:+.3f}, {s[key]['ci_high']:+.3f}] (n {s[key]['n']})")
+    print(out / "summary.json")
+
+
+@experiment_app.command("same-study")
+def experiment_same_study(
+    dataset: Annotated[list[Path], typer.Option("--dataset", help="nnU-Net dataset whose first labelled volume is the study; repeat.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder: results.csv, summary.csv, summary.json, same_study.png.")],
+    labelled: Annotated[str, typer.Option("--labelled", help="Labelled slices per structure (comma-separated).")] = "2,4,8,16",
+    seeds: Annotated[int, typer.Option(help="Placements of the labelled slices per structure and count (seed 0: centred).")] = 3,
+    structures: Annotated[str, typer.Option(help="held-out, trained or all (held-out structures follow DESIGN.md's rule).")] = "all",
+    per_group: Annotated[int, typer.Option(help="At most this many structures of each group per dataset, spread over its labels (0: all).")] = 12,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Structure name to test; repeat (default: --structures).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated of completion, nearest-slice, contour-interpolation, incontext.")] = "completion,nearest-slice,contour-interpolation",
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run for incontext and --model-share (default: the shipped model).")] = None,
+    model_share: Annotated[Optional[float], typer.Option("--model-share", help="The in-context model's share in completion (as segment --partial-labels).")] = None,
+    axis: Annotated[int, typer.Option(help="Slice axis (RAS).")] = 2,
+    taper: Annotated[Optional[float], typer.Option(help="Completion: mean gaps beyond the outermost labelled slice over which the outline shrinks away (default: shipped).")] = None,
+) -> None:
+    """Same-study completion: a few labelled slices of a volume, the rest segmented, against copying the nearest labelled slice and contour interpolation."""
+    from medfound.eval.same_study import same_study_experiment
+
+    groups = {"all": ("held-out", "trained"), "held-out": ("held-out",), "trained": ("trained",)}.get(structures)
+    if groups is None:
+        raise InputError(None, f"--structures takes held-out, trained or all; got {structures!r}")
+    if axis not in (0, 1, 2):
+        raise InputError(None, "--axis must be 0, 1 or 2")
+    for d in dataset:
+        if not d.is_dir():
+            raise InputError(d, "no such dataset folder")
+    res = same_study_experiment(dataset, out, _ints(labelled, "--labelled"), seeds, groups, label, per_group or None,
+                                tuple(m.strip() for m in methods.split(",") if m.strip()), model, model_share, axis,
+                                taper, progress=sys.stderr.isatty())
+    for r in res["by_count"]:
+        print(f"{r['group']:8s} {r['method']:22s} {r['labelled']:3d} labelled: Dice {r['dice_mean']:.3f} "
+              f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({r['runs']} runs)")
+    for r in res["paired"]:
+        print(f"{r['group']:8s} completion - {r['baseline']:22s} {r['labelled']:3d}: {r['difference']:+.3f} "
+              f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}], wins {r['wins']}/{r['pairs']}")
+    print(f"{out / 'summary.json'}, {out / 'same_study.png'}")
+
+
+@experiment_app.command("cross-subject-2d")
+def experiment_cross_subject_2d(
+    support: Annotated[Path, typer.Option("--support", help="nnU-Net dataset whose first volume gives the example slices (written as PNG).")],
+    test: Annotated[Path, typer.Option("--test", help="nnU-Net dataset whose first volume gives the queries (2D, new field of view and scale).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder: results.csv, summary.csv, summary.json, cross_subject_2d.png, examples/, queries/.")],
+    sizes: Annotated[str, typer.Option(help="Example slices per structure (comma-separated).")] = "1,2,4,8,16,32",
+    seeds: Annotated[int, typer.Option(help="Draws of examples and query crops per size (seed 0: examples spread evenly).")] = 3,
+    queries: Annotated[int, typer.Option(help="Query slices per structure, spread over its extent.")] = 6,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Structure name; repeat (default: the held-out structures found in both).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated of incontext, label-fusion, mean-mask, incontext-registered, registered-label-fusion (examples registered onto each query first).")] = "incontext,label-fusion,mean-mask",
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the shipped model).")] = None,
+) -> None:
+    """2D cross-subject: example slices of one brain as PNG, queries from another brain cropped and rescaled, no geometry."""
+    from medfound.eval.cross_subject_2d import cross_subject_2d_experiment
+
+    res = cross_subject_2d_experiment(support, test, out, _ints(sizes, "--sizes"), seeds, queries, label,
+                                      tuple(m.strip() for m in methods.split(",") if m.strip()), model,
+                                      progress=sys.stderr.isatty())
+    for r in res["by_size"]:
+        print(f"{r['method']:13s} {r['size']:3d} examples: 2D Dice {r['dice_mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+              f"({r['runs']} queries, {r['seconds_mean']:.2f} s each)")
+    print(f"{out / 'summary.json'}, {out / 'cross_subject_2d.png'}")
+
+
+@experiment_app.command("query-box")
+def experiment_query_box(
+    dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset; each case is the query once, the others its examples (e.g. the lesion cases).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder: results.csv, summary.json.")],
+    label: Annotated[Optional[str], typer.Option("--label", help="Label name or value (default: the first).")] = None,
+    support_size: Annotated[int, typer.Option(help="Example slices.")] = 16,
+    jitter: Annotated[int, typer.Option(help="Each side of the query box moved by up to this many pixels.")] = 2,
+    seeds: Annotated[int, typer.Option(help="Box jitters per case.")] = 1,
+    methods: Annotated[str, typer.Option(help="Comma-separated of incontext, incontext-box, sam-box.")] = "incontext,incontext-box,sam-box",
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the shipped model).")] = None,
+    sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="SAM for sam-box (as sam segment --model; default: the shipped small SAM).")] = None,
+    extent: Annotated[str, typer.Option(help="How far incontext-box reaches from the boxed slice: reach (as far as the box is wide), propagate (until the answer shrinks), both.")] = "both",
+) -> None:
+    """Targets that move between patients, leave-one-out: in-context alone, in-context with a query box, a SAM with the same box."""
+    from medfound.eval.query_box import query_box_experiment
+
+    if support_size < 1 or jitter < 0 or seeds < 1:
+        raise InputError(None, "--support-size and --seeds must be positive, --jitter not negative")
+    if extent not in ("reach", "propagate", "both"):
+        raise InputError(None, f"--extent takes reach, propagate or both; got {extent!r}")
+    res = query_box_experiment(dataset, out, label, support_size, jitter, seeds,
+                               tuple(m.strip() for m in methods.split(",") if m.strip()), model, sam_model,
+                               extent, progress=sys.stderr.isatty())
+    for r in res["by_method"]:
+        print(f"{r['method']:14s} 3D Dice {r['dice_3d']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}], on the boxed slice "
+              f"{r['dice_slice']:.3f} ({r['runs']} runs, {r['seconds_mean']:.1f} s each)")
     print(out / "summary.json")

@@ -111,9 +111,9 @@ def incontext_bank(
 
 @app.command("segment")
 def segment(
-    support: Annotated[Path, typer.Option("--support", help="Example set: nnU-Net folder (imagesTr/labelsTr), 2D or 3D; with --support-prompts, the support images alone.")],
     input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, or folder of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: one mask per input, in its geometry.")],
+    support: Annotated[Optional[Path], typer.Option("--support", help="Example set: nnU-Net folder (imagesTr/labelsTr), 2D or 3D; with --support-prompts, the support images alone.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the model shipped with medfound).")] = None,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Label value or name to segment; repeat (default: all).")] = None,
     support_size: Annotated[int, typer.Option(help="Support slices per label (spread over the example set).")] = 16,
@@ -129,9 +129,15 @@ def segment(
     through_plane_sigma: SmoothOpt = None,
     support_prompts: Annotated[Optional[Path], typer.Option("--support-prompts", help="JSON of boxes/points per support image, label and slice (docs/guide/incontext.md): a SAM draws the support masks.")] = None,
     sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="SAM that turns --support-prompts into masks (as sam segment --model; default: the shipped small SAM).")] = None,
+    partial_labels: Annotated[Optional[Path], typer.Option("--partial-labels", help="Same-study completion: a label map on the study's grid with some slices labelled; the other slices are segmented (no --support).")] = None,
+    labelled_slices: Annotated[Optional[str], typer.Option("--labelled-slices", help="With --partial-labels: the labelled slice numbers (as the file counts them along --axis), so a labelled slice may be empty (default: every slice holding a label).")] = None,
+    model_share: Annotated[Optional[float], typer.Option("--model-share", help="With --partial-labels: share of the in-context model in the result, the rest from interpolating the labelled outlines (default 0, docs/results/incontext-same-study.md).")] = None,
+    query_box: Annotated[Optional[str], typer.Option("--query-box", help="x0,y0,x1,y1 on --slice of the input: where the target is (lesions, anything whose position differs between patients); the example set says what it looks like.")] = None,
+    query_slice: Annotated[Optional[int], typer.Option("--slice", help="With --query-box: the boxed slice, numbered as the file counts them along --axis (omit for 2D images).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Segment new images from an example set, with no training (in-context).
+    """Segment new images from an example set, with no training (in-context); or complete a
+    study of which some slices are labelled (--partial-labels).
 
     Outputs appear whole or not at all: every input is read first, the masks are staged beside OUTPUT
     and moved in only when every input has succeeded. OUTPUT may not be, contain or lie inside an input."""
@@ -141,6 +147,33 @@ def segment(
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
     dev = inference_device(device)
+    if partial_labels is not None:
+        from medfound.infer.completion import complete_path
+
+        if support is not None or support_prompts is not None:
+            raise InputError(None, "--partial-labels takes the example set from the study itself: leave out --support / --support-prompts")
+        slices = _ints(labelled_slices, "--labelled-slices") if labelled_slices else None
+        for w in complete_path(input, partial_labels, output, slices, axis, model, model_share, modality,
+                               batch_size, progress=True, device=dev):
+            print(w)
+        return
+    if support is None:
+        raise InputError(None, "give an example set (--support) or the study's own partial labels (--partial-labels)")
+    if labelled_slices is not None or model_share is not None:
+        raise InputError(None, "--labelled-slices and --model-share go with --partial-labels")
+    if query_box is not None or query_slice is not None:
+        from medfound.infer.query_prompt import query_box_path
+
+        if query_box is None:
+            raise InputError(None, "--slice goes with --query-box")
+        try:
+            box = [float(x) for x in query_box.split(",")]
+        except ValueError:
+            raise InputError(None, f"--query-box takes x0,y0,x1,y1; got {query_box!r}") from None
+        for w in query_box_path(support, input, output, box, query_slice, model, label, support_size, axis,
+                                modality, device=dev):
+            print(w)
+        return
 
     def run(example_set: Path) -> list:
         return segment_path(example_set, input, output, model, label, support_size, ensemble, axis, batch_size, modality,

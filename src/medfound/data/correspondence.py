@@ -86,3 +86,48 @@ def _as_affine(tx: sitk.Transform) -> sitk.AffineTransform | None:
 def map_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """(n, 3) world points through a 4x4 matrix."""
     return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def register_slice(fixed: np.ndarray, moving: np.ndarray, fixed_spacing: tuple[float, float] = (1.0, 1.0),
+                   moving_spacing: tuple[float, float] = (1.0, 1.0), max_scale_change: float = 2.0) -> sitk.Transform | None:
+    """A 2D affine registration of one slice onto another (Mattes mutual information, three
+    resolutions from the images' centres of mass): the transform taking ``fixed`` points (mm, array
+    index x spacing) to ``moving`` points, or ``None`` when it fails or changes the area by more than
+    ``max_scale_change`` either way. What lets example slices of another subject, field of view and
+    scale be compared with a query slice pixel for pixel, when no volume gives their geometry."""
+    f = sitk.GetImageFromArray(np.ascontiguousarray(fixed.T, np.float32))   # sitk's x is the array's last axis
+    m = sitk.GetImageFromArray(np.ascontiguousarray(moving.T, np.float32))
+    f.SetSpacing(tuple(float(s) for s in fixed_spacing))
+    m.SetSpacing(tuple(float(s) for s in moving_spacing))
+    try:
+        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2), sitk.CenteredTransformInitializerFilter.MOMENTS)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.25, seed=SAMPLING_SEED)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 150)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4, 2, 1])
+        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+        reg.SetInitialTransform(init, inPlace=False)
+        tx = _as_affine(reg.Execute(f, m))
+    except RuntimeError:
+        return None
+    if tx is None:
+        return None
+    det = np.linalg.det(np.array(tx.GetMatrix()).reshape(2, 2))
+    return tx if np.isfinite(det) and 1 / max_scale_change <= det <= max_scale_change else None
+
+
+def warp_slice(moving: np.ndarray, tx: sitk.Transform, fixed_shape: tuple[int, int],
+               fixed_spacing: tuple[float, float] = (1.0, 1.0), moving_spacing: tuple[float, float] = (1.0, 1.0),
+               nearest: bool = False) -> np.ndarray:
+    """``moving`` resampled onto the fixed slice's pixels through :func:`register_slice`'s transform
+    (zero outside it)."""
+    m = sitk.GetImageFromArray(np.ascontiguousarray(moving.T, np.float32))
+    m.SetSpacing(tuple(float(s) for s in moving_spacing))
+    ref = sitk.Image(int(fixed_shape[0]), int(fixed_shape[1]), sitk.sitkFloat32)
+    ref.SetSpacing(tuple(float(s) for s in fixed_spacing))
+    out = sitk.Resample(m, ref, tx, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(out).T

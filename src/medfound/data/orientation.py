@@ -29,3 +29,11 @@ def from_canonical(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     if array.ndim != 3:
         return array
     return np.ascontiguousarray(nio.apply_orientation(array, nio.ornt_transform(nio.axcodes2ornt("RAS"), ornt)))
+
+
+def file_axis(image: MedImage, ras_axis: int) -> int:
+    """The axis of the stored array that becomes RAS axis ``ras_axis`` in the canonical view: where
+    slice numbers given "as the file counts them" run."""
+    if image.ndim != 3:
+        return ras_axis
+    return int(np.flatnonzero(nio.io_orientation(image.affine)[:, 0] == ras_axis)[0])

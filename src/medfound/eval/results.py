@@ -341,6 +341,192 @@ def support_prompts(d: Data) -> str:
                    "minus true masks (paired by structure)", "the drawn masks' 2D Dice on the prompted slices"], body)
 
 
+SAME_STUDY_METHODS = (("completion", "**`segment --partial-labels`** (shipped settings)"),
+                      ("nearest-slice", "nearest labelled slice copied"),
+                      ("contour-interpolation", "morphological contour interpolation (ITK, Slicer's)"),
+                      ("incontext", "in-context model alone, labelled slices as examples"))
+
+
+def _same_study_rows(d: Data) -> list[dict]:
+    path = d.root / "same_study" / "results.csv"
+    return _rows(path) if path.is_file() else []
+
+
+def same_study(d: Data) -> str:
+    """Dice on the slices not given, per group of structures, method and labelled-slice count."""
+    rows = _same_study_rows(d)
+    if not rows:
+        return "_(no data yet: run the command above)_"
+    counts = sorted({int(r["labelled"]) for r in rows})
+    out = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        sel = [r for r in rows if r["group"] == group]
+        structures = len({(r["dataset"], r["structure"]) for r in sel})
+        body = []
+        for method, name in SAME_STUDY_METHODS:
+            cells = [_ci(summarise([float(r["dice"]) for r in sel if r["method"] == method and int(r["labelled"]) == n]))
+                     for n in counts]
+            if any(c != "—" for c in cells):
+                body.append([name, *cells])
+        out.append(f"**{group.capitalize()} structures** ({structures} structures over "
+                   f"{len({r['dataset'] for r in sel})} volumes, {len({r['seed'] for r in sel})} placements each):\n\n"
+                   + _table(["method", *(f"{n} labelled" for n in counts)], body))
+    return "\n\n".join(out)
+
+
+def same_study_paired(d: Data) -> str:
+    """Completion minus each baseline, paired by structure and placement."""
+    rows = _same_study_rows(d)
+    if not rows:
+        return "_(no data yet: run the command above)_"
+    from medfound.eval.same_study import paired_differences
+
+    counts = sorted({int(r["labelled"]) for r in rows})
+    body = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        for base, name in SAME_STUDY_METHODS[1:]:
+            cells = []
+            for n in counts:
+                diffs = paired_differences(rows, group, base, n)
+                cells.append(f"{_ci(summarise(diffs), signed=True)}, wins {sum(x > 0 for x in diffs)}/{len(diffs)}" if diffs else "—")
+            if any(c != "—" for c in cells):
+                body.append([group, name, *cells])
+    return _table(["structures", "completion minus", *(f"{n} labelled" for n in counts)], body)
+
+
+def _same_study_plot(d: Data, path: Path) -> None:
+    from medfound.eval.same_study import plot_same_study
+
+    rows = _same_study_rows(d)
+    by_count = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        for method, _ in SAME_STUDY_METHODS:
+            for n in sorted({int(r["labelled"]) for r in rows}):
+                v = [float(r["dice"]) for r in rows if r["group"] == group and r["method"] == method and int(r["labelled"]) == n]
+                if v:
+                    s = summarise(v)
+                    by_count.append({"group": group, "method": method, "labelled": n, "dice_mean": s["mean"],
+                                     "ci_low": s["ci_low"], "ci_high": s["ci_high"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_same_study(by_count, path)
+
+
+#: (row label, results file in data/same_study, method) of the settings sweep on trained structures
+SAME_STUDY_VALIDATION = (("nearest labelled slice copied", "validation_shipped", "nearest-slice"),
+                         ("contour interpolation", "validation_shipped", "contour-interpolation"),
+                         ("**outlines interpolated, tapering over one gap (shipped)**", "validation_shipped", "completion"),
+                         ("outlines interpolated, tapering over half a gap (`--taper 0.5`)", "validation_taper05", "completion"),
+                         ("in-context model alone (`--methods incontext`)", "validation_model0", "incontext"),
+                         ("outlines interpolated, same 12 structures", "validation_model0", "completion"),
+                         ("a quarter of the in-context model mixed in (`--model-share 0.25`)", "validation_model025", "completion"))
+
+
+def same_study_validation(d: Data) -> str:
+    """The settings sweep of same-study completion on trained structures (one centred placement)."""
+    body, counts = [], (2, 4, 8, 16)
+    for name, stem, method in SAME_STUDY_VALIDATION:
+        path = d.root / "same_study" / f"{stem}.csv"
+        if not path.is_file():
+            continue
+        rows = [r for r in _rows(path) if r["method"] == method]
+        structures = len({r["structure"] for r in rows})
+        cells = [_f(summarise([float(r["dice"]) for r in rows if int(r["labelled"]) == n]).get("mean")) for n in counts]
+        body.append([name, structures, *cells])
+    if not body:
+        return "_(no data yet: run the commands above)_"
+    return _table(["variant", "structures", *(f"{n} labelled" for n in counts)], body)
+
+
+#: (direction, results file in data/cross_subject_2d)
+DIRECTIONS_2D = (("Colin27 examples -> MNI152 queries", "colin27_to_mni152"),
+                 ("MNI152 examples -> Colin27 queries", "mni152_to_colin27"))
+METHODS_2D = (("incontext-registered", "**in-context, examples registered onto the query (`segment`'s default)**"),
+              ("incontext", "in-context, examples in their own frame (`--no-register`)"),
+              ("registered-label-fusion", "registered label fusion (examples registered, most similar one's mask)"),
+              ("label-fusion", "label fusion (most similar example's mask)"),
+              ("mean-mask", "mean of the example masks"))
+
+
+def _rows_2d(d: Data, stem: str) -> list[dict]:
+    path = d.root / "cross_subject_2d" / f"{stem}_results.csv"
+    return _rows(path) if path.is_file() else []
+
+
+def cross_subject_2d(d: Data, directions=DIRECTIONS_2D, what: str = "held-out structures") -> str:
+    """2D Dice by example-set size, per direction and method."""
+    out = []
+    for title, stem in directions:
+        rows = _rows_2d(d, stem)
+        if not rows:
+            continue
+        sizes = sorted({int(r["size"]) for r in rows})
+        body = [[name, *(_ci(summarise([float(r["dice"]) for r in rows if r["method"] == m and int(r["size"]) == n]))
+                         for n in sizes)] for m, name in METHODS_2D if any(r["method"] == m for r in rows)]
+        queries = len({(r["structure"], r["seed"], r["slice"]) for r in rows})
+        out.append(f"**{title}** ({len({r['structure'] for r in rows})} {what}, {queries} queries):\n\n"
+                   + _table(["method", *(f"{n} examples" for n in sizes)], body))
+    return "\n\n".join(out) or "_(no data yet: run the commands above)_"
+
+
+def _cross_subject_2d_plot(d: Data, path: Path) -> None:
+    from medfound.io.figures import curve_panels
+
+    panels = []
+    for title, stem in DIRECTIONS_2D:
+        rows = _rows_2d(d, stem)
+        sizes = sorted({int(r["size"]) for r in rows})
+        series = []
+        for m, name in METHODS_2D:
+            stats = [summarise([float(r["dice"]) for r in rows if r["method"] == m and int(r["size"]) == n]) for n in sizes]
+            if stats and stats[0]["n"]:
+                series.append((name.replace("**", ""), sizes, [s["mean"] for s in stats], [s["ci_low"] for s in stats],
+                               [s["ci_high"] for s in stats]))
+        panels.append((title, series))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    curve_panels(panels, path, "example slices per structure", "2D Dice (mean, 95 % CI)")
+
+
+QUERY_BOX_METHODS = (("incontext", "in-context, examples only (`segment --support`)"),
+                     ("incontext-box", "**in-context told where (`segment --query-box`)**"),
+                     ("sam-box", "shipped small SAM, the same box, propagated (`sam segment --box`)"))
+
+
+def _query_box_table(rows: list[dict], label_of: Callable[[dict], str]) -> str:
+    body = []
+    for key in dict.fromkeys(label_of(r) for r in rows):
+        sel = [r for r in rows if label_of(r) == key]
+        body.append([key, _ci(summarise([float(r["dice_3d"]) for r in sel])),
+                     _f(summarise([float(r["dice_slice"]) for r in sel])["mean"]), len(sel),
+                     f"{np.mean([float(r['seconds']) for r in sel]):.1f}"])
+    return _table(["method", "3D Dice (95 % CI)", "Dice on the boxed slice", "runs", "s per case"], body)
+
+
+def query_box(d: Data) -> str:
+    """Lesions across patients, leave-one-out: examples only, with a query box, a SAM with the box."""
+    path = d.root / "query_box" / "lesions_results.csv"
+    if not path.is_file():
+        return "_(no data yet: run the command above)_"
+    names = dict(QUERY_BOX_METHODS)
+    rows = sorted(_rows(path), key=lambda r: [m for m, _ in QUERY_BOX_METHODS].index(r["method"]))
+    per_case = _table(["case", *(names[m].replace("**", "") for m, _ in QUERY_BOX_METHODS)],
+                      [[c, *(_f(float(next(r["dice_3d"] for r in rows if r["query"] == c and r["method"] == m)))
+                             for m, _ in QUERY_BOX_METHODS)] for c in dict.fromkeys(r["query"] for r in rows)])
+    return _query_box_table(rows, lambda r: names[r["method"]]) + "\n\nPer case (3D Dice):\n\n" + per_case
+
+
+def query_box_validation(d: Data) -> str:
+    """How far the box's answer reaches through the slices, chosen on the phantoms' lesions."""
+    rows = []
+    for stem, name in (("extent_reach", "`--extent reach`: as far as the box is wide"),
+                       ("extent_propagate", "`--extent propagate`: until the answer shrinks below a fifth"),
+                       ("extent_both", "**`--extent both`: whichever comes first (shipped)**"),
+                       ("baselines", None)):
+        path = d.root / "query_box" / f"validation_phantoms_{stem}.csv"
+        if path.is_file():
+            rows += [dict(r, variant=name or dict(QUERY_BOX_METHODS)[r["method"]]) for r in _rows(path)]
+    return _query_box_table(rows, lambda r: r["variant"]) if rows else "_(no data yet: run the commands above)_"
+
+
 # ---- the head-to-head page (docs/paths.md) ----------------------------------------------------------------
 
 #: (row label, path, model file stem in data/sam)
@@ -436,6 +622,11 @@ TABLES: dict[str, Callable[[Data], str]] = {
     "tried_validation_encoder": tried_validation_encoder, "label_efficiency": label_efficiency,
     "label_efficiency_paired": label_efficiency_paired, "throughput": throughput,
     "support_prompts": support_prompts, "paths_prompts": paths_prompts, "paths_few_labels": paths_few_labels, "paths_incontext": paths_incontext,
+    "same_study": same_study, "same_study_paired": same_study_paired, "same_study_validation": same_study_validation,
+    "cross_subject_2d": cross_subject_2d,
+    "cross_subject_2d_validation": lambda d: cross_subject_2d(d, (("Colin27 examples -> MNI152 queries", "validation"),),
+                                                              "non-held-out structures"),
+    "query_box": query_box, "query_box_validation": query_box_validation,
 }
 
 #: templates rendered somewhere other than beside the results pages (relative to them)
@@ -504,6 +695,8 @@ def _seeds_plot(d: Data, path: Path) -> None:
 
 PLOTS: dict[str, Callable[[Data, Path], None]] = {
     "label_efficiency": _seeds_plot,
+    "same_study": _same_study_plot,
+    "cross_subject_2d": _cross_subject_2d_plot,
     "aal_curve": lambda d, p: _curve_plot(d, p, [
         ("in-context, shipped", "heldout_aal_shipped", "incontext"),
         ("in-context, no smoothing", "heldout_aal_no_smoothing", "incontext"),

@@ -213,7 +213,7 @@ def _summarise(rows: list[dict], methods, sizes) -> dict:
     return {"by_size": by_size, "wins": verdicts}
 
 
-def plot_support_size(by_size: list[dict], path: Path, title: str = "") -> Path:
+def plot_support_size(by_size: list[dict], path: Path, title: str = "", ylabel: str = "3D Dice (95 % CI)") -> Path:
     import matplotlib.pyplot as plt
 
     from medfound.io.figures import save_figure
@@ -226,7 +226,7 @@ def plot_support_size(by_size: list[dict], path: Path, title: str = "") -> Path:
         ax.fill_between(x, [r["ci_low"] for r in sel], [r["ci_high"] for r in sel], alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("support slices")
-    ax.set_ylabel("3D Dice (95 % CI)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -23,7 +23,7 @@ from medfound.data.normalize import normalize
 from medfound.data.orientation import from_canonical, to_canonical
 from medfound.data.slicing import from_square, iter_slices, plane_spacing, put_slice, take_slice, to_square
 from medfound.errors import InputError
-from medfound.infer.label_fusion import registered_label_fusion
+from medfound.infer.label_fusion import registered_label_fusion, similarity
 from medfound.infer.summary import summarise, warn
 from medfound.io import MedImage, mask_extension, read_image, write_mask
 from medfound.io.image import is_known_modality
@@ -258,15 +258,74 @@ def warp_in_plane(pool: SupportPool, prep: PreparedSlices, transforms: dict[str,
     return replace(pool, images=images, masks=masks, planes=planes)
 
 
+def native_supports(pool: SupportPool) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
+    """Each support slice of ``pool`` at its original resolution: (image, mask, in-plane spacing); a
+    slice resampled onto the query's grid (:func:`warp_in_plane`, :func:`register_2d`) as such."""
+    out = []
+    for i, src in enumerate(pool.sources):
+        if pool.planes is not None and pool.planes[i] is not None:
+            out.append(pool.planes[i])
+            continue
+        case, k = src.rsplit(":", 1)
+        vol = pool.volumes[case]
+        out.append((take_slice(vol.array, pool.axis, int(k)), take_slice(pool.label_maps[case], pool.axis, int(k)) == pool.label,
+                    plane_spacing(vol, pool.axis)))
+    return out
+
+
+def register_2d(pool: SupportPool, prep: PreparedSlices, min_pixels: int = 4, cache: dict | None = None) -> SupportPool:
+    """A 2D query's example slices, each registered onto it (2D affine,
+    :func:`~medfound.data.correspondence.register_slice`) and resampled onto its pixels: with no
+    volume to place them, this is what brings the same anatomy to the same place of the frame.
+    Examples that fail to register, come out less like the query than they were, or whose mask would
+    leave the query, stay as they are.
+    ``cache``: transforms by (query id, example source), reused across calls with the same query."""
+    from medfound.data.correspondence import register_slice, warp_slice
+
+    if prep.view.ndim != 2 or not pool.volumes:
+        return pool
+    size = pool.images.shape[-1]
+    query, spacing_q = prep.view.array.astype(np.float32), plane_spacing(prep.view, prep.axis)
+    images, masks = pool.images.copy(), pool.masks.copy()
+    planes = list(pool.planes) if pool.planes is not None else [None] * len(pool)
+    for i, (img, mask, sp) in enumerate(native_supports(pool)):
+        key = (id(prep), pool.sources[i])
+        if cache is not None and key in cache:
+            tx = cache[key]
+        else:
+            tx = register_slice(query, img.astype(np.float32), spacing_q, sp)
+            if cache is not None:
+                cache[key] = tx
+        if tx is None:
+            continue
+        image = warp_slice(img, tx, query.shape, spacing_q, sp)
+        hit = warp_slice(mask.astype(np.float32), tx, query.shape, spacing_q, sp) > 0.5
+        square_mask = to_square(hit.astype(np.float32), spacing_q, size, nearest=True)[0]
+        square = to_square(image, spacing_q, size)[0]
+        # a registration stuck in a wrong optimum makes the example look less like the query, not more
+        if square_mask.sum() < min_pixels or similarity(prep.squares[0], square) <= similarity(prep.squares[0], pool.images[i]):
+            continue
+        images[i], masks[i] = square, square_mask
+        planes[i] = (image, hit, spacing_q)
+    return replace(pool, images=images, masks=masks, planes=planes)
+
+
 def place_members(pools: dict[int, SupportPool], prep: PreparedSlices, support_size: int | None, ensemble: int = 1,
                   seed: int = 0, register: bool = True, info: dict | None = None) -> dict[int, list[SupportPool]]:
     """Each label's ensemble members (:func:`ensemble_members`), placed in the query's frame
     (:func:`in_query_frame`) after the support volumes are registered once onto the query (with
-    ``register``). Members are chosen first, so only their slices are resampled. ``info`` gets
+    ``register``; a 2D query has each example slice registered onto it, :func:`register_2d`). Members are chosen first, so only their slices are resampled. ``info`` gets
     ``registered``: how many of the 3D support volumes were registered onto the query."""
+    if register and prep.view.ndim == 2:  # a 2D query: each example slice registered onto it
+        members = {v: [register_2d(m, prep) for m in ensemble_members(p, support_size, ensemble, seed)]
+                   for v, p in pools.items()}
+        if info is not None:
+            placed = [pl is not None for ms in members.values() for m in ms for pl in (m.planes or [None] * len(m))]
+            info["registered"] = f"{sum(placed)} of {len(placed)} example slice(s) (2D affine)"
+        return members
     transforms = register_supports(pools, prep) if register else {}
     if info is not None:
-        volumes = {c for p in pools.values() for c in p.volumes}
+        volumes = {c for p in pools.values() for c in p.volumes if p.volumes[c].ndim == 3}
         info["registered"] = f"{len(transforms)} of {len(volumes)} support volume(s)" if volumes and register \
             else "no (2D supports or --no-register)"
     return {v: [in_query_frame(m, prep, transforms) for m in ensemble_members(p, support_size, ensemble, seed)]
@@ -362,7 +421,7 @@ def ensemble_members(pool: SupportPool, support_size: int | None, ensemble: int,
 def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: SupportEncodings,
                      batch_size: int = 16, progress=None, extent_margin: float | None = None,
                      refine: bool = False, prior_weight: float = 0.0,
-                     through_plane_sigma: float = 0.0) -> dict[int, np.ndarray]:
+                     through_plane_sigma: float = 0.0, gates: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """Per-label probability maps (canonical view's grid, float16) for a prepared volume.
 
     ``extent_margin``: when support and query positions are known (3D), query slices further than this
@@ -375,12 +434,13 @@ def segment_prepared(model: InContextSegmenter, prep: PreparedSlices, enc: Suppo
     (:func:`~medfound.infer.label_fusion.registered_label_fusion`, the supports placed by
     :func:`in_query_frame`); with 1/3, the model decides where the prior is unsure and the prior moves
     the model's threshold to 0.25 inside it and 0.75 outside. ``through_plane_sigma``: 3D only,
-    :func:`smooth_through_plane` (in pixels of the model's grid)."""
+    :func:`smooth_through_plane` (in pixels of the model's grid). ``gates``: per label, the query slices
+    to segment, in place of the supports' extent gate."""
     device = next(model.parameters()).device
     shape = prep.view.shape
     probs = {v: np.zeros(shape, dtype=np.float16) for v in enc.labels}
     use_pos = prep.view.ndim == 3
-    gates = {v: enc.gate(v, prep, extent_margin) for v in enc.labels}
+    gates = gates or {v: enc.gate(v, prep, extent_margin) for v in enc.labels}
     with torch.inference_mode():
         for v in enc.labels:  # label by label: one label's support encodings in memory at a time
             for start in range(0, len(prep.squares), batch_size):

@@ -28,6 +28,12 @@ def nearest_support(query: np.ndarray, support: np.ndarray) -> np.ndarray:
     return (q @ s.t()).argmax(1).numpy()
 
 
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised cross-correlation of two square slices (as :func:`nearest_support` compares them)."""
+    x = _standardise(torch.from_numpy(np.stack([a, b]).astype(np.float32)))
+    return float(x[0] @ x[1])
+
+
 def label_fusion(query: np.ndarray, support: np.ndarray, support_masks: np.ndarray) -> np.ndarray:
     """(n, S, S) masks for the query slices: each the mask of its nearest support slice."""
     return support_masks[nearest_support(query, support)].astype(np.float32)

@@ -21,7 +21,7 @@ import torch
 
 from medfound.data.slicing import (SquareGeometry, crop_windows, paste_windows, plane_spacing, put_slice,
                                    slice_coords, square_coords, square_geometry, take_slice)
-from medfound.infer.incontext import PreparedSlices, SupportEncodings, SupportPool, largest_component
+from medfound.infer.incontext import PreparedSlices, SupportEncodings, SupportPool, largest_component, native_supports
 from medfound.models.incontext import InContextSegmenter
 
 
@@ -33,21 +33,6 @@ class Window:
     centre: np.ndarray
     side: float
     size: int
-
-
-def native_supports(pool: SupportPool) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
-    """Each support slice of ``pool`` at its original resolution: (image, mask, in-plane spacing); a
-    slice resampled onto the query's grid (:func:`~medfound.infer.incontext.warp_in_plane`) as such."""
-    out = []
-    for i, src in enumerate(pool.sources):
-        if pool.planes is not None and pool.planes[i] is not None:
-            out.append(pool.planes[i])
-            continue
-        case, k = src.rsplit(":", 1)
-        vol = pool.volumes[case]
-        out.append((take_slice(vol.array, pool.axis, int(k)), take_slice(pool.label_maps[case], pool.axis, int(k)) == pool.label,
-                    plane_spacing(vol, pool.axis)))
-    return out
 
 
 def plan_window(query_plane: np.ndarray, geom: SquareGeometry, support_masks: np.ndarray, context: float = 2.0,

@@ -58,3 +58,22 @@ def best_slice(label: np.ndarray, axis: int = 2) -> int:
         return 0
     counts = np.count_nonzero(label, axis=tuple(d for d in range(3) if d != axis))
     return int(np.argmax(counts)) if counts.max() > 0 else label.shape[axis] // 2
+
+
+def curve_panels(panels: list[tuple[str, list[tuple[str, list, list, list, list]]]], path: str | os.PathLike,
+                 xlabel: str, ylabel: str) -> Path:
+    """One panel per ``(title, series)``, each series ``(label, x, mean, ci_low, ci_high)`` drawn as
+    its mean curve over a band for its confidence interval; x on a log2 axis, y from 0 to 1."""
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.8), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for label, x, mean, low, high in series:
+            ax.plot(x, mean, marker="o", label=label)
+            ax.fill_between(x, low, high, alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
