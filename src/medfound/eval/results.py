@@ -517,11 +517,11 @@ def query_box(d: Data) -> str:
 def query_box_validation(d: Data) -> str:
     """How far the box's answer reaches through the slices, chosen on the phantoms' lesions."""
     rows = []
-    for stem, name in (("extent_reach", "`--extent reach`: as far as the box is wide"),
-                       ("extent_propagate", "`--extent propagate`: until the answer shrinks below a fifth"),
-                       ("extent_both", "**`--extent both`: whichever comes first (shipped)**"),
-                       ("baselines", None)):
-        path = d.root / "query_box" / f"validation_phantoms_{stem}.csv"
+    for stem, name in (("validation_phantoms_extent_reach", "`--extent reach`: as far as the box is wide"),
+                       ("validation_phantoms_extent_propagate", "`--extent propagate`: until the answer shrinks below a fifth"),
+                       ("validation_phantoms_extent_both", "**`--extent both`: whichever comes first (shipped)**"),
+                       ("validation_phantoms_baselines", None)):
+        path = d.root / "query_box" / f"{stem}.csv"
         if path.is_file():
             rows += [dict(r, variant=name or dict(QUERY_BOX_METHODS)[r["method"]]) for r in _rows(path)]
     return _query_box_table(rows, lambda r: r["variant"]) if rows else "_(no data yet: run the commands above)_"
