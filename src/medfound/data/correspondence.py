@@ -41,23 +41,8 @@ def register_affine(fixed: MedImage, moving: MedImage, resolution_mm: float = 4.
         return None
     f = _coarse(medimage_to_sitk(fixed.with_array(fixed.array.astype(np.float32))), resolution_mm)
     m = _coarse(medimage_to_sitk(moving.with_array(moving.array.astype(np.float32))), resolution_mm)
-    try:
-        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
-                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        # a quarter of the voxels of a head at 4 mm (~28,000); small volumes use more, up to all of them
-        reg.SetMetricSamplingPercentage(min(1.0, max(0.25, MIN_SAMPLES / np.prod(f.GetSize()))), seed=SAMPLING_SEED)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([2, 1])
-        reg.SetSmoothingSigmasPerLevel([1, 0])
-        reg.SetInitialTransform(init, inPlace=False)
-        tx = _as_affine(reg.Execute(f, m))
-    except RuntimeError:
-        return None
+    # a quarter of the voxels of a head at 4 mm (~28,000); small volumes use more, up to all of them
+    tx = _affine_registration(f, m, min(1.0, max(0.25, MIN_SAMPLES / np.prod(f.GetSize()))), (1.0, 1e-4, 200), [2, 1], [1, 0])
     if tx is None:
         return None
     # ITK's transform maps fixed (LPS) points to moving points: y = A (x - c) + c + t
@@ -71,6 +56,30 @@ def register_affine(fixed: MedImage, moving: MedImage, resolution_mm: float = 4.
         return None
     # moving RAS -> moving LPS -> fixed LPS -> fixed RAS
     return LPS_TO_RAS @ np.linalg.inv(fixed_to_moving) @ LPS_TO_RAS
+
+
+def _affine_registration(f: sitk.Image, m: sitk.Image, sampling: float, steps: tuple[float, float, int],
+                         shrink: list[int], smoothing: list[float]) -> sitk.AffineTransform | None:
+    """The affine (2D or 3D, as the images) taking ``f`` points to ``m`` points: Mattes mutual
+    information on a seeded random ``sampling`` share of the voxels, regular-step gradient descent
+    (``steps``: largest step, smallest step, iterations) from the centres of mass, over the
+    resolutions ``shrink`` / ``smoothing``; ``None`` when the optimisation fails."""
+    try:
+        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(f.GetDimension()),
+                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(sampling, seed=SAMPLING_SEED)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(*steps)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel(shrink)
+        reg.SetSmoothingSigmasPerLevel(smoothing)
+        reg.SetInitialTransform(init, inPlace=False)
+        return _as_affine(reg.Execute(f, m))
+    except RuntimeError:
+        return None
 
 
 def _as_affine(tx: sitk.Transform) -> sitk.AffineTransform | None:
@@ -99,21 +108,7 @@ def register_slice(fixed: np.ndarray, moving: np.ndarray, fixed_spacing: tuple[f
     m = sitk.GetImageFromArray(np.ascontiguousarray(moving.T, np.float32))
     f.SetSpacing(tuple(float(s) for s in fixed_spacing))
     m.SetSpacing(tuple(float(s) for s in moving_spacing))
-    try:
-        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2), sitk.CenteredTransformInitializerFilter.MOMENTS)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.25, seed=SAMPLING_SEED)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 150)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([4, 2, 1])
-        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-        reg.SetInitialTransform(init, inPlace=False)
-        tx = _as_affine(reg.Execute(f, m))
-    except RuntimeError:
-        return None
+    tx = _affine_registration(f, m, 0.25, (2.0, 1e-3, 150), [4, 2, 1], [2, 1, 0])
     if tx is None:
         return None
     det = np.linalg.det(np.array(tx.GetMatrix()).reshape(2, 2))

@@ -37,3 +37,18 @@ def file_axis(image: MedImage, ras_axis: int) -> int:
     if image.ndim != 3:
         return ras_axis
     return int(np.flatnonzero(nio.io_orientation(image.affine)[:, 0] == ras_axis)[0])
+
+
+def canonical_index(image: MedImage, index: np.ndarray) -> np.ndarray:
+    """Voxel indices (..., 3) of the stored array -> the same voxels' indices in :func:`to_canonical`'s view."""
+    to_file = nio.inv_ornt_aff(nio.io_orientation(image.affine), image.shape)  # canonical index -> stored index
+    back = np.linalg.inv(to_file)
+    return np.asarray(index, np.float64) @ back[:3, :3].T + back[:3, 3]
+
+
+def canonical_shape(image: MedImage) -> tuple[int, int, int]:
+    """The shape of :func:`to_canonical`'s view of a volume."""
+    shape = [0, 0, 0]
+    for d, (target, _) in enumerate(nio.io_orientation(image.affine)):
+        shape[int(target)] = image.shape[d]
+    return tuple(shape)

@@ -150,16 +150,16 @@ def cross_subject_2d_experiment(support: str | os.PathLike, test: str | os.PathL
                     chosen = pool.evenly(n) if seed == 0 else pool.random(n, np.random.default_rng([seed, sv, n]))
                     enc = SupportEncodings(model, {sv: [chosen]}, torch.device("cpu"), settings["flip"])
                     for k, prep, truth, transforms in views:
+                        registered = None  # the examples registered onto this query, made by the first method that needs them
                         for method in methods:
                             t0 = time.perf_counter()
-                            placed = register_2d(chosen, prep, cache=transforms) if "registered" in method else chosen
-                            if method == "incontext":  # as segment_image, the examples encoded once for all queries
-                                probs = segment_prepared(model, prep, enc, extent_margin=settings["extent_margin"],
-                                                         refine=settings["refine"])
-                                pred = combine(probs) == sv
-                            elif method == "incontext-registered":  # examples registered onto each query
-                                placed_enc = SupportEncodings(model, {sv: [placed]}, torch.device("cpu"), settings["flip"])
-                                probs = segment_prepared(model, prep, placed_enc, extent_margin=settings["extent_margin"],
+                            if "registered" in method and registered is None:
+                                registered = register_2d(chosen, prep, cache=transforms)
+                            placed = registered if "registered" in method else chosen
+                            if method.startswith("incontext"):  # as segment_image; unregistered examples encoded once for all queries
+                                here = enc if method == "incontext" else SupportEncodings(model, {sv: [placed]}, torch.device("cpu"),
+                                                                                          settings["flip"])
+                                probs = segment_prepared(model, prep, here, extent_margin=settings["extent_margin"],
                                                          refine=settings["refine"])
                                 pred = combine(probs) == sv
                             else:

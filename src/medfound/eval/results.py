@@ -395,20 +395,13 @@ def same_study_paired(d: Data) -> str:
 
 
 def _same_study_plot(d: Data, path: Path) -> None:
-    from medfound.eval.same_study import plot_same_study
+    from medfound.eval.same_study import plot_same_study, summarise_rows
 
     rows = _same_study_rows(d)
-    by_count = []
-    for group in dict.fromkeys(r["group"] for r in rows):
-        for method, _ in SAME_STUDY_METHODS:
-            for n in sorted({int(r["labelled"]) for r in rows}):
-                v = [float(r["dice"]) for r in rows if r["group"] == group and r["method"] == method and int(r["labelled"]) == n]
-                if v:
-                    s = summarise(v)
-                    by_count.append({"group": group, "method": method, "labelled": n, "dice_mean": s["mean"],
-                                     "ci_low": s["ci_low"], "ci_high": s["ci_high"]})
+    summary = summarise_rows(rows, [m for m, _ in SAME_STUDY_METHODS], sorted({int(r["labelled"]) for r in rows}),
+                             list(dict.fromkeys(r["group"] for r in rows)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    plot_same_study(by_count, path)
+    plot_same_study(summary["by_count"], path)
 
 
 #: (row label, results file in data/same_study, method) of the settings sweep on trained structures

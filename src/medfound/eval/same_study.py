@@ -28,8 +28,11 @@ from medfound.infer.completion import (
     COMPLETION_DEFAULTS,
     PartialLabels,
     contour_interpolation,
+    labelled_index,
+    mix_in_model,
     model_probability,
     nearest_slice_copy,
+    prior_reach,
     shape_prior,
 )
 from medfound.infer.incontext import prepare_slices
@@ -141,10 +144,8 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
                         phase = 0.5 if seed == 0 else float(np.random.default_rng([seed, value, n]).uniform())
                         given = spread_slices((int(z[0]), int(z[-1])), n, phase)
                         sparse = np.zeros(labels.shape, np.int32)
-                        index = [slice(None)] * 3
-                        index[axis] = given
-                        sparse[tuple(index)] = truth[tuple(index)]
                         partial = PartialLabels(sparse, given, axis)
+                        sparse[labelled_index(partial)] = truth[labelled_index(partial)]
                         prior = None
                         for method in methods:
                             t0 = time.perf_counter()
@@ -155,15 +156,11 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
                             else:
                                 if prior is None:
                                     prior = shape_prior(sparse, given, 1, axis, spacing, taper=taper)
-                                reach = np.moveaxis(prior, axis, 0).reshape(prior.shape[axis], -1).max(1) > 0.01
                                 if method == "incontext":
-                                    prob = model_probability(model, prep, partial, 1, size, reach)
+                                    prob = model_probability(model, prep, partial, 1, size, prior_reach(prior, axis))
                                     pred = (prob if prob is not None else np.zeros_like(prior)) > 0.5
-                                elif share > 0:
-                                    prob = model_probability(model, prep, partial, 1, size, reach)
-                                    pred = ((1 - share) * prior + share * (prob if prob is not None else prior)) > 0.5
                                 else:
-                                    pred = prior > 0.5
+                                    pred = mix_in_model(prior, model, prep, partial, 1, size, share) > 0.5
                             rows.append({"dataset": ds.root.name, "case": case, "structure": name, "group": group,
                                          "labelled": n, "given": len(given), "seed": seed, "method": method,
                                          "dice": dice_outside(pred, truth, given, axis),
@@ -182,12 +179,13 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
 
 def summarise_rows(rows: list[dict], methods, labelled, groups) -> dict:
     """Mean Dice with a bootstrap CI per (group, method, labelled slices), and per (group, labelled
-    slices) completion minus each baseline, paired by structure and seed."""
+    slices) completion minus each baseline, paired by structure and seed (rows as written to
+    ``results.csv`` or as read back from it)."""
     by_count, paired = [], []
     for g in groups:
         for m in methods:
             for n in labelled:
-                sel = [r["dice"] for r in rows if r["group"] == g and r["method"] == m and r["labelled"] == n]
+                sel = [float(r["dice"]) for r in rows if r["group"] == g and r["method"] == m and int(r["labelled"]) == n]
                 if sel:
                     s = summarise(sel)
                     by_count.append({"group": g, "method": m, "labelled": n, "runs": len(sel), "dice_mean": s["mean"],

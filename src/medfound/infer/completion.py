@@ -20,7 +20,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medfound.data.orientation import file_axis, from_canonical, to_canonical
+from medfound.data.orientation import (
+    canonical_index,
+    file_axis,
+    from_canonical,
+    to_canonical,
+)
 from medfound.data.slicing import plane_spacing, take_slice, to_square
 from medfound.errors import InputError
 from medfound.infer.incontext import (
@@ -42,7 +47,7 @@ from medfound.io.outputs import (
 from medfound.io.read import inputs_of
 from medfound.models.incontext import InContextSegmenter
 
-#: the settings of :func:`complete_prepared` that ship (chosen on non-held-out structures)
+#: the settings of :func:`complete_study` that ship (chosen on non-held-out structures)
 COMPLETION_DEFAULTS = {"model_share": 0.0, "softness_mm": 1.0, "taper": 1.0}
 
 
@@ -60,14 +65,14 @@ def file_to_canonical_slices(image: MedImage, axis: int, file_slices: list[int])
     ``axis``) -> indices along ``axis`` of the canonical view."""
     if image.ndim != 3:
         return list(file_slices)
-    import nibabel.orientations as nio
-
     along = file_axis(image, axis)
     n = image.shape[along]
     bad = [k for k in file_slices if not 0 <= k < n]
     if bad:
         raise InputError(None, f"--labelled-slices {bad[0]} is outside the study (slices 0..{n - 1} along file axis {along})")
-    return [k if nio.io_orientation(image.affine)[along, 1] > 0 else n - 1 - k for k in file_slices]
+    index = np.zeros((len(file_slices), 3))
+    index[:, along] = file_slices
+    return [int(round(k)) for k in canonical_index(image, index)[:, axis]]
 
 
 def read_partial(image: MedImage, partial: MedImage, axis: int = 2,
@@ -126,7 +131,7 @@ def shape_prior(labels: np.ndarray, slices: np.ndarray, value: int, axis: int, s
     depth = max(float(ndimage.distance_transform_edt(masks[k], sampling=spacing).max()) for k in held)
     sdf = {k: signed_distance(m, spacing, empty=depth) for k, m in masks.items()}
     ks = np.asarray(sorted(masks))
-    gap = float(np.diff(ks).mean()) if len(ks) > 1 else 4.0
+    gap = mean_gap(ks)
     out = np.zeros(labels.shape, np.float32)
     view = np.moveaxis(out, axis, 0)
     for z in range(n):
@@ -143,6 +148,16 @@ def shape_prior(labels: np.ndarray, slices: np.ndarray, value: int, axis: int, s
             d = sdf[end] + depth * abs(z - end) / reach
         view[z] = 1.0 / (1.0 + np.exp(np.clip(d / max(softness_mm, 1e-3), -30, 30)))
     return out
+
+
+def mean_gap(slices: np.ndarray, single: float = 4.0) -> float:
+    """The mean distance (in slices) between sorted labelled slices; ``single`` for one slice."""
+    return float(np.diff(slices).mean()) if len(slices) > 1 else single
+
+
+def prior_reach(prior: np.ndarray, axis: int) -> np.ndarray:
+    """(n,) bool: the slices along ``axis`` where the shape prior holds the label anywhere."""
+    return np.moveaxis(prior, axis, 0).reshape(prior.shape[axis], -1).max(1) > 0.01
 
 
 def labelled_pool(prep: PreparedSlices, partial: PartialLabels, value: int, size: int, min_pixels: int = 4) -> SupportPool | None:
@@ -174,6 +189,17 @@ def model_probability(model: InContextSegmenter, prep: PreparedSlices, partial: 
     return segment_prepared(model, prep, enc, batch_size, gates={value: reach})[value].astype(np.float32)
 
 
+def mix_in_model(prior: np.ndarray, model: InContextSegmenter | None, prep: PreparedSlices | None,
+                 partial: PartialLabels, value: int, size: int, model_share: float, batch_size: int = 16) -> np.ndarray:
+    """Label ``value``'s completed probability: the shape prior with ``model_share`` of the in-context
+    model's, on the slices the prior reaches; the prior alone without a model, with no share, or when
+    no labelled slice holds enough of the label."""
+    if model is None or prep is None or model_share <= 0:
+        return prior
+    prob = model_probability(model, prep, partial, value, size, prior_reach(prior, partial.axis), batch_size)
+    return prior if prob is None else (1 - model_share) * prior + model_share * prob
+
+
 def complete_study(image: MedImage, partial: PartialLabels, model: InContextSegmenter | None = None,
                    size: int = 128, modality: str | None = None, batch_size: int = 16,
                    model_share: float = COMPLETION_DEFAULTS["model_share"],
@@ -188,26 +214,22 @@ def complete_study(image: MedImage, partial: PartialLabels, model: InContextSegm
     probs = {}
     for v in labelled_values(partial):
         prior = shape_prior(partial.labels, partial.slices, v, partial.axis, spacing, softness_mm, taper)
-        probs[v] = prior
-        if prep is not None:
-            reach = np.moveaxis(prior, partial.axis, 0).reshape(prior.shape[partial.axis], -1).max(1) > 0.01
-            prob = model_probability(model, prep, partial, v, size, reach, batch_size)
-            if prob is not None:
-                probs[v] = (1 - model_share) * prior + model_share * prob
+        probs[v] = mix_in_model(prior, model, prep, partial, v, size, model_share, batch_size)
         if progress is not None:
             progress(1)
     labels = combine(probs) if probs else np.zeros(view.shape, np.uint16)
-    index = _labelled_index(partial)
+    index = labelled_index(partial)
     labels[index] = partial.labels[index]
     return from_canonical(labels, ornt)
 
 
 def labelled_values(partial: PartialLabels) -> list[int]:
     """The label values that appear on the labelled slices."""
-    return [int(v) for v in np.unique(partial.labels[_labelled_index(partial)]) if v != 0]
+    return [int(v) for v in np.unique(partial.labels[labelled_index(partial)]) if v != 0]
 
 
-def _labelled_index(partial: PartialLabels) -> tuple:
+def labelled_index(partial: PartialLabels) -> tuple:
+    """The index of the labelled slices into the canonical grid."""
     index = [slice(None)] * 3
     index[partial.axis] = partial.slices
     return tuple(index)
@@ -217,7 +239,7 @@ def nearest_slice_copy(partial: PartialLabels, value: int) -> np.ndarray:
     """Baseline: every slice takes the labelled slice nearest to it, up to half a mean gap beyond
     the outermost ones (canonical grid, bool)."""
     ks = partial.slices
-    gap = float(np.diff(ks).mean()) if len(ks) > 1 else 4.0
+    gap = mean_gap(ks)
     n = partial.labels.shape[partial.axis]
     out = np.zeros(partial.labels.shape, bool)
     view, src = np.moveaxis(out, partial.axis, 0), np.moveaxis(partial.labels, partial.axis, 0)
@@ -236,22 +258,27 @@ def contour_interpolation(partial: PartialLabels, value: int) -> np.ndarray:
 
     global _ITK_WORKER
     sparse = np.zeros(partial.labels.shape, np.uint8)
-    index = _labelled_index(partial)
+    index = labelled_index(partial)
     sparse[index] = partial.labels[index] == value
     if _ITK_WORKER is None:
         import multiprocessing
 
-        _ITK_WORKER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        _ITK_WORKER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_exit_before_teardown)
     return _ITK_WORKER.submit(_itk_contour_interpolation, sparse, partial.axis).result()
 
 
 _ITK_WORKER = None
 
 
-def _itk_contour_interpolation(sparse: np.ndarray, axis: int) -> np.ndarray:
+def _exit_before_teardown() -> None:
+    """The worker leaves before ITK's teardown, which is what crashes."""
     import atexit
 
-    atexit.register(os._exit, 0)  # the worker leaves before ITK's teardown, which is what crashes
+    atexit.register(os._exit, 0)
+
+
+def _itk_contour_interpolation(sparse: np.ndarray, axis: int) -> np.ndarray:
     try:
         import itk
     except ImportError:
@@ -293,8 +320,7 @@ def complete_path(input_path: str | os.PathLike, partial_path: str | os.PathLike
     with Progress("complete", len(values), enabled=progress) as bar, staged_dir(output) as stage:
         mask = complete_study(image, partial, model, size, modality, batch_size, share,
                               progress=lambda u: bar.advance(u, f"{len(partial.slices)} labelled slices"))
-        ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
-        written = [write_mask(mask, image, stage / f"{case}{ext}"), write_label_names(stage, names)]
+        written = [write_mask(mask, image, stage / f"{case}{mask_extension(image)}"), write_label_names(stage, names)]
     summarise(case, mask, image, names, f"{len(partial.slices)} labelled slices, model share {share:g}",
               "on no labelled slice")
     return final_paths(written, stage, output)

@@ -624,8 +624,7 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
             mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, mod,
                                  keep_largest=keep_largest, register=register, **settings,
                                  progress=lambda u, n=n: bar.advance(u, f"image {n}/{len(images)}"), report=report)
-            ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
-            written.append(write_mask(mask, image, stage / f"{case}{ext}"))
+            written.append(write_mask(mask, image, stage / f"{case}{mask_extension(image)}"))
             summarise_mask(case, mask, image, chosen, report)
         written.append(write_label_names(stage, chosen))
     return final_paths(written, stage, output)

@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfound.data.orientation import file_axis, from_canonical
+from medfound.data.orientation import (
+    canonical_index,
+    canonical_shape,
+    file_axis,
+    from_canonical,
+)
 from medfound.data.slicing import (
     crop_windows,
     paste_windows,
@@ -32,9 +37,9 @@ from medfound.infer.incontext import (
     PreparedSlices,
     SupportEncodings,
     SupportPool,
+    native_supports,
     prepare_slices,
 )
-from medfound.infer.refine import native_supports
 from medfound.io import MedImage
 from medfound.models.incontext import InContextSegmenter
 
@@ -44,8 +49,6 @@ def box_in_canonical(image: MedImage, axis: int, k: int, box: list[float]) -> tu
     axis that becomes RAS ``axis``, :func:`~medfound.data.orientation.file_axis`; x along the first
     remaining array axis, as ``sam segment`` takes boxes) -> (the canonical slice index, the box's
     corners (2, 2) in the canonical slice's in-plane indices)."""
-    import nibabel.orientations as nio
-
     b = np.asarray(box, np.float64).ravel()
     if b.size != 4 or not np.isfinite(b).all() or b[2] < b[0] or b[3] < b[1]:
         raise InputError(None, f"--query-box takes four numbers x0,y0,x1,y1 with x0 <= x1, y0 <= y1; got {box}")
@@ -53,35 +56,20 @@ def box_in_canonical(image: MedImage, axis: int, k: int, box: list[float]) -> tu
         if not (b[2] >= 0 and b[3] >= 0 and b[0] <= image.shape[0] - 1 and b[1] <= image.shape[1] - 1):
             raise InputError(image.source, f"--query-box {b.tolist()} lies outside the image {image.shape}")
         return 0, b.reshape(2, 2)
-    ornt = nio.io_orientation(image.affine)
     along = file_axis(image, axis)
     in_plane = [d for d in range(3) if d != along]
     if not 0 <= k < image.shape[along]:
         raise InputError(image.source, f"--slice {k} is outside the study (0..{image.shape[along] - 1} along file axis {along})")
-    corners = []
-    for x, y in ((b[0], b[1]), (b[2], b[3])):
-        index = np.empty(3)
-        index[along], index[in_plane[0]], index[in_plane[1]] = k, x, y
-        canon = np.empty(3)
-        for d in range(3):
-            target, flip = int(ornt[d, 0]), ornt[d, 1] < 0
-            canon[target] = image.shape[d] - 1 - index[d] if flip else index[d]
-        corners.append(canon)
-    corners = np.asarray(corners)
+    index = np.empty((2, 3))
+    index[:, along], index[:, in_plane[0]], index[:, in_plane[1]] = k, b[[0, 2]], b[[1, 3]]
+    corners = canonical_index(image, index)                     # (2, 3) the box's corners, canonical
     kc = int(round(corners[0, axis]))
     plane = np.delete(corners, axis, axis=1)                     # (2, 2) in-plane canonical corners
     lo, hi = plane.min(0), plane.max(0)
-    shape = [n for d, n in enumerate(_canonical_shape(image, ornt)) if d != axis]
+    shape = [n for d, n in enumerate(canonical_shape(image)) if d != axis]
     if (hi < 0).any() or lo[0] > shape[0] - 1 or lo[1] > shape[1] - 1:
         raise InputError(image.source, f"--query-box {b.tolist()} lies outside slice {k}")
     return kc, np.stack([np.maximum(lo, 0), np.minimum(hi, np.asarray(shape) - 1)])
-
-
-def _canonical_shape(image: MedImage, ornt: np.ndarray) -> tuple[int, int, int]:
-    shape = [0, 0, 0]
-    for d in range(3):
-        shape[int(ornt[d, 0])] = image.shape[d]
-    return tuple(shape)
 
 
 def centred_pool(pool: SupportPool, size: int, context: float, min_side_mm: float = 20.0) -> SupportPool:
@@ -208,8 +196,7 @@ def query_box_path(support: str | os.PathLike, input_path: str | os.PathLike, ou
     mask = segment_with_query_box(model, image, pool, k or 0, box, axis, mod, flip=inference_settings(cfg)["flip"])
     mask = mask.astype(np.uint16) * value
     with staged_dir(output) as stage:
-        ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
-        written = [write_mask(mask, image, stage / f"{case}{ext}"), write_label_names(stage, chosen)]
+        written = [write_mask(mask, image, stage / f"{case}{mask_extension(image)}"), write_label_names(stage, chosen)]
     summarise(case, mask, image, chosen, f"modality {mod}, {len(pool)} example slices, box {box} on slice {k}",
               "nothing like the examples inside the box")
     return final_paths(written, stage, output)
