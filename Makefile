@@ -37,6 +37,14 @@ $(STAMP): pyproject.toml Makefile
 	   ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null)) \
 	    || echo "note: chromium not installed; the viewer's browser tests will be skipped"; \
 	fi
+	@# A real PACS for the archive tests (Orthanc + DICOMweb) and dicom3tools' dciodvfy, where apt is available.
+	@if { [ ! -x /usr/sbin/Orthanc ] || [ ! -x /usr/bin/dciodvfy ] || ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1; } \
+	    && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \
+	  (DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb dicom3tools >/dev/null 2>&1 || \
+	   ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb dicom3tools >/dev/null)) \
+	    || echo "note: orthanc / dicom3tools not installed; the PACS tests will be skipped"; \
+	fi
 	@$(PY) -c "import torch, medfound; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

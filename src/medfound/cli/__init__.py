@@ -1,5 +1,5 @@
 """``medfound``: one Typer app; each command is a thin call into the library, found in the module
-named for its group (``data``, ``train``, ``sam``, ``incontext``, ``experiment``, ``serve``).
+named for its group (``data``, ``train``, ``sam``, ``incontext``, ``experiment``, ``serve``, ``batch``).
 
 Exit codes: 0 success; 2 bad input (one line on stderr naming the file and the problem); 1 a bug.
 """
@@ -16,6 +16,7 @@ from medfound.cli import sam  # noqa: F401
 from medfound.cli import incontext  # noqa: F401
 from medfound.cli import experiment  # noqa: F401
 from medfound.cli import serve  # noqa: F401
+from medfound.cli import batch  # noqa: F401
 from medfound.cli.common import app
 from medfound.errors import InputError
 

@@ -14,7 +14,7 @@ from medfound.errors import InputError
 HELP = {"help_option_names": ["-h", "--help"]}
 
 
-def _group(help_text: str) -> typer.Typer:
+def group(help_text: str) -> typer.Typer:
     return typer.Typer(no_args_is_help=True, help=help_text, context_settings=HELP)
 
 
@@ -36,15 +36,15 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Segmentation foundation models for medical images."""
 
 
-data_app = _group("Read, inspect, ingest and materialise data.")
+data_app = group("Read, inspect, ingest and materialise data.")
 app.add_typer(data_app, name="data")
-sam_app = _group("Segment Anything: prompted segmentation, LoRA fine-tuning, evaluation (LiteMedSAM, the shipped small SAM, official checkpoints).")
+sam_app = group("Segment Anything: prompted segmentation, LoRA fine-tuning, evaluation (LiteMedSAM, the shipped small SAM, official checkpoints).")
 app.add_typer(sam_app, name="sam")
-classify_app = _group("Image classification heads on the same encoders.")
+classify_app = group("Image classification heads on the same encoders.")
 app.add_typer(classify_app, name="classify")
-experiment_app = _group("Experiments: label efficiency, support size, out-of-domain.")
+experiment_app = group("Experiments: label efficiency, support size, out-of-domain.")
 app.add_typer(experiment_app, name="experiment")
-incontext_app = _group("In-context segmentation: many-task training of the example-set model.")
+incontext_app = group("In-context segmentation: many-task training of the example-set model.")
 app.add_typer(incontext_app, name="incontext")
 
 
@@ -64,6 +64,35 @@ PriorOpt = Annotated[Optional[float], typer.Option(
 SmoothOpt = Annotated[Optional[float], typer.Option(
     "--through-plane-sigma", help="3D: Gaussian smoothing of the probabilities across slices, in pixels of the model's "
     "in-plane grid (0 = none; default: the model's setting, 1 for the shipped model).")]
+
+# Results into the user's PACS (predict, segment, sam segment, batch).
+DicomSegOpt = Annotated[bool, typer.Option("--dicom-seg", help="Also write DICOM-SEG (CASE_seg.dcm) for DICOM inputs, referencing the source series.")]
+PushOpt = Annotated[bool, typer.Option("--push", help="Store the result in the PACS the DICOMweb input came from (STOW-RS), as DICOM-SEG referencing the source series; implies --dicom-seg. Local outputs are kept.")]
+
+
+def check_push(push: bool, source) -> None:
+    """Before any work: ``--push`` needs a DICOMweb input, the PACS the result goes back to."""
+    from medfound.io.dicomweb import is_dicomweb, parse
+
+    if push:
+        if not is_dicomweb(source):
+            raise InputError(source, "--push stores results back in the PACS the input came from; this input is not a "
+                                     "DICOMweb address (dicomweb+http://HOST:PORT/dicom-web/studies/UID)")
+        parse(source)
+
+
+def push_results(source, written) -> list[str]:
+    """STOW-RS every DICOM-SEG among ``written`` to ``source``'s PACS; prints and returns their addresses."""
+    from medfound.io.dicomweb import parse, store
+
+    ref = parse(source)
+    stored = [store(ref, [f]) for f in written if str(f).endswith("_seg.dcm")]
+    for url in stored:
+        print(f"{url}: stored in the PACS")
+    if not stored:
+        print(f"medfound: nothing to push to {ref.url}: no DICOM input, so no DICOM-SEG", file=sys.stderr)
+    return stored
+
 
 # Where the inference commands run (predict, segment, sam segment, serve).
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda (cuda:N) or auto (a GPU when there is one).")]

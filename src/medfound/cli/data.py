@@ -14,15 +14,34 @@ from medfound.errors import InputError
 
 @data_app.command("inspect")
 def data_inspect(
-    path: Annotated[Path, typer.Argument(help="Image file (NIfTI, MGZ, NRRD, MHA, DICOM, PNG, JPEG, TIFF) or DICOM folder.")],
+    path: Annotated[Path, typer.Argument(help="Image file (NIfTI, MGZ, NRRD, MHA, DICOM, PNG, JPEG, TIFF), DICOM folder, or DICOMweb study/series (dicomweb+http://HOST:PORT/dicom-web/studies/UID or .../series/UID).")],
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID, when a DICOM folder holds several.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="Modality to assume (ct, mr, pet, xray, us) if the file has none.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Print what medfound reads from an image: shape, spacing, orientation, modality, range."""
     from medfound.io import read_image
+    from medfound.io.dicomweb import is_dicomweb
 
-    if path.is_dir() and series is None:
+    if is_dicomweb(path):
+        from medfound.io.dicomweb import parse, series_in
+
+        ref = parse(path)
+        found_remote = [s for s in series_in(ref) if series is None or s.series == series]
+        if series is not None and not found_remote:
+            raise InputError(ref.url, f"no series {series} in this study")
+        if len(found_remote) > 1:
+            rows = [{"series_uid": s.series, "modality": s.modality, "files": s.instances, "description": s.description,
+                     "url": s.url(ref)} for s in found_remote]
+            if as_json:
+                print(json.dumps({"path": ref.url, "series": rows}, indent=1))
+            else:
+                print(f"{ref.url}: {len(rows)} DICOM series (add /series/UID, or --series UID)")
+                for r in rows:
+                    print(f"  {r['series_uid']}  {r['modality']:3s} {r['files'] or 0:5d} files  {r['description']}")
+            return
+        path, series = found_remote[0].url(ref), None
+    elif path.is_dir() and series is None:
         from medfound.io.dicom import find_series
 
         found, _ = find_series([f for f in sorted(path.rglob("*")) if f.is_file()])
@@ -52,7 +71,7 @@ def data_inspect(
 
 @data_app.command("ingest")
 def data_ingest(
-    sources: Annotated[list[str], typer.Argument(help="Pool folders or files; prefix with a modality to declare it: ct:/data/ct.")],
+    sources: Annotated[list[str], typer.Argument(help="Pool folders, files or DICOMweb studies/queries (dicomweb+http://...); prefix with a modality to declare it: ct:/data/ct.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Output folder: manifest.json + shards/.")],
     modality: Annotated[Optional[list[str]], typer.Option(help="Modality per source, in order (or one for all).")] = None,
     size: Annotated[int, typer.Option("--image-size", help="Square slice size in pixels.")] = 224,

@@ -11,6 +11,8 @@ import typer
 from medfound.cli.common import (
     AcceleratorOpt,
     BankOpt,
+    DicomSegOpt,
+    PushOpt,
     CheckpointEveryOpt,
     DeviceOpt,
     DevicesOpt,
@@ -32,7 +34,9 @@ from medfound.cli.common import (
     _ints,
     _step_training,
     app,
+    check_push,
     incontext_app,
+    push_results,
 )
 from medfound.errors import InputError
 
@@ -111,9 +115,9 @@ def incontext_bank(
 
 @app.command("segment")
 def segment(
-    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, or folder of images.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, folder of images, or a DICOMweb study/series (dicomweb+http://HOST:PORT/dicom-web/studies/UID or .../series/UID; every series of a study).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: one mask per input, in its geometry.")],
-    support: Annotated[Optional[Path], typer.Option("--support", help="Example set: nnU-Net folder (imagesTr/labelsTr), 2D or 3D; with --support-prompts, the support images alone.")] = None,
+    support: Annotated[Optional[Path], typer.Option("--support", help="Example set: nnU-Net folder (imagesTr/labelsTr), 2D or 3D; a DICOMweb study/series holding image series and their DICOM-SEG; with --support-prompts, the support images alone.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the model shipped with medfound).")] = None,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Label value or name to segment; repeat (default: all).")] = None,
     support_size: Annotated[int, typer.Option(help="Support slices per label (spread over the example set).")] = 16,
@@ -134,6 +138,8 @@ def segment(
     model_share: Annotated[Optional[float], typer.Option("--model-share", help="With --partial-labels: share of the in-context model in the result, the rest from interpolating the labelled outlines (default 0, docs/results/incontext-same-study.md).")] = None,
     query_box: Annotated[Optional[str], typer.Option("--query-box", help="x0,y0,x1,y1 on --slice of the input: where the target is (lesions, anything whose position differs between patients); the example set says what it looks like.")] = None,
     query_slice: Annotated[Optional[int], typer.Option("--slice", help="With --query-box: the boxed slice, numbered as the file counts them along --axis (omit for 2D images).")] = None,
+    dicom_seg: DicomSegOpt = False,
+    push: PushOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Segment new images from an example set, with no training (in-context); or complete a
@@ -146,7 +152,10 @@ def segment(
 
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
+    check_push(push, input)
     dev = inference_device(device)
+    if (push or dicom_seg) and (partial_labels is not None or query_box is not None):
+        raise InputError(None, "--dicom-seg / --push go with an example set (--support), not --partial-labels or --query-box")
     if partial_labels is not None:
         from medfound.infer.completion import complete_path
 
@@ -178,9 +187,21 @@ def segment(
     def run(example_set: Path) -> list:
         return segment_path(example_set, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
                             progress=True, keep_largest=keep_largest, register=register, refine=refine,
-                            flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma, device=dev)
+                            flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma, device=dev,
+                            dicom_seg=dicom_seg or push)
 
-    if support_prompts is None:
+    from medfound.io.dicomweb import is_dicomweb
+
+    if is_dicomweb(support):
+        from medfound.data.support_set import dicomweb_support_set
+        from medfound.io.outputs import check_output_dir
+
+        if support_prompts is not None:
+            raise InputError(None, "--support-prompts takes a local folder of support images, not a DICOMweb address")
+        check_output_dir(output, [input, model])
+        with dicomweb_support_set(str(support)) as example_set:
+            written = run(example_set)
+    elif support_prompts is None:
         written = run(support)
     else:
         from medfound.infer.support_prompts import prompted_support_set
@@ -191,3 +212,5 @@ def segment(
             written = run(example_set)
     for w in written:
         print(w)
+    if push:
+        push_results(input, written)

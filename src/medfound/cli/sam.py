@@ -12,6 +12,7 @@ from medfound.cli.common import (
     BankOpt,
     CheckpointEveryOpt,
     DeviceOpt,
+    DicomSegOpt,
     DevicesOpt,
     ExcludeDatasetOpt,
     ExcludeLabelOpt,
@@ -19,6 +20,7 @@ from medfound.cli.common import (
     MaxMinutesOpt,
     NumNodesOpt,
     PrecisionOpt,
+    PushOpt,
     ResumeOpt,
     StepSeedOpt,
     StrategyOpt,
@@ -123,7 +125,7 @@ def _xy(text: str, n: int, what: str) -> list[float]:
 
 @sam_app.command("segment")
 def sam_segment(
-    input: Annotated[Path, typer.Option("--input", "-i", help="Image file or DICOM series folder.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, or DICOMweb series (dicomweb+http://HOST:PORT/dicom-web/studies/UID/series/UID).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the mask (CASE.nii.gz in the input's geometry).")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="litemedsam, litemedsam-adapted (its mask decoder adapted by medfound), a SAM run folder (`sam train` / `sam finetune`), an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
     box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in the slice's voxel indices (x along the first array axis i, y along the second j; the viewer's convention too).")] = None,
@@ -133,6 +135,8 @@ def sam_segment(
     propagate: Annotated[bool, typer.Option(help="Carry the box through neighbouring slices.")] = False,
     base: Annotated[Optional[str], typer.Option(help="Where the run's base checkpoint is now, if moved.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size for a plain checkpoint (default: its own).")] = None,
+    dicom_seg: DicomSegOpt = False,
+    push: PushOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Segment one structure with a box and/or points on a slice (or through a volume)."""
@@ -155,8 +159,15 @@ def sam_segment(
         raise InputError(None, f"--axis must be 0, 1 or 2, got {axis}")
     from medfound.io.outputs import check_output_dir
 
+    from medfound.cli.common import check_push, push_results
+    from medfound.io.dicomseg import check_dicom_seg_source, write_dicom_seg
+    from medfound.io.dicomweb import is_dicomweb
+
+    check_push(push, input)
     check_output_dir(output, [input, model, base])
     image = read_image(input)
+    if dicom_seg or push:
+        check_dicom_seg_source(image, input)
     if image.ndim == 3 and slice_index is None:
         raise InputError(input, f"a volume of {image.shape[axis]} slices along --axis {axis}: give --slice K, the slice the prompt is on")
     slice_index = slice_index or 0
@@ -177,10 +188,17 @@ def sam_segment(
             idx = [slice(None)] * 3
             idx[axis] = slice_index
             vol[tuple(idx)] = m2
-    name = input.name if input.is_dir() else case_name(input, strip_channel=True)
+    if is_dicomweb(input):
+        name = image.meta["dicomweb"].rsplit("/", 1)[-1]  # the SeriesInstanceUID
+    else:
+        name = input.name if input.is_dir() else case_name(input, strip_channel=True)
     ext = ".png" if image.format in ("png", "jpeg", "bmp") else ".nii.gz"
     mask = vol.astype(np.uint8)
     path = write_mask(mask, image, output / f"{name}{ext}")
+    seg = None
+    if (dicom_seg or push) and image.format == "dicom":
+        seg = write_dicom_seg(mask, image, output / f"{name}_seg.dcm", labels={1: "structure"},
+                              algorithm=f"medfound sam segment ({Path(model).name if model else 'shipped small SAM'})")
     on = int(np.any(vol, axis=tuple(d for d in range(vol.ndim) if d != axis)).sum()) if vol.ndim == 3 else int(vol.any())
     prompt = " + ".join(p for p, given in (("box", b is not None), (f"{len(pts)} point(s)", bool(pts))) if given)
     summarise(name, mask, image, {1: "structure"},
@@ -188,6 +206,10 @@ def sam_segment(
               + (f" on slice {slice_index}" if image.ndim == 3 else "") + (", propagated" if propagate else ""),
               "the prompt found nothing: check the box is on this slice, in voxel indices")
     print(f"{path}: {int(vol.sum())} voxels on {on} slice(s)")
+    if seg is not None:
+        print(seg)
+    if push:
+        push_results(input, [seg] if seg else [])
 
 
 @sam_app.command("evaluate")

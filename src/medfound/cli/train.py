@@ -11,12 +11,16 @@ from medfound.cli.common import (
     AcceleratorOpt,
     DeviceOpt,
     DevicesOpt,
+    DicomSegOpt,
     NumNodesOpt,
     PrecisionOpt,
+    PushOpt,
     StrategyOpt,
     app,
+    check_push,
     classify_app,
     device_count,
+    push_results,
 )
 from medfound.errors import InputError
 
@@ -110,12 +114,13 @@ def finetune(
 @app.command("predict")
 def predict(
     model: Annotated[Path, typer.Option("--model", "-m", help="Fine-tuned run folder (model.safetensors + config.json).")],
-    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, or folder of images.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, folder of images, or a DICOMweb study/series (dicomweb+http://HOST:PORT/dicom-web/studies/UID or .../series/UID).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the masks (CASE.nii.gz, in the input's geometry).")],
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
-    dicom_seg: Annotated[bool, typer.Option(help="Also write DICOM-SEG for DICOM inputs.")] = False,
+    dicom_seg: DicomSegOpt = False,
     precision: Annotated[str, typer.Option(help="bf16 (autocast: faster on CPUs with bf16 support and on GPUs) or 32.")] = "32",
     modality: Annotated[Optional[str], typer.Option(help="Modality of inputs that do not record one (default: the model's).")] = None,
+    push: PushOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Segment 2D images and 3D volumes (slice by slice, in batches) with a fine-tuned model.
@@ -132,9 +137,13 @@ def predict(
         raise InputError(None, f"unknown modality {modality!r} (use ct, mr, pet, nm, xray, us)")
     if precision not in ("bf16", "32"):
         raise InputError(None, f"--precision must be bf16 or 32, got {precision!r}")
-    for p in predict_path(model, input, output, batch_size, dicom_seg, precision == "bf16", modality=modality,
-                          device=inference_device(device)):
+    check_push(push, input)
+    written = predict_path(model, input, output, batch_size, dicom_seg or push, precision == "bf16", modality=modality,
+                           device=inference_device(device))
+    for p in written:
         print(p)
+    if push:
+        push_results(input, written)
 
 
 @app.command("evaluate")

@@ -1,4 +1,4 @@
-"""Unlabeled pools: ``[modality:]PATH`` sources and the image files (and DICOM series) inside them."""
+"""Unlabeled pools: ``[modality:]PATH`` sources (PATH a folder, a file or a DICOMweb study/query) and the image files (and DICOM series) inside them."""
 
 from __future__ import annotations
 
@@ -55,14 +55,18 @@ class ScanResult:
 def scan_sources(sources: list[Source]) -> ScanResult:
     """Find every image under the sources; DICOM files are grouped into series."""
     from medfound.io.dicom import find_series
+    from medfound.io.dicomweb import is_dicomweb, localise
 
     result = ScanResult()
     for src in sources:
-        if not src.path.exists():
+        if is_dicomweb(src.path):  # every series the study or query names, fetched into the cache
+            files = [f for _, folder, _ in localise(src.path) for f in sorted(_walk(folder))]
+        elif not src.path.exists():
             raise InputError(src.path, "no such file or folder")
-        files = [src.path] if src.path.is_file() else sorted(_walk(src.path))
-        if src.path.is_dir() and not files:
-            raise InputError(src.path, "folder holds no files")
+        else:
+            files = [src.path] if src.path.is_file() else sorted(_walk(src.path))
+            if src.path.is_dir() and not files:
+                raise InputError(src.path, "folder holds no files")
         dicoms: list[Path] = []
         for f in files:
             fmt = sniff_format(f) if f.stat().st_size else None

@@ -4,15 +4,19 @@ Each pair becomes one case; masks are checked as ``data check`` checks them (sam
 integer values >= 0). Sparse labelling is allowed: a 3D mask may label only some slices, and those are
 the slices ``segment`` takes as examples. Label names come from ``--labels`` (``{"1": "tumour"}`` or
 ``{"tumour": 1}``) or default to ``label_<value>``.
+An example set can also come from a PACS: image series and their DICOM-SEG (:func:`dicomweb_support_set`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from medfound.data.nnunet import NnUNetDataset, check_label, write_dataset
 from medfound.errors import InputError
@@ -76,3 +80,49 @@ def make_support(pairs: list[tuple[str | os.PathLike, str | os.PathLike]], out: 
         extra["case_modalities"] = {c[0]: c[1].modality for c in cases}
     return write_dataset(out, cases, labels, {"0": canonical_modality(channel) if channel != "OT" else "OT"},
                          description="example set made from image/mask pairs", extra=extra, overwrite=False)
+
+
+@contextlib.contextmanager
+def dicomweb_support_set(source: str) -> Iterator[Path]:
+    """An example set from a PACS: every DICOM-SEG that the DICOMweb study, series or query names,
+    each read onto the image series it references (fetched too), as a temporary nnU-Net folder.
+    Segments with the same label are one structure across cases."""
+    import tempfile
+
+    from medfound.data.nnunet import write_dataset
+    from medfound.io.dicom import read_dicom
+    from medfound.io.dicomseg import read_dicom_seg
+    from medfound.io.dicomweb import RemoteSeries, fetch_series, localise, parse
+
+    ref = parse(source)
+    fetched = localise(source)
+    segs = [(uid, folder, remote) for uid, folder, remote in fetched if remote.modality == "SEG"]
+    if not segs:
+        raise InputError(ref.url, "holds no DICOM-SEG; an example set from a PACS is an image series plus a "
+                                  "DICOM-SEG of it")
+    folders = {uid: folder for uid, folder, remote in fetched if remote.modality != "SEG"}
+    values: dict[str, int] = {}
+    cases = []
+    for uid, folder, remote in segs:
+        seg_file = next(f for f in sorted(folder.iterdir()) if not f.name.startswith("."))
+        ds = pydicom.dcmread(seg_file, stop_before_pixels=True)
+        try:
+            source_uid = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        except (AttributeError, IndexError):
+            raise InputError(remote.url(ref), "the DICOM-SEG references no source series") from None
+        if source_uid not in folders:
+            folders[source_uid] = fetch_series(ref, RemoteSeries(remote.study, source_uid))
+        image = read_dicom(folders[source_uid])
+        mask, names = read_dicom_seg(seg_file, image)
+        remap = np.zeros(int(mask.max()) + 1, dtype=np.uint16)
+        for n, name in names.items():
+            if n < len(remap):
+                remap[n] = values.setdefault(name, len(values) + 1)
+        cases.append((uid, image, remap[mask]))
+    modalities = sorted({c[1].modality for c in cases})
+    with tempfile.TemporaryDirectory(prefix="medfound-pacs-examples-") as tmp:
+        root = Path(tmp) / "examples"
+        write_dataset(root, cases, {"background": 0} | values,
+                      {"0": modalities[0] if len(modalities) == 1 else "OT"},
+                      description=f"example set from {ref.url}", extra={"made_by": "medfound (DICOMweb example set)"})
+        yield root

@@ -26,6 +26,7 @@ from medfound.errors import InputError
 from medfound.infer.label_fusion import registered_label_fusion, similarity
 from medfound.infer.summary import summarise, warn
 from medfound.io import MedImage, mask_extension, read_image, write_mask
+from medfound.io.dicomseg import check_dicom_seg_source, write_dicom_seg
 from medfound.io.image import is_known_modality
 from medfound.io.outputs import check_output_dir, final_paths, staged_dir, write_label_names
 from medfound.io.read import inputs_of
@@ -586,8 +587,9 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                  modality: str | None = None, progress: bool = True, keep_largest: bool = False,
                  register: bool = True, refine: bool | None = None, flip: bool | None = None,
                  prior_weight: float | None = None, through_plane_sigma: float | None = None,
-                 device: torch.device | str = "cpu") -> list[Path]:
-    """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``
+                 device: torch.device | str = "cpu", dicom_seg: bool = False) -> list[Path]:
+    """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``, and
+    ``<case>_seg.dcm`` (DICOM-SEG over the source series) for DICOM inputs with ``dicom_seg``
     (``refine``, ``flip``, ``prior_weight``, ``through_plane_sigma``: the model's setting when ``None``)."""
     from medfound.models.incontext_weights import load_incontext
     from medfound.progress import Progress
@@ -609,8 +611,12 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
     output = check_output_dir(output, [input_path, support, model_run])
     chosen = resolve_labels(ds, labels)
     pools = support_pools(support, chosen, size, axis)
-    items = inputs_of(Path(input_path))
+    items = inputs_of(input_path)
     images = [(case, read_image(path)) for case, path in items]  # read all first: bad input fails before any work
+    if dicom_seg:
+        for _, image in images:
+            check_dicom_seg_source(image)
+    algorithm = f"medfound segment ({Path(model_run).name if model_run else 'shipped in-context model'})"
     examples = ds.case_modality(ds.cases()[0]) if ds.cases() else "OT"
     written = []
     passes = len(chosen) * (2 if settings.get("refine") else 1)
@@ -625,6 +631,8 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                                  keep_largest=keep_largest, register=register, **settings,
                                  progress=lambda u, n=n: bar.advance(u, f"image {n}/{len(images)}"), report=report)
             written.append(write_mask(mask, image, stage / f"{case}{mask_extension(image)}"))
+            if dicom_seg and image.format == "dicom":
+                written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=chosen, algorithm=algorithm))
             summarise_mask(case, mask, image, chosen, report)
         written.append(write_label_names(stage, chosen))
     return final_paths(written, stage, output)

@@ -97,7 +97,7 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
 
     model, cfg = load_segmenter(model_run)
     model = model.to(device)
-    items = inputs_of(Path(input_path))
+    items = inputs_of(input_path)
     output = check_output_dir(output, [input_path, model_run])
     names = {int(i["label"]): i["name"] for i in cfg["classes"].values()}
     written, report = [], []
@@ -119,7 +119,8 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
             if dicom_seg and image.format == "dicom":
                 from medfound.io.dicomseg import write_dicom_seg
 
-                written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=names))
+                written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=names,
+                                               algorithm=f"medfound predict ({Path(model_run).name})"))
             report += summary_lines(case, mask, image, names, f"modality {mod}, {slices} slice(s) at "
                                     f"{cfg['image_size']} px on {torch.device(device).type}")
         written.append(write_label_names(stage, names))

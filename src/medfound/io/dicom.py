@@ -77,7 +77,7 @@ def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> MedIma
     ``series_uid``)."""
     p = Path(path)
     if p.is_dir():
-        files = [f for f in sorted(p.rglob("*")) if f.is_file()]
+        files = [f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")]
         series, errors = find_series(files)
         if series_uid is not None:
             series = [s for s in series if s.uid == series_uid]

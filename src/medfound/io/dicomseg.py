@@ -17,7 +17,8 @@ SEG_SOURCE_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "S
 
 def check_dicom_seg_source(reference: MedImage, path: str | os.PathLike | None = None) -> None:
     """Raise InputError (before any output is written) unless a DICOM-SEG can reference ``reference``'s
-    files: each must carry the UIDs a SEG points to, a Frame of Reference among them."""
+    files: each must carry the UIDs a SEG points to, a Frame of Reference among them. Images not read
+    from DICOM pass (they get no DICOM-SEG)."""
     import pydicom
 
     from medfound.errors import InputError
@@ -31,11 +32,13 @@ def check_dicom_seg_source(reference: MedImage, path: str | os.PathLike | None =
 
 
 def write_dicom_seg(mask: np.ndarray, reference: MedImage, path: str | os.PathLike,
-                    labels: dict[int, str] | None = None, algorithm: str = "medfound") -> Path:
+                    labels: dict[int, str] | None = None, algorithm: str = "medfound",
+                    version: str | None = None) -> Path:
     """Write a label map (values 0..N on the grid of ``reference``) as one DICOM-SEG object.
 
     ``reference`` must have been read from DICOM (its files are the SEG's source images). Each label
-    value becomes a segment; ``labels`` names them (default ``label_<n>``).
+    value becomes a segment; ``labels`` names them (default ``label_<n>``). ``algorithm`` and
+    ``version`` (default: medfound's) identify what made it, in every segment's Algorithm Identification.
     """
     import highdicom as hd
     import pydicom
@@ -77,7 +80,7 @@ def write_dicom_seg(mask: np.ndarray, reference: MedImage, path: str | os.PathLi
             segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name=algorithm, version=medfound.__version__, family=codes.cid7162.ArtificialIntelligence),
+                name=algorithm, version=version or medfound.__version__, family=codes.cid7162.ArtificialIntelligence),
         )
         for n, v in enumerate(values, start=1)
     ]
@@ -93,6 +96,7 @@ def write_dicom_seg(mask: np.ndarray, reference: MedImage, path: str | os.PathLi
         manufacturer="medfound",
         manufacturer_model_name=algorithm,
         software_versions=medfound.__version__,
+        series_description=f"{algorithm}"[:64],
         device_serial_number="0",
         omit_empty_frames=False,
     )
@@ -100,3 +104,31 @@ def write_dicom_seg(mask: np.ndarray, reference: MedImage, path: str | os.PathLi
     with atomic_file(path) as tmp:
         out.save_as(str(tmp))
     return path
+
+
+def read_dicom_seg(path: str | os.PathLike, reference: MedImage) -> tuple[np.ndarray, dict[int, str]]:
+    """A DICOM-SEG as a label map on ``reference``'s grid (the series it references, read from DICOM)
+    and segment number -> segment label; frames are matched to the source images by SOP Instance UID
+    (highdicom), never by order. Where segments overlap, the higher number wins."""
+    import highdicom as hd
+    import pydicom
+
+    from medfound.errors import InputError
+
+    files = reference.meta.get("dicom_files") or []
+    if reference.format != "dicom" or len(files) != (1 if reference.ndim == 2 else reference.shape[2]):
+        raise InputError(path, "a DICOM-SEG is read onto the single-frame DICOM series it references")
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as e:
+        raise InputError(path, f"not a readable DICOM-SEG: {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    try:
+        frames = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise InputError(path, f"does not reference the series it was given: {' '.join(str(e).split())[:160]}") from None
+    mask = np.asarray(frames).transpose(2, 1, 0)  # (frames, rows, cols) -> (i, j, k)
+    if reference.ndim == 2:
+        mask = mask[:, :, 0]
+    names = {int(n): str(seg.get_segment_description(n).segment_label) for n in seg.segment_numbers}
+    return mask.astype(np.uint16), names

@@ -20,7 +20,20 @@ def read_image(path: str | os.PathLike, modality: str | None = None, series_uid:
     series, or the one named by ``series_uid``). ``modality`` overrides what the file says (needed
     for formats that do not record it). Raises :class:`InputError` for anything unusable.
     """
-    p = Path(path)
+    from medfound.io.dicomweb import is_dicomweb
+
+    image = _read_dicomweb(path) if is_dicomweb(path) else _read_local(Path(path), series_uid)
+    if modality:
+        image.modality = canonical_modality(modality)
+    if check_finite and image.array.dtype.kind in "fc":
+        bad = int(np.size(image.array) - np.count_nonzero(np.isfinite(image.array)))
+        if bad:
+            raise InputError(path, f"{bad} voxel(s) are NaN or infinite")
+    return image
+
+
+def _read_local(p: Path, series_uid: str | None) -> MedImage:
+    path = p
     if not p.exists():
         raise InputError(path, "no such file or folder")
     if p.is_dir():
@@ -44,12 +57,25 @@ def read_image(path: str | os.PathLike, modality: str | None = None, series_uid:
             raise
         except Exception as e:  # a malformed file that a library choked on is the file's problem
             raise InputError(path, f"malformed {fmt.upper()} file: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
-    if modality:
-        image.modality = canonical_modality(modality)
-    if check_finite and image.array.dtype.kind in "fc":
-        bad = int(np.size(image.array) - np.count_nonzero(np.isfinite(image.array)))
-        if bad:
-            raise InputError(path, f"{bad} voxel(s) are NaN or infinite")
+    return image
+
+
+def _read_dicomweb(source: str | os.PathLike) -> MedImage:
+    """The one series a DICOMweb address names (a study of several series is refused, with their UIDs)."""
+    from medfound.io.dicom import read_dicom
+    from medfound.io.dicomweb import localise, parse
+
+    ref = parse(source)
+    fetched = localise(source)
+    if len(fetched) > 1:
+        listing = ", ".join(f"{uid} [{remote.modality}]" for uid, _, remote in fetched[:5])
+        raise InputError(ref.url, f"names {len(fetched)} series; add /series/UID for one of: {listing}")
+    _, folder, remote = fetched[0]
+    try:
+        image = read_dicom(folder)
+    except InputError as e:
+        raise InputError(ref.url, e.problem) from None
+    image.meta["dicomweb"] = remote.url(ref)
     return image
 
 
@@ -71,11 +97,17 @@ def _read_file(p: Path, fmt: str, series_uid: str | None) -> MedImage:
     return read_raster(p, fmt)
 
 
-def inputs_of(path: Path) -> list[tuple[str, Path]]:
+def inputs_of(path: str | os.PathLike) -> list[tuple[str, Path]]:
     """(case name, path) of each image to segment: a file, a DICOM series folder, or a folder of
-    images (nnU-Net ``_0000`` suffixes dropped from the case names)."""
+    images (nnU-Net ``_0000`` suffixes dropped from the case names), or every series of a DICOMweb
+    study or query (case names: SeriesInstanceUIDs)."""
+    from medfound.io.dicomweb import is_dicomweb, localise
+
+    if is_dicomweb(path):
+        return [(uid, folder) for uid, folder, _ in localise(path)]
     if not path.exists():
         raise InputError(path, "no such file or folder")
+    path = Path(path)
     if path.is_file():
         return [(case_name(path, strip_channel=True), path)]
     files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")]
