@@ -62,6 +62,16 @@ def pacs(tmp_path_factory, samples):
             store(ref, files)
             first = pydicom.dcmread(files[0])
             series[name] = (str(first.StudyInstanceUID), str(first.SeriesInstanceUID), root / name)
+        # a real CT (pyradiomics' lung case) from another year, outside the batch query's dates
+        ct = read_image(samples / "Dataset002_Lesions" / "imagesTr" / "lung2_0000.nii.gz")
+        files = write_dicom_series(ct.with_array(np.asarray(ct.array).astype(np.int16)), root / "lung2")
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.StudyDate = "20190101"
+            ds.save_as(f)
+        store(ref, files)
+        first = pydicom.dcmread(files[0])
+        series["lung2"] = (str(first.StudyInstanceUID), str(first.SeriesInstanceUID), root / "lung2")
         yield server, series, env
     for k, v in old.items():
         if v is None:
@@ -76,7 +86,7 @@ def test_segment_push_dicom_seg_checked_by_three_readers(pacs, samples, tmp_path
     url = f"{server.root}/studies/{study}"
     support = samples / "Dataset100_Phantoms"
     r = cli("segment", "--support", support, "--label", "organ", "--input", url, "--output", tmp_path / "out",
-            "--push", "--device", "cpu", env=env)
+            "--push", "--rtstruct", "--device", "cpu", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     nifti, seg = tmp_path / "out" / f"{uid}.nii.gz", tmp_path / "out" / f"{uid}_seg.dcm"
     assert nifti.is_file() and seg.is_file() and "stored in the PACS" in r.stdout
@@ -86,6 +96,7 @@ def test_segment_push_dicom_seg_checked_by_three_readers(pacs, samples, tmp_path
     web = client(parse(server.root))
     segs = web.search_for_series(study_instance_uid=study, search_filters={"Modality": "SEG"})
     assert len(segs) == 1
+    assert len(web.search_for_series(study_instance_uid=study, search_filters={"Modality": "RTSTRUCT"})) == 1
     seg_uid = segs[0]["0020000E"]["Value"][0]
     stored = next(iter(web.iter_series(study, seg_uid)))
     assert stored.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
@@ -98,31 +109,50 @@ def test_segment_push_dicom_seg_checked_by_three_readers(pacs, samples, tmp_path
     stored.save_as(stored_file, enforce_file_format=True)
     mask = np.asarray(read_image(nifti).array) > 0
     assert mask.any()
-    # 1. dciodvfy (dicom3tools): no errors
-    if shutil.which("dciodvfy"):
-        v = subprocess.run(["dciodvfy", str(stored_file)], capture_output=True, text=True)
-        assert "Error" not in v.stdout + v.stderr, (v.stdout + v.stderr)[-2000:]
-    # 2. highdicom, frames matched to the source images by SOP Instance UID
+    # dciodvfy (dicom3tools) and dcmqi's segimage2itkimage, voxel for voxel against the NIfTI output
+    _check_seg_with_dcmqi(stored_file, nifti, tmp_path / "dcmqi")
+    # highdicom, frames matched to the source images by SOP Instance UID
     from medfound.io.dicomseg import read_dicom_seg
 
     back, names = read_dicom_seg(stored_file, read_image(local))
     assert names == {1: "organ"} and np.array_equal(back > 0, mask)
-    # 3. dcmqi's segimage2itkimage, voxel for voxel against the NIfTI output
-    conv = tmp_path / "dcmqi"
-    conv.mkdir()
-    c = subprocess.run([str(BIN / "segimage2itkimage"), "--inputDICOM", str(stored_file), "--outputDirectory", str(conv),
-                        "-t", "nifti"], capture_output=True, text=True)
-    assert c.returncode == 0, c.stderr[-2000:]
-    out = read_image(conv / "1.nii.gz")
-    ours = read_image(nifti)
-    assert out.shape == ours.shape and np.abs(out.affine - ours.affine).max() < 1e-4
-    assert np.array_equal(np.asarray(out.array) > 0, mask)
     # the pushed SEG and its image series are an example set straight from the PACS
     other_study, other_uid, _ = series["phantom_ct_001"]
     r = cli("segment", "--support", url, "--input", f"{server.root}/studies/{other_study}/series/{other_uid}",
             "--output", tmp_path / "from_pacs", "--device", "cpu", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert np.asarray(read_image(tmp_path / "from_pacs" / f"{other_uid}.nii.gz").array).any()
+
+
+def _check_seg_with_dcmqi(seg_file: Path, nifti: Path, tmp: Path) -> None:
+    """dciodvfy finds no error, and dcmqi's segimage2itkimage gives the NIfTI mask's voxels back."""
+    if shutil.which("dciodvfy"):
+        v = subprocess.run(["dciodvfy", str(seg_file)], capture_output=True, text=True)
+        assert "Error" not in v.stdout + v.stderr, (v.stdout + v.stderr)[-2000:]
+    tmp.mkdir()
+    c = subprocess.run([str(BIN / "segimage2itkimage"), "--inputDICOM", str(seg_file), "--outputDirectory", str(tmp),
+                        "-t", "nifti"], capture_output=True, text=True)
+    assert c.returncode == 0, c.stderr[-2000:]
+    out, ours = read_image(tmp / "1.nii.gz"), read_image(nifti)
+    assert out.shape == ours.shape and np.abs(out.affine - ours.affine).max() < 1e-4
+    assert np.array_equal(np.asarray(out.array) > 0, np.asarray(ours.array) > 0)
+
+
+def test_sam_box_on_a_real_ct_pushed_back(pacs, samples, tmp_path):
+    server, series, env = pacs
+    study, uid, local = series["lung2"]
+    lesion = np.asarray(read_image(samples / "Dataset002_Lesions" / "labelsTr" / "lung2.nii.gz").array) > 0
+    k = int(np.argmax(lesion.sum(axis=(0, 1))))
+    ii, jj = np.nonzero(lesion[:, :, k])
+    box = f"{ii.min() - 3},{jj.min() - 3},{ii.max() + 3},{jj.max() + 3}"
+    r = cli("sam", "segment", "--input", f"{server.root}/studies/{study}/series/{uid}", "--box", box, "--slice", k,
+            "--output", tmp_path / "out", "--push", "--device", "cpu", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stored in the PACS" in r.stdout
+    nifti, seg = tmp_path / "out" / f"{uid}.nii.gz", tmp_path / "out" / f"{uid}_seg.dcm"
+    mask = np.asarray(read_image(nifti).array) > 0
+    assert mask[:, :, k].any() and (mask & lesion).sum() > 0.3 * lesion[:, :, k].sum()
+    _check_seg_with_dcmqi(seg, nifti, tmp_path / "dcmqi")
 
 
 def test_inspect_and_ingest_from_the_pacs(pacs, tmp_path):
@@ -197,3 +227,26 @@ def test_batch_survives_a_bad_series_resumes_and_runs_on_dask(pacs, samples, tmp
         a = np.asarray(read_image(tmp_path / "b" / u / f"{u}.nii.gz").array)
         b = np.asarray(read_image(tmp_path / "d" / u / f"{u}.nii.gz").array)
         assert np.array_equal(a, b)
+
+
+def test_viewer_opens_a_series_from_the_pacs(pacs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from medfound.viewer.app import create_app
+
+    server, series, env = pacs
+    study, uid, local = series["phantom_ct_001"]
+    app = create_app(tmp_path / "work", sam="tiny", pacs=server.root)
+    client = TestClient(app, headers={"x-medfound-token": app.state.token})
+    assert client.get("/api/resources").json()["pacs"] is True
+    listed = client.get("/api/pacs/series", params={"study": study}).json()["series"]
+    assert [s["series_uid"] for s in listed] == [uid] and listed[0]["modality"] == "CT"
+    r = client.post("/api/pacs/open", json={"study": study, "series": uid})
+    assert r.status_code == 201, r.text
+    assert tuple(r.json()["shape"]) == read_image(local).shape
+    # only UIDs reach the PACS's address; unknown ones are the PACS's one-line answer
+    assert client.post("/api/pacs/open", json={"study": "../../x", "series": uid}).status_code == 400
+    r = client.post("/api/pacs/open", json={"study": study, "series": "1.2.3.4"})
+    assert r.status_code == 400 and "no such series" in r.json()["detail"]
+    bare = create_app(tmp_path / "work2", sam="tiny")
+    assert TestClient(bare).get("/api/pacs/series", params={"study": study}).status_code == 404

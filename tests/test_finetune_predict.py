@@ -1,6 +1,8 @@
 """Fine-tuning (full / linear / LoRA), prediction in the input's geometry, and the case split."""
 
 import json
+import shutil
+import subprocess
 
 import nibabel as nib
 import numpy as np
@@ -81,7 +83,16 @@ def test_predict_nifti_and_dicom_keep_geometry(dataset, tmp_path):
     series = read_image(tmp_path / "dcm")
     mask = read_image(tmp_path / "out2" / "dcm.nii.gz")
     assert mask.shape == series.shape and np.abs(mask.affine - series.affine).max() < 1e-5
-    assert (tmp_path / "out2" / "dcm_seg.dcm").is_file()
+    seg = tmp_path / "out2" / "dcm_seg.dcm"
+    assert seg.is_file()
+    # read back by highdicom onto the source frames (by SOP Instance UID); dciodvfy finds no error
+    from medfound.io.dicomseg import read_dicom_seg
+
+    back, _ = read_dicom_seg(seg, series)
+    assert np.array_equal(back > 0, np.asarray(mask.array) > 0)
+    if shutil.which("dciodvfy"):
+        v = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
+        assert "Error" not in v.stdout + v.stderr, (v.stdout + v.stderr)[-2000:]
 
 
 def test_predict_2d_png(tmp_path, dataset):

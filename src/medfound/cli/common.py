@@ -67,7 +67,10 @@ SmoothOpt = Annotated[Optional[float], typer.Option(
 
 # Results into the user's PACS (predict, segment, sam segment, batch).
 DicomSegOpt = Annotated[bool, typer.Option("--dicom-seg", help="Also write DICOM-SEG (CASE_seg.dcm) for DICOM inputs, referencing the source series.")]
-PushOpt = Annotated[bool, typer.Option("--push", help="Store the result in the PACS the DICOMweb input came from (STOW-RS), as DICOM-SEG referencing the source series; implies --dicom-seg. Local outputs are kept.")]
+PushOpt = Annotated[bool, typer.Option("--push", help="Store the result in the PACS the DICOMweb input came from (STOW-RS), as DICOM-SEG referencing the source series (and the RTSTRUCT with --rtstruct); implies --dicom-seg. Local outputs are kept.")]
+RtstructOpt = Annotated[bool, typer.Option("--rtstruct", help="Also write an RT Structure Set (CASE_rtstruct.dcm, a ROI per label) for DICOM series, for radiotherapy systems.")]
+#: the files of a result that go into a PACS
+PACS_SUFFIXES = ("_seg.dcm", "_rtstruct.dcm")
 
 
 def check_push(push: bool, source) -> None:
@@ -86,7 +89,7 @@ def push_results(source, written) -> list[str]:
     from medfound.io.dicomweb import parse, store
 
     ref = parse(source)
-    stored = [store(ref, [f]) for f in written if str(f).endswith("_seg.dcm")]
+    stored = [store(ref, [f]) for f in written if str(f).endswith(PACS_SUFFIXES)]
     for url in stored:
         print(f"{url}: stored in the PACS")
     if not stored:

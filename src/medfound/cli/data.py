@@ -1,4 +1,4 @@
-"""`medfound data ...`: inspect, ingest, samples, phantoms, check, convert-msd."""
+"""`medfound data ...`: inspect, ingest, samples, phantoms, check, convert-msd, convert-rtstruct."""
 
 from __future__ import annotations
 
@@ -179,6 +179,26 @@ def data_convert_msd(
 
     ds = convert_msd(task, out)
     print(f"{out}: {len(ds.cases())} training case(s)")
+
+
+@data_app.command("convert-rtstruct")
+def data_convert_rtstruct(
+    series: Annotated[Path, typer.Argument(help="The image series the structure set was drawn on (DICOM folder, or a DICOMweb series).")],
+    rtstruct: Annotated[Path, typer.Argument(help="RT Structure Set file (RTSTRUCT .dcm).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="nnU-Net v2 dataset folder to write (one case, a label per ROI).")],
+    roi: Annotated[Optional[list[str]], typer.Option("--roi", help="Only this ROI (by name); repeat, in label order (default: every contoured ROI).")] = None,
+) -> None:
+    """RT contours -> an nnU-Net dataset on the series' grid: a label per ROI, usable as an example set
+    or training labels. Where ROIs overlap, the later ROI keeps the voxel (said on stderr)."""
+    import sys
+
+    from medfound.data.rtstruct_convert import convert_rtstruct
+
+    ds, covered = convert_rtstruct(series, rtstruct, out, roi)
+    if covered:
+        print(f"medfound: {', '.join(covered)} overlap(s) an earlier ROI; the later ROI keeps those voxels", file=sys.stderr)
+    labels = {k: v for k, v in ds.labels.items() if v}
+    print(f"{out}: 1 case, {len(labels)} label(s): {', '.join(f'{v} {k}' for k, v in labels.items())}")
 
 
 @data_app.command("make-support")

@@ -11,11 +11,10 @@ import typer
 from medfound.cli.common import (
     AcceleratorOpt,
     BankOpt,
-    DicomSegOpt,
-    PushOpt,
     CheckpointEveryOpt,
     DeviceOpt,
     DevicesOpt,
+    DicomSegOpt,
     ExcludeDatasetOpt,
     ExcludeLabelOpt,
     FlipOpt,
@@ -24,9 +23,11 @@ from medfound.cli.common import (
     NumNodesOpt,
     PrecisionOpt,
     PriorOpt,
+    PushOpt,
     RefineOpt,
     RegisterOpt,
     ResumeOpt,
+    RtstructOpt,
     SmoothOpt,
     StepSeedOpt,
     StrategyOpt,
@@ -139,6 +140,7 @@ def segment(
     query_box: Annotated[Optional[str], typer.Option("--query-box", help="x0,y0,x1,y1 on --slice of the input: where the target is (lesions, anything whose position differs between patients); the example set says what it looks like.")] = None,
     query_slice: Annotated[Optional[int], typer.Option("--slice", help="With --query-box: the boxed slice, numbered as the file counts them along --axis (omit for 2D images).")] = None,
     dicom_seg: DicomSegOpt = False,
+    rtstruct: RtstructOpt = False,
     push: PushOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -154,8 +156,8 @@ def segment(
         raise InputError(None, "--axis must be 0, 1 or 2")
     check_push(push, input)
     dev = inference_device(device)
-    if (push or dicom_seg) and (partial_labels is not None or query_box is not None):
-        raise InputError(None, "--dicom-seg / --push go with an example set (--support), not --partial-labels or --query-box")
+    if (push or dicom_seg or rtstruct) and (partial_labels is not None or query_box is not None):
+        raise InputError(None, "--dicom-seg / --rtstruct / --push go with an example set (--support), not --partial-labels or --query-box")
     if partial_labels is not None:
         from medfound.infer.completion import complete_path
 
@@ -188,7 +190,7 @@ def segment(
         return segment_path(example_set, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
                             progress=True, keep_largest=keep_largest, register=register, refine=refine,
                             flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma, device=dev,
-                            dicom_seg=dicom_seg or push)
+                            dicom_seg=dicom_seg or push, rtstruct=rtstruct)
 
     from medfound.io.dicomweb import is_dicomweb
 

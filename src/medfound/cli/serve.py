@@ -24,6 +24,7 @@ def serve(
     max_voxels: Annotated[int, typer.Option(help="Largest image accepted, in voxels (checked from the header where the format has one).")] = 100_000_000,
     memory_mb: Annotated[float, typer.Option(help="Memory budget of all open studies (images, masks, undo); uploads beyond it are refused.")] = 4096,
     idle_minutes: Annotated[float, typer.Option(help="Close a study (and remove its files) after this long without a request.")] = 60,
+    pacs: Annotated[Optional[str], typer.Option("--pacs", help="DICOMweb service root (dicomweb+http://HOST:PORT/dicom-web) whose studies the page may list and open; credentials from the environment or netrc.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Web viewer: scroll a study, prompt SAM, segment from an example set, download the mask.
@@ -40,6 +41,12 @@ def serve(
     from medfound.device import inference_device
     from medfound.viewer.app import create_app
 
+    if pacs is not None:
+        from medfound.io.dicomweb import parse
+
+        ref = parse(pacs)
+        if ref.study or ref.query:
+            raise InputError(pacs, "--pacs takes the service root (dicomweb+http://HOST:PORT/dicom-web), not a study or query")
     if not 1 <= port <= 65535:
         raise InputError(None, f"--port must be 1..65535, got {port}")
     dev = inference_device(device)
@@ -61,7 +68,7 @@ def serve(
     hosts = None if host in ("0.0.0.0", "::") else sorted({host, "localhost", "127.0.0.1", "::1"})
     app_ = create_app(work, support, model, sam, incontext_model, max_upload_mb, max_voxels=max_voxels,
                       memory_mb=memory_mb, idle_minutes=idle_minutes, allowed_hosts=hosts,
-                      device=dev)
+                      device=dev, pacs=pacs)
     print(f"medfound viewer on http://{host}:{port}/  (studies in {work})", flush=True)
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")

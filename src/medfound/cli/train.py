@@ -15,6 +15,7 @@ from medfound.cli.common import (
     NumNodesOpt,
     PrecisionOpt,
     PushOpt,
+    RtstructOpt,
     StrategyOpt,
     app,
     check_push,
@@ -121,6 +122,7 @@ def predict(
     precision: Annotated[str, typer.Option(help="bf16 (autocast: faster on CPUs with bf16 support and on GPUs) or 32.")] = "32",
     modality: Annotated[Optional[str], typer.Option(help="Modality of inputs that do not record one (default: the model's).")] = None,
     push: PushOpt = False,
+    rtstruct: RtstructOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Segment 2D images and 3D volumes (slice by slice, in batches) with a fine-tuned model.
@@ -139,7 +141,7 @@ def predict(
         raise InputError(None, f"--precision must be bf16 or 32, got {precision!r}")
     check_push(push, input)
     written = predict_path(model, input, output, batch_size, dicom_seg or push, precision == "bf16", modality=modality,
-                           device=inference_device(device))
+                           device=inference_device(device), rtstruct=rtstruct)
     for p in written:
         print(p)
     if push:

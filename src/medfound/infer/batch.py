@@ -58,7 +58,7 @@ def run_series(job: SeriesJob) -> dict:
             from medfound.io.dicomweb import parse, store
 
             ref = parse(job.url)
-            row["pushed"] = " ".join(store(ref, [f]) for f in written if str(f).endswith("_seg.dcm"))
+            row["pushed"] = " ".join(store(ref, [f]) for f in written if str(f).endswith(("_seg.dcm", "_rtstruct.dcm")))
     except InputError as e:
         row.update(status="failed", error=e.message if job.url in e.message else f"{job.url}: {e.message}")
     except Exception as e:  # a bug, or a library that choked on this series: the batch goes on

@@ -30,6 +30,7 @@ from medfound.io.dicomseg import check_dicom_seg_source, write_dicom_seg
 from medfound.io.image import is_known_modality
 from medfound.io.outputs import check_output_dir, final_paths, staged_dir, write_label_names
 from medfound.io.read import inputs_of
+from medfound.io.rtstruct import check_rtstruct_source, write_rtstruct
 from medfound.models.incontext import InContextSegmenter
 
 
@@ -587,9 +588,10 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                  modality: str | None = None, progress: bool = True, keep_largest: bool = False,
                  register: bool = True, refine: bool | None = None, flip: bool | None = None,
                  prior_weight: float | None = None, through_plane_sigma: float | None = None,
-                 device: torch.device | str = "cpu", dicom_seg: bool = False) -> list[Path]:
+                 device: torch.device | str = "cpu", dicom_seg: bool = False, rtstruct: bool = False) -> list[Path]:
     """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``, and
-    ``<case>_seg.dcm`` (DICOM-SEG over the source series) for DICOM inputs with ``dicom_seg``
+    for DICOM inputs ``<case>_seg.dcm`` (DICOM-SEG over the source series) with ``dicom_seg`` and
+    ``<case>_rtstruct.dcm`` (RT Structure Set) with ``rtstruct``
     (``refine``, ``flip``, ``prior_weight``, ``through_plane_sigma``: the model's setting when ``None``)."""
     from medfound.models.incontext_weights import load_incontext
     from medfound.progress import Progress
@@ -613,9 +615,11 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
     pools = support_pools(support, chosen, size, axis)
     items = inputs_of(input_path)
     images = [(case, read_image(path)) for case, path in items]  # read all first: bad input fails before any work
-    if dicom_seg:
-        for _, image in images:
+    for _, image in images:
+        if dicom_seg:
             check_dicom_seg_source(image)
+        if rtstruct:
+            check_rtstruct_source(image)
     algorithm = f"medfound segment ({Path(model_run).name if model_run else 'shipped in-context model'})"
     examples = ds.case_modality(ds.cases()[0]) if ds.cases() else "OT"
     written = []
@@ -633,6 +637,8 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
             written.append(write_mask(mask, image, stage / f"{case}{mask_extension(image)}"))
             if dicom_seg and image.format == "dicom":
                 written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=chosen, algorithm=algorithm))
+            if rtstruct and image.format == "dicom":
+                written.append(write_rtstruct(mask, image, stage / f"{case}_rtstruct.dcm", labels=chosen, algorithm=algorithm))
             summarise_mask(case, mask, image, chosen, report)
         written.append(write_label_names(stage, chosen))
     return final_paths(written, stage, output)

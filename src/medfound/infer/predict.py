@@ -86,7 +86,7 @@ def _n_slices(image: MedImage, cfg: dict) -> int:
 
 def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,
                  batch_size: int = 16, dicom_seg: bool = False, bf16: bool = False, progress: bool = True,
-                 modality: str | None = None, device: torch.device | str = "cpu") -> list[Path]:
+                 modality: str | None = None, device: torch.device | str = "cpu", rtstruct: bool = False) -> list[Path]:
     """Every image of ``input_path`` -> ``output/<case>.<ext>``. Outputs appear together when every
     image has succeeded, or not at all (they are staged beside ``output`` meanwhile). Progress advances
     slice batch by slice batch; each image ends with a summary line (modality, slices, ml per label)."""
@@ -111,6 +111,10 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
                 from medfound.io.dicomseg import check_dicom_seg_source
 
                 check_dicom_seg_source(image, path)  # before this image's NIfTI is written
+            if rtstruct:
+                from medfound.io.rtstruct import check_rtstruct_source
+
+                check_rtstruct_source(image, path)
             mod = assumed_modality(image, cfg, modality)
             mask = predict_image(model, cfg, image, batch_size, bf16, mod,
                                  progress=lambda k, n=n, s=slices: bar.advance(k / s, f"image {n}/{len(items)}"))
@@ -121,6 +125,11 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
 
                 written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=names,
                                                algorithm=f"medfound predict ({Path(model_run).name})"))
+            if rtstruct and image.format == "dicom":
+                from medfound.io.rtstruct import write_rtstruct
+
+                written.append(write_rtstruct(mask, image, stage / f"{case}_rtstruct.dcm", labels=names,
+                                              algorithm=f"medfound predict ({Path(model_run).name})"))
             report += summary_lines(case, mask, image, names, f"modality {mod}, {slices} slice(s) at "
                                     f"{cfg['image_size']} px on {torch.device(device).type}")
         written.append(write_label_names(stage, names))

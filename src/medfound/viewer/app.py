@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import re
 import secrets
 import threading
 import uuid
@@ -107,16 +108,33 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+UID = re.compile(r"^[0-9]+(\.[0-9]+){1,40}$")
+
+
+def _uid(text: str) -> str:
+    """A DICOM UID (digits and dots), so that nothing else reaches the PACS's URL."""
+    if not UID.match(text or "") or len(text) > 64:
+        raise HTTPException(400, f"not a DICOM UID: {text[:80]!r}")
+    return text
+
+
+class PacsOpen(BaseModel):
+    study: str
+    series: str
+
+
 def create_app(workdir: str | Path, supports: list[Path] | None = None, models: list[Path] | None = None,
                sam: str | None = None, incontext_model: Path | None = None, max_upload_mb: float = 512,
                max_voxels: int = 100_000_000, memory_mb: float = 4096, idle_minutes: float = 60,
-               allowed_hosts: list[str] | None = None, token: str | None = None, device: str = "cpu") -> FastAPI:
+               allowed_hosts: list[str] | None = None, token: str | None = None, device: str = "cpu",
+               pacs: str | None = None) -> FastAPI:
     """Build the app. ``supports``: nnU-Net example sets offered by name; ``models``: fine-tuned segmenter
     runs; ``sam``: a SAM run/checkpoint/variant for box and point prompts (None: the packaged small SAM).
     Limits: bytes per upload, voxels per image, memory of all open studies, idle minutes before a study
     is closed. ``allowed_hosts``: Host names answered (None: any); ``token``: the page's token that every
     state-changing request must carry in ``x-medfound-token`` (default: a new random one, ``app.state.token``).
-    ``device``: where the models run."""
+    ``device``: where the models run. ``pacs``: a DICOMweb service root whose studies the page may list
+    and open (only this one: the page never names a server itself)."""
     # No /api/docs page: FastAPI's loads its assets from a CDN, blank on an offline machine.
     app = FastAPI(title="medfound viewer", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.token = token or secrets.token_urlsafe(24)
@@ -185,7 +203,7 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
     @app.get("/api/resources")
     def resources():
         return {"sam": sam or "medfound default (small conv SAM)", "supports": sorted(support_sets) + sorted(uploaded_supports),
-                "models": sorted(p.name for p in (models or []))}
+                "models": sorted(p.name for p in (models or [])), "pacs": bool(pacs)}
 
     @app.post("/api/studies", status_code=201)
     async def upload_study(files: list[UploadFile] = File(...)):
@@ -194,6 +212,31 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
         if not payload or not any(d for _, d in payload):
             raise HTTPException(400, "empty upload")
         return store.add(payload).info()
+
+    @app.get("/api/pacs/series")
+    def pacs_series(study: str):
+        """The series of a study in the configured PACS (QIDO-RS)."""
+        from medfound.io.dicomweb import parse, series_in
+
+        if not pacs:
+            raise HTTPException(404, "no PACS configured (serve --pacs)")
+        ref = parse(f"{pacs.rstrip('/')}/studies/{_uid(study)}")
+        return {"series": [{"series_uid": x.series, "modality": x.modality, "description": x.description,
+                            "instances": x.instances} for x in series_in(ref)]}
+
+    @app.post("/api/pacs/open", status_code=201)
+    def pacs_open(body: PacsOpen):
+        """Open one series of the configured PACS as a study (fetched into the cache, read as an upload is)."""
+        from medfound.io.dicomweb import localise
+
+        if not pacs:
+            raise HTTPException(404, "no PACS configured (serve --pacs)")
+        url = f"{pacs.rstrip('/')}/studies/{_uid(body.study)}/series/{_uid(body.series)}"
+        (_, folder, _), = localise(url)
+        files = [(f.name, f.read_bytes()) for f in sorted(folder.iterdir()) if not f.name.startswith(".")]
+        if sum(len(d) for _, d in files) > limit:
+            raise HTTPException(413, f"series larger than the {max_upload_mb:g} MB limit")
+        return store.add(files).info()
 
     @app.get("/api/studies/{sid}")
     def study_info(sid: str):

@@ -22,6 +22,7 @@ async function loadResources() {
   $("model").innerHTML = res.models.map((s) => `<option>${s}</option>`).join("");
   $("model-section").style.display = res.models.length ? "" : "none";
   $("sam-note").textContent = `SAM: ${res.sam}`;
+  $("pacs-box").hidden = !res.pacs;
 }
 
 function setStudy(info) {
@@ -102,6 +103,16 @@ $("upload").onclick = () => run("upload", async () => {
   const fd = new FormData();
   for (const f of $("study-file").files) fd.append("files", f);
   const info = await api("/api/studies", {method: "POST", body: fd});
+  setStudy(info);
+  return info;
+});
+$("pacs-list").onclick = () => run("list series", async () => {
+  const r = await api(`/api/pacs/series?study=${encodeURIComponent($("pacs-study").value.trim())}`);
+  $("pacs-series").innerHTML = r.series.map((s) => `<option value="${s.series_uid}">${s.modality} ${s.instances ?? ""} ${s.description || s.series_uid}</option>`).join("");
+  return r;
+});
+$("pacs-open").onclick = () => run("open from the PACS", async () => {
+  const info = await post("/api/pacs/open", {study: $("pacs-study").value.trim(), series: $("pacs-series").value});
   setStudy(info);
   return info;
 });
