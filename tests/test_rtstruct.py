@@ -83,3 +83,21 @@ def test_convert_rtstruct_and_segment_writes_rtstruct(ct_series, samples, tmp_pa
     other.save_as(tmp_path / "other.dcm")
     r = run_cli("data", "convert-rtstruct", tmp_path / "ct", tmp_path / "other.dcm", "--output", tmp_path / "x")
     assert r.returncode == 2 and "Frame of Reference" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_completion_writes_dicom_objects_for_a_dicom_study(ct_series, tmp_path):
+    series, label = ct_series
+    partial = np.zeros_like(label)
+    partial[:, :, 4:20:5] = (label[:, :, 4:20:5] == 1)
+    from medfound.io import write_mask
+
+    write_mask(partial, series, tmp_path / "partial.nii.gz")
+    r = run_cli("segment", "--input", tmp_path / "ct", "--partial-labels", tmp_path / "partial.nii.gz",
+                "--output", tmp_path / "done", "--dicom-seg", "--rtstruct")
+    assert r.returncode == 0, r.stderr[-2000:]
+    mask = np.asarray(read_image(tmp_path / "done" / "ct.nii.gz").array)
+    assert np.array_equal(read_rtstruct(tmp_path / "done" / "ct_rtstruct.dcm", series)["label_1"], mask == 1)
+    from medfound.io.dicomseg import read_dicom_seg
+
+    back, _ = read_dicom_seg(tmp_path / "done" / "ct_seg.dcm", series)
+    assert np.array_equal(back > 0, mask > 0)

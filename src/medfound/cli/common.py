@@ -69,8 +69,6 @@ SmoothOpt = Annotated[Optional[float], typer.Option(
 DicomSegOpt = Annotated[bool, typer.Option("--dicom-seg", help="Also write DICOM-SEG (CASE_seg.dcm) for DICOM inputs, referencing the source series.")]
 PushOpt = Annotated[bool, typer.Option("--push", help="Store the result in the PACS the DICOMweb input came from (STOW-RS), as DICOM-SEG referencing the source series (and the RTSTRUCT with --rtstruct); implies --dicom-seg. Local outputs are kept.")]
 RtstructOpt = Annotated[bool, typer.Option("--rtstruct", help="Also write an RT Structure Set (CASE_rtstruct.dcm, a ROI per label) for DICOM series, for radiotherapy systems.")]
-#: the files of a result that go into a PACS
-PACS_SUFFIXES = ("_seg.dcm", "_rtstruct.dcm")
 
 
 def check_push(push: bool, source) -> None:
@@ -87,6 +85,7 @@ def check_push(push: bool, source) -> None:
 def push_results(source, written) -> list[str]:
     """STOW-RS every DICOM-SEG among ``written`` to ``source``'s PACS; prints and returns their addresses."""
     from medfound.io.dicomweb import parse, store
+    from medfound.io.result_files import PACS_SUFFIXES
 
     ref = parse(source)
     stored = [store(ref, [f]) for f in written if str(f).endswith(PACS_SUFFIXES)]

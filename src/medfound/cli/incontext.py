@@ -156,17 +156,21 @@ def segment(
         raise InputError(None, "--axis must be 0, 1 or 2")
     check_push(push, input)
     dev = inference_device(device)
-    if (push or dicom_seg or rtstruct) and (partial_labels is not None or query_box is not None):
-        raise InputError(None, "--dicom-seg / --rtstruct / --push go with an example set (--support), not --partial-labels or --query-box")
+    from medfound.io.result_files import ResultFormats
+
+    def formats(how: str) -> ResultFormats:
+        return ResultFormats(dicom_seg or push, rtstruct,
+                             f"medfound segment {how}({model.name if model else 'shipped in-context model'})")
+
     if partial_labels is not None:
         from medfound.infer.completion import complete_path
 
         if support is not None or support_prompts is not None:
             raise InputError(None, "--partial-labels takes the example set from the study itself: leave out --support / --support-prompts")
         slices = _ints(labelled_slices, "--labelled-slices") if labelled_slices else None
-        for w in complete_path(input, partial_labels, output, slices, axis, model, model_share, modality,
-                               batch_size, progress=True, device=dev):
-            print(w)
+        written = complete_path(input, partial_labels, output, slices, axis, model, model_share, modality,
+                                batch_size, progress=True, device=dev, formats=formats("--partial-labels "))
+        _report(written, input, push)
         return
     if support is None:
         raise InputError(None, "give an example set (--support) or the study's own partial labels (--partial-labels)")
@@ -181,9 +185,9 @@ def segment(
             box = [float(x) for x in query_box.split(",")]
         except ValueError:
             raise InputError(None, f"--query-box takes x0,y0,x1,y1; got {query_box!r}") from None
-        for w in query_box_path(support, input, output, box, query_slice, model, label, support_size, axis,
-                                modality, device=dev):
-            print(w)
+        written = query_box_path(support, input, output, box, query_slice, model, label, support_size, axis,
+                                 modality, device=dev, formats=formats("--query-box "))
+        _report(written, input, push)
         return
 
     def run(example_set: Path) -> list:
@@ -212,7 +216,12 @@ def segment(
         check_output_dir(output, [input, support, support_prompts, model])
         with prompted_support_set(support, support_prompts, sam_model, dev) as example_set:
             written = run(example_set)
+    _report(written, input, push)
+
+
+def _report(written: list, source, push: bool) -> None:
+    """Print what was written; with --push, store its DICOM objects in the source's PACS."""
     for w in written:
         print(w)
     if push:
-        push_results(input, written)
+        push_results(source, written)

@@ -22,6 +22,7 @@ from medfound.cli.common import (
     PrecisionOpt,
     PushOpt,
     ResumeOpt,
+    RtstructOpt,
     StepSeedOpt,
     StrategyOpt,
     WarmupOpt,
@@ -136,6 +137,7 @@ def sam_segment(
     base: Annotated[Optional[str], typer.Option(help="Where the run's base checkpoint is now, if moved.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size for a plain checkpoint (default: its own).")] = None,
     dicom_seg: DicomSegOpt = False,
+    rtstruct: RtstructOpt = False,
     push: PushOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -145,7 +147,7 @@ def sam_segment(
     from medfound.device import inference_device
     from medfound.infer.sam_segment import SamSession
     from medfound.infer.summary import summarise
-    from medfound.io import read_image, write_mask
+    from medfound.io import read_image
     from medfound.io.formats import case_name
     from medfound.models.sam import load_sam_model
 
@@ -157,17 +159,17 @@ def sam_segment(
         raise InputError(None, "--propagate needs a --box")
     if axis not in (0, 1, 2):
         raise InputError(None, f"--axis must be 0, 1 or 2, got {axis}")
-    from medfound.io.outputs import check_output_dir
-
     from medfound.cli.common import check_push, push_results
-    from medfound.io.dicomseg import check_dicom_seg_source, write_dicom_seg
     from medfound.io.dicomweb import is_dicomweb
+    from medfound.io.outputs import check_output_dir
+    from medfound.io.result_files import ResultFormats
 
     check_push(push, input)
     check_output_dir(output, [input, model, base])
     image = read_image(input)
-    if dicom_seg or push:
-        check_dicom_seg_source(image, input)
+    formats = ResultFormats(dicom_seg or push, rtstruct,
+                            f"medfound sam segment ({Path(model).name if model else 'shipped small SAM'})")
+    formats.check(image, input)
     if image.ndim == 3 and slice_index is None:
         raise InputError(input, f"a volume of {image.shape[axis]} slices along --axis {axis}: give --slice K, the slice the prompt is on")
     slice_index = slice_index or 0
@@ -194,11 +196,11 @@ def sam_segment(
         name = input.name if input.is_dir() else case_name(input, strip_channel=True)
     ext = ".png" if image.format in ("png", "jpeg", "bmp") else ".nii.gz"
     mask = vol.astype(np.uint8)
-    path = write_mask(mask, image, output / f"{name}{ext}")
-    seg = None
-    if (dicom_seg or push) and image.format == "dicom":
-        seg = write_dicom_seg(mask, image, output / f"{name}_seg.dcm", labels={1: "structure"},
-                              algorithm=f"medfound sam segment ({Path(model).name if model else 'shipped small SAM'})")
+    from medfound.io.outputs import final_paths, staged_dir
+
+    with staged_dir(output) as stage:  # the mask and its DICOM objects appear together, or none
+        written = formats.write(mask, image, stage, name, {1: "structure"}, extension=ext)
+    path, *dicom_objects = final_paths(written, stage, output)
     on = int(np.any(vol, axis=tuple(d for d in range(vol.ndim) if d != axis)).sum()) if vol.ndim == 3 else int(vol.any())
     prompt = " + ".join(p for p, given in (("box", b is not None), (f"{len(pts)} point(s)", bool(pts))) if given)
     summarise(name, mask, image, {1: "structure"},
@@ -206,10 +208,10 @@ def sam_segment(
               + (f" on slice {slice_index}" if image.ndim == 3 else "") + (", propagated" if propagate else ""),
               "the prompt found nothing: check the box is on this slice, in voxel indices")
     print(f"{path}: {int(vol.sum())} voxels on {on} slice(s)")
-    if seg is not None:
-        print(seg)
+    for f in dicom_objects:
+        print(f)
     if push:
-        push_results(input, [seg] if seg else [])
+        push_results(input, dicom_objects)
 
 
 @sam_app.command("evaluate")

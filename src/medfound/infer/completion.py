@@ -37,7 +37,7 @@ from medfound.infer.incontext import (
     segment_prepared,
 )
 from medfound.infer.summary import summarise
-from medfound.io import MedImage, mask_extension, read_image, write_mask
+from medfound.io import MedImage, read_image
 from medfound.io.outputs import (
     check_output_dir,
     final_paths,
@@ -45,6 +45,7 @@ from medfound.io.outputs import (
     write_label_names,
 )
 from medfound.io.read import inputs_of
+from medfound.io.result_files import ResultFormats
 from medfound.models.incontext import InContextSegmenter
 
 #: the settings of :func:`complete_study` that ship (chosen on non-held-out structures)
@@ -294,21 +295,25 @@ def _itk_contour_interpolation(sparse: np.ndarray, axis: int) -> np.ndarray:
 def complete_path(input_path: str | os.PathLike, partial_path: str | os.PathLike, output: str | os.PathLike,
                   labelled_slices: list[int] | None = None, axis: int = 2, model_run: str | os.PathLike | None = None,
                   model_share: float | None = None, modality: str | None = None, batch_size: int = 16,
-                  progress: bool = True, device: torch.device | str = "cpu") -> list[Path]:
+                  progress: bool = True, device: torch.device | str = "cpu",
+                  formats: ResultFormats | None = None) -> list[Path]:
     """What ``medfound segment --partial-labels`` does: one study and its partial label map ->
-    ``output/<case>.<ext>`` (every slice labelled, the labelled ones as given) and ``labels.json``."""
+    ``output/<case>.<ext>`` (every slice labelled, the labelled ones as given) and ``labels.json``,
+    with the DICOM objects ``formats`` asks for."""
     from medfound.progress import Progress
 
     share = COMPLETION_DEFAULTS["model_share"] if model_share is None else model_share
     if not 0 <= share <= 1:
         raise InputError(None, f"--model-share must be between 0 and 1, got {share}")
-    items = inputs_of(Path(input_path))
+    formats = formats or ResultFormats(algorithm="medfound segment --partial-labels")
+    items = inputs_of(input_path)
     if len(items) != 1:
         raise InputError(input_path, f"--partial-labels completes one study; this folder holds {len(items)} images")
     case, path = items[0]
     output = check_output_dir(output, [input_path, partial_path, model_run])
     image, partial_image = read_image(path), read_image(partial_path)
     partial = read_partial(image, partial_image, axis, labelled_slices)
+    formats.check(image, path)
     values = labelled_values(partial)
     model, size = None, 128
     if share > 0:
@@ -320,7 +325,7 @@ def complete_path(input_path: str | os.PathLike, partial_path: str | os.PathLike
     with Progress("complete", len(values), enabled=progress) as bar, staged_dir(output) as stage:
         mask = complete_study(image, partial, model, size, modality, batch_size, share,
                               progress=lambda u: bar.advance(u, f"{len(partial.slices)} labelled slices"))
-        written = [write_mask(mask, image, stage / f"{case}{mask_extension(image)}"), write_label_names(stage, names)]
+        written = [*formats.write(mask, image, stage, case, names), write_label_names(stage, names)]
     summarise(case, mask, image, names, f"{len(partial.slices)} labelled slices, model share {share:g}",
               "on no labelled slice")
     return final_paths(written, stage, output)

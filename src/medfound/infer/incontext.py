@@ -25,12 +25,11 @@ from medfound.data.slicing import from_square, iter_slices, plane_spacing, put_s
 from medfound.errors import InputError
 from medfound.infer.label_fusion import registered_label_fusion, similarity
 from medfound.infer.summary import summarise, warn
-from medfound.io import MedImage, mask_extension, read_image, write_mask
-from medfound.io.dicomseg import check_dicom_seg_source, write_dicom_seg
+from medfound.io import MedImage, read_image
 from medfound.io.image import is_known_modality
 from medfound.io.outputs import check_output_dir, final_paths, staged_dir, write_label_names
 from medfound.io.read import inputs_of
-from medfound.io.rtstruct import check_rtstruct_source, write_rtstruct
+from medfound.io.result_files import ResultFormats
 from medfound.models.incontext import InContextSegmenter
 
 
@@ -615,12 +614,10 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
     pools = support_pools(support, chosen, size, axis)
     items = inputs_of(input_path)
     images = [(case, read_image(path)) for case, path in items]  # read all first: bad input fails before any work
+    formats = ResultFormats(dicom_seg, rtstruct,
+                            f"medfound segment ({Path(model_run).name if model_run else 'shipped in-context model'})")
     for _, image in images:
-        if dicom_seg:
-            check_dicom_seg_source(image)
-        if rtstruct:
-            check_rtstruct_source(image)
-    algorithm = f"medfound segment ({Path(model_run).name if model_run else 'shipped in-context model'})"
+        formats.check(image)
     examples = ds.case_modality(ds.cases()[0]) if ds.cases() else "OT"
     written = []
     passes = len(chosen) * (2 if settings.get("refine") else 1)
@@ -634,11 +631,7 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
             mask = segment_image(model, image, pools, size, axis, support_size, ensemble, batch_size, mod,
                                  keep_largest=keep_largest, register=register, **settings,
                                  progress=lambda u, n=n: bar.advance(u, f"image {n}/{len(images)}"), report=report)
-            written.append(write_mask(mask, image, stage / f"{case}{mask_extension(image)}"))
-            if dicom_seg and image.format == "dicom":
-                written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=chosen, algorithm=algorithm))
-            if rtstruct and image.format == "dicom":
-                written.append(write_rtstruct(mask, image, stage / f"{case}_rtstruct.dcm", labels=chosen, algorithm=algorithm))
+            written += formats.write(mask, image, stage, case, chosen)
             summarise_mask(case, mask, image, chosen, report)
         written.append(write_label_names(stage, chosen))
     return final_paths(written, stage, output)

@@ -18,9 +18,10 @@ import torch
 from medfound.data.normalize import apply_bounds, intensity_bounds
 from medfound.data.orientation import from_canonical, to_canonical
 from medfound.data.slicing import from_square, iter_slices, to_square
-from medfound.io import MedImage, mask_extension, read_image, write_mask
+from medfound.io import MedImage, read_image
 from medfound.io.outputs import check_output_dir, final_paths, staged_dir, write_label_names
 from medfound.io.read import inputs_of
+from medfound.io.result_files import ResultFormats
 from medfound.models.segmenter import load_segmenter, predict_square
 
 
@@ -100,6 +101,7 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
     items = inputs_of(input_path)
     output = check_output_dir(output, [input_path, model_run])
     names = {int(i["label"]): i["name"] for i in cfg["classes"].values()}
+    formats = ResultFormats(dicom_seg, rtstruct, f"medfound predict ({Path(model_run).name})")
     written, report = [], []
     # Images are read one at a time (an archive need not fit in memory); progress counts images, each
     # advanced slice batch by slice batch.
@@ -107,29 +109,11 @@ def predict_path(model_run: str | os.PathLike, input_path: str | os.PathLike, ou
         for n, (case, path) in enumerate(items, start=1):
             image = read_image(path)
             slices = _n_slices(image, cfg)
-            if dicom_seg and image.format == "dicom":
-                from medfound.io.dicomseg import check_dicom_seg_source
-
-                check_dicom_seg_source(image, path)  # before this image's NIfTI is written
-            if rtstruct:
-                from medfound.io.rtstruct import check_rtstruct_source
-
-                check_rtstruct_source(image, path)
+            formats.check(image, path)  # before this image's NIfTI is written
             mod = assumed_modality(image, cfg, modality)
             mask = predict_image(model, cfg, image, batch_size, bf16, mod,
                                  progress=lambda k, n=n, s=slices: bar.advance(k / s, f"image {n}/{len(items)}"))
-            ext = ".nii.gz" if image.format == "dicom" else mask_extension(image)
-            written.append(write_mask(mask, image, stage / f"{case}{ext}"))
-            if dicom_seg and image.format == "dicom":
-                from medfound.io.dicomseg import write_dicom_seg
-
-                written.append(write_dicom_seg(mask, image, stage / f"{case}_seg.dcm", labels=names,
-                                               algorithm=f"medfound predict ({Path(model_run).name})"))
-            if rtstruct and image.format == "dicom":
-                from medfound.io.rtstruct import write_rtstruct
-
-                written.append(write_rtstruct(mask, image, stage / f"{case}_rtstruct.dcm", labels=names,
-                                              algorithm=f"medfound predict ({Path(model_run).name})"))
+            written += formats.write(mask, image, stage, case, names)
             report += summary_lines(case, mask, image, names, f"modality {mod}, {slices} slice(s) at "
                                     f"{cfg['image_size']} px on {torch.device(device).type}")
         written.append(write_label_names(stage, names))

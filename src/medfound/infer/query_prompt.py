@@ -41,6 +41,7 @@ from medfound.infer.incontext import (
     prepare_slices,
 )
 from medfound.io import MedImage
+from medfound.io.result_files import ResultFormats
 from medfound.models.incontext import InContextSegmenter
 
 
@@ -154,9 +155,11 @@ def segment_with_query_box(model: InContextSegmenter, image: MedImage, pool: Sup
 def query_box_path(support: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike,
                    box: list[float], k: int | None, model_run: str | os.PathLike | None = None,
                    labels: list[str] | None = None, support_size: int = 16, axis: int = 2,
-                   modality: str | None = None, device: torch.device | str = "cpu") -> list[Path]:
+                   modality: str | None = None, device: torch.device | str = "cpu",
+                   formats: ResultFormats | None = None) -> list[Path]:
     """What ``medfound segment --query-box`` does: one image, one label of the example set, the
-    target inside the box -> ``output/<case>.<ext>`` and ``labels.json``."""
+    target inside the box -> ``output/<case>.<ext>`` and ``labels.json``, with the DICOM objects
+    ``formats`` asks for."""
     from medfound.data.nnunet import NnUNetDataset
     from medfound.infer.incontext import (
         inference_settings,
@@ -164,7 +167,7 @@ def query_box_path(support: str | os.PathLike, input_path: str | os.PathLike, ou
         support_pools,
     )
     from medfound.infer.summary import summarise
-    from medfound.io import mask_extension, read_image, write_mask
+    from medfound.io import read_image
     from medfound.io.outputs import (
         check_output_dir,
         final_paths,
@@ -174,7 +177,8 @@ def query_box_path(support: str | os.PathLike, input_path: str | os.PathLike, ou
     from medfound.io.read import inputs_of
     from medfound.models.incontext_weights import load_incontext
 
-    items = inputs_of(Path(input_path))
+    formats = formats or ResultFormats(algorithm="medfound segment --query-box")
+    items = inputs_of(input_path)
     if len(items) != 1:
         raise InputError(input_path, f"--query-box points into one image; this folder holds {len(items)}")
     case, path = items[0]
@@ -187,6 +191,7 @@ def query_box_path(support: str | os.PathLike, input_path: str | os.PathLike, ou
     image = read_image(path)
     if image.ndim == 3 and k is None:
         raise InputError(None, "--query-box on a 3D image needs --slice")
+    formats.check(image, path)
     model, cfg = load_incontext(model_run)
     model = model.to(device)
     value = next(iter(chosen))
@@ -196,7 +201,7 @@ def query_box_path(support: str | os.PathLike, input_path: str | os.PathLike, ou
     mask = segment_with_query_box(model, image, pool, k or 0, box, axis, mod, flip=inference_settings(cfg)["flip"])
     mask = mask.astype(np.uint16) * value
     with staged_dir(output) as stage:
-        written = [write_mask(mask, image, stage / f"{case}{mask_extension(image)}"), write_label_names(stage, chosen)]
+        written = [*formats.write(mask, image, stage, case, chosen), write_label_names(stage, chosen)]
     summarise(case, mask, image, chosen, f"modality {mod}, {len(pool)} example slices, box {box} on slice {k}",
               "nothing like the examples inside the box")
     return final_paths(written, stage, output)
