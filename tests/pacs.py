@@ -1,6 +1,6 @@
 """A real PACS for the tests: Debian's Orthanc with its DICOMweb plugin on 127.0.0.1, a free port, a
 temporary storage folder and a generated configuration (authentication on, one test user); and a
-proxy in front of it that cuts retrieve responses short, to test truncated transfers."""
+proxy in front of it that speaks HTTPS, or cuts retrieve responses short to test truncated transfers."""
 
 from __future__ import annotations
 
@@ -101,14 +101,19 @@ def orthanc(folder: Path) -> Iterator[Pacs]:
 
 
 @contextlib.contextmanager
-def truncating_proxy(upstream_port: int) -> Iterator[int]:
-    """A loopback HTTP proxy to ``upstream_port`` that passes searches through and sends only half of
-    every retrieve (WADO-RS) body, with the full Content-Length, then hangs up."""
+def proxy(upstream_port: int, cut: bool = False, certificate: Path | None = None) -> Iterator[int]:
+    """A loopback HTTP proxy to ``upstream_port``; with ``cut`` it sends only half of every retrieve
+    (WADO-RS) body, with the full Content-Length, then hangs up; with ``certificate`` (a PEM holding the
+    certificate and its key) it speaks HTTPS, as a TLS-terminating front of a PACS does."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's naming)
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self, method: str):
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "accept-encoding")}
-            req = urllib.request.Request(f"http://127.0.0.1:{upstream_port}{self.path}", headers=headers)
+            data = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0)) if method == "POST" else None
+            req = urllib.request.Request(f"http://127.0.0.1:{upstream_port}{self.path}", data=data, headers=headers,
+                                         method=method)
             try:
                 with urllib.request.urlopen(req, timeout=20) as r:
                     status, head, body = r.status, r.headers, r.read()
@@ -119,17 +124,31 @@ def truncating_proxy(upstream_port: int) -> Iterator[int]:
                 if k.lower() not in ("content-length", "transfer-encoding", "connection"):
                     self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
+            chop = cut and "/series/" in self.path and "/instances" not in self.path and status == 200
+            if chop:
+                self.send_header("Connection", "close")
             self.end_headers()
-            cut = "/series/" in self.path and "/instances" not in self.path and status == 200
-            self.wfile.write(body[: len(body) // 2] if cut else body)
+            self.wfile.write(body[: len(body) // 2] if chop else body)
             self.wfile.flush()
-            if cut:
+            if chop:
                 self.close_connection = True
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self._forward("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._forward("POST")
 
         def log_message(self, *args):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if certificate is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(certificate))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -137,3 +156,15 @@ def truncating_proxy(upstream_port: int) -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """(PEM of certificate + key for the server, PEM of the certificate for clients) for 127.0.0.1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    both = folder / "server.pem"
+    both.write_text(cert.read_text() + key.read_text())
+    return both, cert

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from helpers import write_dicom_series
-from pacs import PASSWORD, USER, orthanc, truncating_proxy, why_no_orthanc
+from pacs import PASSWORD, USER, orthanc, proxy, self_signed, why_no_orthanc
 
 from medfound.io import read_image
 
@@ -184,7 +184,7 @@ def test_bad_dicomweb_sources_are_one_line_errors(pacs, tmp_path):
         one_line_error(r, *words)
         assert PASSWORD not in r.stderr and not out.exists()
     # a retrieve cut off half way: reported, and nothing half-written is left in the cache
-    with truncating_proxy(server.port) as port:
+    with proxy(server.port, cut=True) as port:
         cut = url.replace(f":{server.port}/", f":{port}/")
         r = cli("sam", "segment", "--input", cut, "--box", "10,10,30,30", "--slice", "3", "--output", out, env=fresh)
     one_line_error(r, "truncated")
@@ -194,6 +194,21 @@ def test_bad_dicomweb_sources_are_one_line_errors(pacs, tmp_path):
     # --push needs a PACS to push to
     r = cli("predict", "--model", tmp_path, "--input", tmp_path, "--output", out, "--push", env=fresh)
     one_line_error(r, "--push")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed (for a test certificate)")
+def test_dicomweb_over_https(pacs, tmp_path):
+    server, series, env = pacs
+    study, uid, local = series["phantom_ct_001"]
+    server_pem, ca = self_signed(tmp_path / "tls")
+    out = tmp_path / "out"
+    with proxy(server.port, certificate=server_pem) as port:
+        url = f"dicomweb+https://127.0.0.1:{port}/dicom-web/studies/{study}/series/{uid}"
+        fresh = env | {"MEDFOUND_CACHE": str(tmp_path / "cache")}
+        one_line_error(cli("data", "inspect", url, env=fresh), "certificate", "REQUESTS_CA_BUNDLE")
+        r = cli("data", "inspect", url, "--json", env=fresh | {"REQUESTS_CA_BUNDLE": str(ca)})
+        assert r.returncode == 0, r.stderr
+        assert str(list(read_image(local).shape)).replace(" ", "") in r.stdout.replace(" ", "").replace("\n", "")
 
 
 def test_batch_survives_a_bad_series_resumes_and_runs_on_dask(pacs, samples, tmp_path):

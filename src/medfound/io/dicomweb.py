@@ -160,6 +160,9 @@ def reported(url: str, doing: str) -> Iterator[None]:
         raise InputError(url, why) from None
     except requests.Timeout:
         raise InputError(url, f"the server did not answer in time while {doing}") from None
+    except requests.exceptions.SSLError:
+        raise InputError(url, f"the server's TLS certificate could not be verified while {doing}; give its CA "
+                              "certificate in REQUESTS_CA_BUNDLE") from None
     except requests.exceptions.ChunkedEncodingError:
         raise InputError(url, f"the response was cut off (truncated) while {doing}; nothing was kept") from None
     except requests.ConnectionError as e:
