@@ -97,6 +97,10 @@ def test_segment_push_dicom_seg_checked_by_three_readers(pacs, samples, tmp_path
     segs = web.search_for_series(study_instance_uid=study, search_filters={"Modality": "SEG"})
     assert len(segs) == 1
     assert len(web.search_for_series(study_instance_uid=study, search_filters={"Modality": "RTSTRUCT"})) == 1
+    # the study now holds results too; as an input it is still its one image series
+    from medfound.io.read import inputs_of
+
+    assert [case for case, _ in inputs_of(url)] == [uid]
     seg_uid = segs[0]["0020000E"]["Value"][0]
     stored = next(iter(web.iter_series(study, seg_uid)))
     assert stored.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
@@ -116,9 +120,9 @@ def test_segment_push_dicom_seg_checked_by_three_readers(pacs, samples, tmp_path
 
     back, names = read_dicom_seg(stored_file, read_image(local))
     assert names == {1: "organ"} and np.array_equal(back > 0, mask)
-    # the pushed SEG and its image series are an example set straight from the PACS
+    # the pushed SEG is an example set straight from the PACS (the series it references comes with it)
     other_study, other_uid, _ = series["phantom_ct_001"]
-    r = cli("segment", "--support", url, "--input", f"{server.root}/studies/{other_study}/series/{other_uid}",
+    r = cli("segment", "--support", f"{url}/series/{seg_uid}", "--input", f"{server.root}/studies/{other_study}/series/{other_uid}",
             "--output", tmp_path / "from_pacs", "--device", "cpu", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert np.asarray(read_image(tmp_path / "from_pacs" / f"{other_uid}.nii.gz").array).any()

@@ -60,7 +60,7 @@ def scan_sources(sources: list[Source]) -> ScanResult:
     result = ScanResult()
     for src in sources:
         if is_dicomweb(src.path):  # every series the study or query names, fetched into the cache
-            files = [f for _, folder, _ in localise(src.path) for f in sorted(_walk(folder))]
+            files = [f for _, folder, _ in localise(src.path, images_only=True) for f in sorted(_walk(folder))]
         elif not src.path.exists():
             raise InputError(src.path, "no such file or folder")
         else:

@@ -92,7 +92,7 @@ def dicomweb_support_set(source: str) -> Iterator[Path]:
     from medfound.data.nnunet import write_dataset
     from medfound.io.dicom import read_dicom
     from medfound.io.dicomseg import read_dicom_seg
-    from medfound.io.dicomweb import RemoteSeries, fetch_series, localise, parse
+    from medfound.io.dicomweb import RemoteSeries, fetch_series, localise, parse, series_in
 
     ref = parse(source)
     fetched = localise(source)
@@ -110,8 +110,9 @@ def dicomweb_support_set(source: str) -> Iterator[Path]:
             source_uid = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
         except (AttributeError, IndexError):
             raise InputError(remote.url(ref), "the DICOM-SEG references no source series") from None
-        if source_uid not in folders:
-            folders[source_uid] = fetch_series(ref, RemoteSeries(remote.study, source_uid))
+        if source_uid not in folders:  # the referenced series, with the instance count QIDO-RS reports
+            (found,) = series_in(parse(RemoteSeries(remote.study, source_uid).url(ref)))
+            folders[source_uid] = fetch_series(ref, found)
         image = read_dicom(folders[source_uid])
         mask, names = read_dicom_seg(seg_file, image)
         remap = np.zeros(int(mask.max()) + 1, dtype=np.uint16)

@@ -97,7 +97,7 @@ def read_rows(path: Path) -> dict[str, dict]:
 
 def plan(query: str, out: Path, command: str, options: dict, push: bool) -> tuple[list[SeriesJob], dict[str, dict]]:
     """(series still to run, rows of the series already done) for ``query`` into ``out``."""
-    from medfound.io.dicomweb import parse, series_in
+    from medfound.io.dicomweb import NOT_IMAGES, parse, series_in
 
     if command not in COMMANDS:
         raise InputError(None, f"batch runs {' or '.join(COMMANDS)}, not {command!r}")
@@ -106,7 +106,7 @@ def plan(query: str, out: Path, command: str, options: dict, push: bool) -> tupl
     previous = read_rows(out / "batch.csv")
     todo, done = [], {}
     for s in found:
-        if s.modality in ("SEG", "RTSTRUCT", "SR", "PR", "KO"):
+        if s.modality in NOT_IMAGES:
             continue  # results and documents, not images: nothing to segment
         old = previous.get(s.series)
         if old and old.get("status") == "done" and Path(old.get("output", "")).is_dir():

@@ -30,6 +30,8 @@ SCHEMES = ("dicomweb+http://", "dicomweb+https://")
 COMPLETE = ".complete"
 SERIES_UID, STUDY_UID, MODALITY = "0020000E", "0020000D", "00080060"
 N_INSTANCES, SERIES_DESCRIPTION = "00201209", "0008103E"
+#: modalities of series that are results or documents, not images to read or segment
+NOT_IMAGES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "DOC", "REG", "FID"})
 
 
 def is_dicomweb(source: object) -> bool:
@@ -251,22 +253,46 @@ def fetch_series(ref: DicomwebRef, remote: RemoteSeries, cache: Path | None = No
         if n == 0:
             raise InputError(url, "the server sent no instances for this series")
         (stage / COMPLETE).write_text(f"{n}\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(stage, folder)
+        _move_in(stage, folder, str(n))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return folder
 
 
-def localise(source: str | os.PathLike, cache: Path | None = None) -> list[tuple[str, Path, RemoteSeries]]:
-    """(case name, local folder, remote series) for every series ``source`` names, fetched as needed.
-    The case name is the SeriesInstanceUID: unique, and what a PACS user looks a result up by."""
+def _move_in(stage: Path, folder: Path, count: str) -> None:
+    """Rename a complete staged series onto ``folder``. Another process may have finished the same
+    series meanwhile: a complete folder of the same count is kept (it may be being read), anything
+    else there (stale or partial) is replaced."""
+    for _ in range(3):
+        try:
+            os.rename(stage, folder)  # fails while ``folder`` exists and is not empty
+            return
+        except OSError:
+            marker = folder / COMPLETE
+            if marker.is_file() and marker.read_text().strip() == count:
+                return
+            shutil.rmtree(folder, ignore_errors=True)
+    raise InputError(folder, "cannot move the fetched series into the cache")
+
+
+def localise(source: str | os.PathLike, cache: Path | None = None,
+             images_only: bool = False) -> list[tuple[str, Path, RemoteSeries]]:
+    """(case name, local folder, remote series) for every series ``source`` names, fetched as needed;
+    with ``images_only``, results and documents (DICOM-SEG, RTSTRUCT, reports) are passed over, so a
+    study that holds earlier results is still segmented as its images. The case name is the
+    SeriesInstanceUID: unique, and what a PACS user looks a result up by."""
     ref = parse(source)
     if not ref.study and not ref.query:
         raise InputError(ref.url, "name a study (/studies/UID), a series (/studies/UID/series/UID) or a QIDO query "
                                   "(?Modality=MR&StudyDate=...)")
-    return [(s.series, fetch_series(ref, s, cache), s) for s in series_in(ref)]
+    found = series_in(ref)
+    if images_only:
+        images = [s for s in found if s.modality not in NOT_IMAGES]
+        if not images:
+            kinds = ", ".join(sorted({s.modality for s in found}))
+            raise InputError(ref.url, f"holds no image series (only {kinds}); give the address of an image series")
+        found = images
+    return [(s.series, fetch_series(ref, s, cache), s) for s in found]
 
 
 def store(ref: DicomwebRef, files: Iterable[str | os.PathLike]) -> str:

@@ -66,7 +66,7 @@ def _read_dicomweb(source: str | os.PathLike) -> MedImage:
     from medfound.io.dicomweb import localise, parse
 
     ref = parse(source)
-    fetched = localise(source)
+    fetched = localise(source, images_only=True)
     if len(fetched) > 1:
         listing = ", ".join(f"{uid} [{remote.modality}]" for uid, _, remote in fetched[:5])
         raise InputError(ref.url, f"names {len(fetched)} series; add /series/UID for one of: {listing}")
@@ -104,7 +104,7 @@ def inputs_of(path: str | os.PathLike) -> list[tuple[str, Path]]:
     from medfound.io.dicomweb import is_dicomweb, localise
 
     if is_dicomweb(path):
-        return [(uid, folder) for uid, folder, _ in localise(path)]
+        return [(uid, folder) for uid, folder, _ in localise(path, images_only=True)]
     if not path.exists():
         raise InputError(path, "no such file or folder")
     path = Path(path)
