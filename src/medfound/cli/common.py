@@ -84,15 +84,13 @@ def check_push(push: bool, source) -> None:
 
 def push_results(source, written) -> list[str]:
     """STOW-RS every DICOM-SEG among ``written`` to ``source``'s PACS; prints and returns their addresses."""
-    from medfound.io.dicomweb import parse, store
-    from medfound.io.result_files import PACS_SUFFIXES
+    from medfound.io.dicomweb import parse, push
 
-    ref = parse(source)
-    stored = [store(ref, [f]) for f in written if str(f).endswith(PACS_SUFFIXES)]
+    stored = push(source, written)
     for url in stored:
         print(f"{url}: stored in the PACS")
     if not stored:
-        print(f"medfound: nothing to push to {ref.url}: no DICOM input, so no DICOM-SEG", file=sys.stderr)
+        print(f"medfound: nothing to push to {parse(source).url}: no DICOM input, so no DICOM-SEG", file=sys.stderr)
     return stored
 
 

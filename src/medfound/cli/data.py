@@ -31,14 +31,9 @@ def data_inspect(
         if series is not None and not found_remote:
             raise InputError(ref.url, f"no series {series} in this study")
         if len(found_remote) > 1:
-            rows = [{"series_uid": s.series, "modality": s.modality, "files": s.instances, "description": s.description,
-                     "url": s.url(ref)} for s in found_remote]
-            if as_json:
-                print(json.dumps({"path": ref.url, "series": rows}, indent=1))
-            else:
-                print(f"{ref.url}: {len(rows)} DICOM series (add /series/UID, or --series UID)")
-                for r in rows:
-                    print(f"  {r['series_uid']}  {r['modality']:3s} {r['files'] or 0:5d} files  {r['description']}")
+            _list_series(ref.url, [{"series_uid": s.series, "modality": s.modality, "files": s.instances,
+                                    "description": s.description, "url": s.url(ref)} for s in found_remote],
+                         "add /series/UID, or --series UID", as_json)
             return
         path, series = found_remote[0].url(ref), None
     elif path.is_dir() and series is None:
@@ -46,14 +41,9 @@ def data_inspect(
 
         found, _ = find_series([f for f in sorted(path.rglob("*")) if f.is_file()])
         if len(found) > 1:
-            rows = [{"series_uid": s.uid, "modality": s.modality, "files": len(s.files), "description": s.description}
-                    for s in found]
-            if as_json:
-                print(json.dumps({"path": str(path), "series": rows}, indent=1))
-            else:
-                print(f"{path}: {len(rows)} DICOM series (choose one with --series UID)")
-                for r in rows:
-                    print(f"  {r['series_uid']}  {r['modality']:3s} {r['files']:5d} files  {r['description']}")
+            _list_series(str(path), [{"series_uid": s.uid, "modality": s.modality, "files": len(s.files),
+                                      "description": s.description} for s in found],
+                         "choose one with --series UID", as_json)
             return
     image = read_image(path, modality=modality, series_uid=series)
     info = image.summary()
@@ -67,6 +57,16 @@ def data_inspect(
     for k, v in info.items():
         table.add_row(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
     Console().print(table)
+
+
+def _list_series(where: str, rows: list[dict], hint: str, as_json: bool) -> None:
+    """What `data inspect` prints for a folder or study that holds several series."""
+    if as_json:
+        print(json.dumps({"path": where, "series": rows}, indent=1))
+        return
+    print(f"{where}: {len(rows)} DICOM series ({hint})")
+    for r in rows:
+        print(f"  {r['series_uid']}  {r['modality']:3s} {r['files'] or 0:5d} files  {r['description']}")
 
 
 @data_app.command("ingest")

@@ -55,11 +55,9 @@ def run_series(job: SeriesJob) -> dict:
     try:
         written = _run(job)
         if job.push:
-            from medfound.io.dicomweb import parse, store
-            from medfound.io.result_files import PACS_SUFFIXES
+            from medfound.io.dicomweb import push
 
-            ref = parse(job.url)
-            row["pushed"] = " ".join(store(ref, [f]) for f in written if str(f).endswith(PACS_SUFFIXES))
+            row["pushed"] = " ".join(push(job.url, written))
     except InputError as e:
         row.update(status="failed", error=e.message if job.url in e.message else f"{job.url}: {e.message}")
     except Exception as e:  # a bug, or a library that choked on this series: the batch goes on

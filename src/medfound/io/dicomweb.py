@@ -295,6 +295,15 @@ def localise(source: str | os.PathLike, cache: Path | None = None,
     return [(s.series, fetch_series(ref, s, cache), s) for s in found]
 
 
+def push(source: str | os.PathLike, written: Iterable[str | os.PathLike]) -> list[str]:
+    """STOW-RS the DICOM objects among a result's ``written`` files (DICOM-SEG, RTSTRUCT) to the PACS
+    ``source`` came from, one object at a time; returns their addresses."""
+    from medfound.io.result_files import PACS_SUFFIXES
+
+    ref = parse(source)
+    return [store(ref, [f]) for f in written if str(f).endswith(PACS_SUFFIXES)]
+
+
 def store(ref: DicomwebRef, files: Iterable[str | os.PathLike]) -> str:
     """STOW-RS ``files`` to ``ref``'s service; returns the address of the stored series."""
     import pydicom

@@ -33,9 +33,8 @@ def read_image(path: str | os.PathLike, modality: str | None = None, series_uid:
 
 
 def _read_local(p: Path, series_uid: str | None) -> MedImage:
-    path = p
     if not p.exists():
-        raise InputError(path, "no such file or folder")
+        raise InputError(p, "no such file or folder")
     if p.is_dir():
         from medfound.io.dicom import read_dicom
 
@@ -44,19 +43,19 @@ def _read_local(p: Path, series_uid: str | None) -> MedImage:
         except InputError:
             raise
         except Exception as e:
-            raise InputError(path, f"malformed DICOM series: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+            raise InputError(p, f"malformed DICOM series: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     else:
         if p.stat().st_size == 0:
-            raise InputError(path, "file is empty")
+            raise InputError(p, "file is empty")
         fmt = sniff_format(p)
         if fmt is None:
-            raise InputError(path, "not an image file medfound can read (NIfTI, MGZ, NRRD, MHA, DICOM, PNG, JPEG, TIFF)")
+            raise InputError(p, "not an image file medfound can read (NIfTI, MGZ, NRRD, MHA, DICOM, PNG, JPEG, TIFF)")
         try:
             image = _read_file(p, fmt, series_uid)
         except InputError:
             raise
         except Exception as e:  # a malformed file that a library choked on is the file's problem
-            raise InputError(path, f"malformed {fmt.upper()} file: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+            raise InputError(p, f"malformed {fmt.upper()} file: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     return image
 
 
