@@ -173,7 +173,7 @@ def run_batch(query: str, out: str | os.PathLike, command: str, options: dict, p
                 try:
                     row = fut.result()
                 except Exception as e:  # the worker itself died (killed, out of memory)
-                    row = asdict(job) | {"status": "failed", "seconds": 0.0, "pushed": "",
+                    row = asdict(job) | {"status": "failed", "seconds": 0.0, "pushed": "", "output": "",
                                          "error": f"{job.url}: worker failed: {type(e).__name__}: {e}"}
                 record(row)
                 bar.advance(1, job.series_uid[-12:])
