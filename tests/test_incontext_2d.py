@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 
-from medfound.data.correspondence import register_slice, warp_slice
+from medfound.data.correspondence import deform_slice, register_slice, warp_slice
 
 
 def _head(shape=(110, 120), centre=(55, 60), scale=1.0):
@@ -26,6 +26,27 @@ def test_register_slice_recovers_shift_and_scale():
     register_slice(fixed, np.zeros_like(moving))  # a blank slice gives None or a transform, never an error
 
 
+def test_deform_slice_takes_up_what_an_affine_cannot():
+    """The spot moves relative to the head (another subject's anatomy): an affine aligns the heads and
+    leaves the spot off; the deformation brings it onto the query's spot."""
+    fixed, fixed_mask = _head()
+    yy, xx = np.mgrid[:110, :120].astype(np.float32)
+    moving = 100.0 * (((yy - 55) / 40) ** 2 + ((xx - 60) / 48) ** 2 < 1) \
+        + 80.0 * (((yy - 52) / 9) ** 2 + ((xx - 67) / 7) ** 2 < 1)  # the spot 5 px lower and to the left
+    moving_mask = ((yy - 52) / 9) ** 2 + ((xx - 67) / 7) ** 2 < 1
+    moving = (moving * 2.5 + 10).astype(np.float32)  # another intensity scale, as a PNG export against a NIfTI
+
+    def dice(tx):
+        warped = warp_slice(moving_mask.astype(np.float32), tx, fixed.shape) > 0.5
+        return 2 * (warped & fixed_mask).sum() / (warped.sum() + fixed_mask.sum())
+
+    affine = register_slice(fixed, moving)
+    assert affine is not None
+    deformed = deform_slice(fixed, moving, affine)
+    assert deformed.GetName() == "CompositeTransform"
+    assert dice(deformed) > dice(affine) + 0.15
+
+
 def test_segment_registers_2d_examples_onto_a_2d_query(cli, tmp_path):
     from medfound.data.nnunet import write_dataset
     from medfound.io import MedImage, read_image, write_image
@@ -42,7 +63,16 @@ def test_segment_registers_2d_examples_onto_a_2d_query(cli, tmp_path):
     out = tmp_path / "out"
     r = cli("segment", "--support", examples.root, "--input", query, "--output", out, "--support-size", "3")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert re.search(r"registered: [1-3] of 3 example slice\(s\) \(2D affine\)", r.stderr)
+    assert re.search(r"registered: [1-3] of 3 example slice\(s\) \(2D affine \+ deformation\)", r.stderr)
     pred = read_image(out / "query.png").array > 0
     assert pred.shape == q_mask.shape
     assert 2 * (pred & q_mask).sum() / (pred.sum() + q_mask.sum()) > 0.6
+    r = cli("segment", "--support", examples.root, "--input", query, "--output", tmp_path / "affine",
+            "--support-size", "3", "--register-2d", "affine")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"example slice\(s\) \(2D affine\);", r.stderr)
+    pred = read_image(tmp_path / "affine" / "query.png").array > 0
+    assert 2 * (pred & q_mask).sum() / (pred.sum() + q_mask.sum()) > 0.6
+    r = cli("segment", "--support", examples.root, "--input", query, "--output", tmp_path / "bad", "--register-2d", "elastic")
+    assert r.returncode == 2 and "--register-2d must be affine or deformable" in r.stderr
+    assert not (tmp_path / "bad").exists()

@@ -273,6 +273,7 @@ def incontext_stage(out: Path, report: Report, structures: tuple[str, ...] = ("T
     members = place_members(pools, prep, n_support)  # support slices at the MNI152 height and grid they show
     settings = inference_settings(cfg)
     flip = settings.pop("flip")  # a property of the encodings; the rest are segment_prepared's keywords
+    settings.pop("deform_2d")  # a property of placing 2D examples; this query is a volume
     probs = segment_prepared(model, prep, SupportEncodings(model, members, torch.device("cpu"), flip), 32, **settings)
     fig, axes = plt.subplots(len(wanted), 4, figsize=(12, 3.2 * len(wanted)), squeeze=False)
     rows = []

@@ -169,7 +169,7 @@ def experiment_cross_subject_2d(
     seeds: Annotated[int, typer.Option(help="Draws of examples and query crops per size (seed 0: examples spread evenly).")] = 3,
     queries: Annotated[int, typer.Option(help="Query slices per structure, spread over its extent.")] = 6,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Structure name; repeat (default: the held-out structures found in both).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated of incontext, label-fusion, mean-mask, incontext-registered, registered-label-fusion (examples registered onto each query first).")] = "incontext,label-fusion,mean-mask",
+    methods: Annotated[str, typer.Option(help="Comma-separated of incontext, label-fusion, mean-mask, incontext-registered, registered-label-fusion (examples registered onto each query first, 2D affine), incontext-deformable, deformable-label-fusion (affine refined by a deformation).")] = "incontext,label-fusion,mean-mask",
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run (default: the shipped model).")] = None,
 ) -> None:
     """2D cross-subject: example slices of one brain as PNG, queries from another brain cropped and rescaled, no geometry."""

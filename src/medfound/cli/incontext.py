@@ -29,6 +29,8 @@ from medfound.cli.common import (
     ResumeOpt,
     RtstructOpt,
     SmoothOpt,
+    Register2dOpt,
+    register_2d_choice,
     StepSeedOpt,
     StrategyOpt,
     WarmupOpt,
@@ -132,6 +134,7 @@ def segment(
     flip: FlipOpt = None,
     prior_weight: PriorOpt = None,
     through_plane_sigma: SmoothOpt = None,
+    register_2d: Register2dOpt = None,
     support_prompts: Annotated[Optional[Path], typer.Option("--support-prompts", help="JSON of boxes/points per support image, label and slice (docs/guide/incontext.md): a SAM draws the support masks.")] = None,
     sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="SAM that turns --support-prompts into masks (as sam segment --model; default: the shipped small SAM).")] = None,
     partial_labels: Annotated[Optional[Path], typer.Option("--partial-labels", help="Same-study completion: a label map on the study's grid with some slices labelled; the other slices are segmented (no --support).")] = None,
@@ -155,6 +158,7 @@ def segment(
     if axis not in (0, 1, 2):
         raise InputError(None, "--axis must be 0, 1 or 2")
     check_push(push, input)
+    deform_2d = register_2d_choice(register_2d)
     dev = inference_device(device)
     from medfound.io.result_files import ResultFormats
 
@@ -194,7 +198,7 @@ def segment(
         return segment_path(example_set, input, output, model, label, support_size, ensemble, axis, batch_size, modality,
                             progress=True, keep_largest=keep_largest, register=register, refine=refine,
                             flip=flip, prior_weight=prior_weight, through_plane_sigma=through_plane_sigma, device=dev,
-                            dicom_seg=dicom_seg or push, rtstruct=rtstruct)
+                            dicom_seg=dicom_seg or push, rtstruct=rtstruct, deform_2d=deform_2d)
 
     from medfound.io.dicomweb import is_dicomweb
 

@@ -7,7 +7,8 @@ or a single-slice NIfTI with an identity affine, cropped, padded and rescaled at
 field of view and scale), so neither position nor size carries over from the examples. Scored by 2D
 Dice on each query's own pixels, against label fusion (the most similar example's mask copied) and
 the mean of the example masks. ``incontext-registered`` and ``registered-label-fusion`` first register
-every example onto the query (2D affine, :func:`~medfound.infer.incontext.register_2d`). Each seed
+every example onto the query (2D affine, :func:`~medfound.infer.incontext.register_2d`);
+``incontext-deformable`` and ``deformable-label-fusion`` refine that affine by a smooth deformation. Each seed
 draws other examples (seed 0: spread evenly) and other crops.
 """
 
@@ -41,7 +42,11 @@ from medfound.infer.label_fusion import label_fusion
 from medfound.io import MedImage, read_image, write_image
 from medfound.io.atomic import write_csv, write_text
 
-METHODS = ("incontext", "label-fusion", "mean-mask", "incontext-registered", "registered-label-fusion")
+METHODS = ("incontext", "label-fusion", "mean-mask", "incontext-registered", "registered-label-fusion",
+           "incontext-deformable", "deformable-label-fusion")
+#: how each method places the examples on the query: as they are, by a 2D affine, or an affine and a deformation
+PLACEMENT = {"incontext-registered": "affine", "registered-label-fusion": "affine",
+             "incontext-deformable": "deformable", "deformable-label-fusion": "deformable"}
 
 
 def to_png_values(sl: np.ndarray) -> np.ndarray:
@@ -150,12 +155,13 @@ def cross_subject_2d_experiment(support: str | os.PathLike, test: str | os.PathL
                     chosen = pool.evenly(n) if seed == 0 else pool.random(n, np.random.default_rng([seed, sv, n]))
                     enc = SupportEncodings(model, {sv: [chosen]}, torch.device("cpu"), settings["flip"])
                     for k, prep, truth, transforms in views:
-                        registered = None  # the examples registered onto this query, made by the first method that needs them
+                        registered: dict = {}  # the examples placed on this query, by the first method that needs them
                         for method in methods:
                             t0 = time.perf_counter()
-                            if "registered" in method and registered is None:
-                                registered = register_2d(chosen, prep, cache=transforms)
-                            placed = registered if "registered" in method else chosen
+                            how = PLACEMENT.get(method)
+                            if how is not None and how not in registered:
+                                registered[how] = register_2d(chosen, prep, cache=transforms, deform=how == "deformable")
+                            placed = registered[how] if how is not None else chosen
                             if method.startswith("incontext"):  # as segment_image; unregistered examples encoded once for all queries
                                 here = enc if method == "incontext" else SupportEncodings(model, {sv: [placed]}, torch.device("cpu"),
                                                                                           settings["flip"])

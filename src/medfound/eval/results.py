@@ -433,9 +433,11 @@ def same_study_validation(d: Data) -> str:
 #: (direction, results file in data/cross_subject_2d)
 DIRECTIONS_2D = (("Colin27 examples -> MNI152 queries", "colin27_to_mni152"),
                  ("MNI152 examples -> Colin27 queries", "mni152_to_colin27"))
-METHODS_2D = (("incontext-registered", "**in-context, examples registered onto the query (`segment`'s default)**"),
+METHODS_2D = (("incontext-deformable", "**in-context, examples registered deformably onto the query (`segment`'s default)**"),
+              ("incontext-registered", "in-context, examples registered by a 2D affine (`--register-2d affine`)"),
               ("incontext", "in-context, examples in their own frame (`--no-register`)"),
-              ("registered-label-fusion", "registered label fusion (examples registered, most similar one's mask)"),
+              ("deformable-label-fusion", "deformable label fusion (examples registered deformably, most similar one's mask)"),
+              ("registered-label-fusion", "registered label fusion (examples registered by an affine, most similar one's mask)"),
               ("label-fusion", "label fusion (most similar example's mask)"),
               ("mean-mask", "mean of the example masks"))
 
@@ -619,6 +621,8 @@ TABLES: dict[str, Callable[[Data], str]] = {
     "cross_subject_2d": cross_subject_2d,
     "cross_subject_2d_validation": lambda d: cross_subject_2d(d, (("Colin27 examples -> MNI152 queries", "validation"),),
                                                               "non-held-out structures"),
+    "cross_subject_2d_validation_deformable": lambda d: cross_subject_2d(
+        d, (("Colin27 examples -> MNI152 queries", "validation_deformable"),), "non-held-out structures"),
     "query_box": query_box, "query_box_validation": query_box_validation,
 }
 

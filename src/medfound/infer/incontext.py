@@ -274,14 +274,16 @@ def native_supports(pool: SupportPool) -> list[tuple[np.ndarray, np.ndarray, tup
     return out
 
 
-def register_2d(pool: SupportPool, prep: PreparedSlices, min_pixels: int = 4, cache: dict | None = None) -> SupportPool:
+def register_2d(pool: SupportPool, prep: PreparedSlices, min_pixels: int = 4, cache: dict | None = None,
+                deform: bool = False) -> SupportPool:
     """A 2D query's example slices, each registered onto it (2D affine,
-    :func:`~medfound.data.correspondence.register_slice`) and resampled onto its pixels: with no
-    volume to place them, this is what brings the same anatomy to the same place of the frame.
+    :func:`~medfound.data.correspondence.register_slice`; with ``deform`` refined by a smooth
+    deformation, :func:`~medfound.data.correspondence.deform_slice`) and resampled onto its pixels:
+    with no volume to place them, this is what brings the same anatomy to the same place of the frame.
     Examples that fail to register, come out less like the query than they were, or whose mask would
     leave the query, stay as they are.
-    ``cache``: transforms by (query id, example source), reused across calls with the same query."""
-    from medfound.data.correspondence import register_slice, warp_slice
+    ``cache``: transforms by (query id, example source, deform), reused across calls with the same query."""
+    from medfound.data.correspondence import deform_slice, register_slice, warp_slice
 
     if prep.view.ndim != 2 or not pool.volumes:
         return pool
@@ -290,11 +292,13 @@ def register_2d(pool: SupportPool, prep: PreparedSlices, min_pixels: int = 4, ca
     images, masks = pool.images.copy(), pool.masks.copy()
     planes = list(pool.planes) if pool.planes is not None else [None] * len(pool)
     for i, (img, mask, sp) in enumerate(native_supports(pool)):
-        key = (id(prep), pool.sources[i])
+        key = (id(prep), pool.sources[i], deform)
         if cache is not None and key in cache:
             tx = cache[key]
         else:
             tx = register_slice(query, img.astype(np.float32), spacing_q, sp)
+            if tx is not None and deform:
+                tx = deform_slice(query, img.astype(np.float32), tx, spacing_q, sp)
             if cache is not None:
                 cache[key] = tx
         if tx is None:
@@ -312,17 +316,20 @@ def register_2d(pool: SupportPool, prep: PreparedSlices, min_pixels: int = 4, ca
 
 
 def place_members(pools: dict[int, SupportPool], prep: PreparedSlices, support_size: int | None, ensemble: int = 1,
-                  seed: int = 0, register: bool = True, info: dict | None = None) -> dict[int, list[SupportPool]]:
+                  seed: int = 0, register: bool = True, info: dict | None = None,
+                  deform_2d: bool = False) -> dict[int, list[SupportPool]]:
     """Each label's ensemble members (:func:`ensemble_members`), placed in the query's frame
     (:func:`in_query_frame`) after the support volumes are registered once onto the query (with
-    ``register``; a 2D query has each example slice registered onto it, :func:`register_2d`). Members are chosen first, so only their slices are resampled. ``info`` gets
+    ``register``; a 2D query has each example slice registered onto it, :func:`register_2d`, deformably
+    with ``deform_2d``). Members are chosen first, so only their slices are resampled. ``info`` gets
     ``registered``: how many of the 3D support volumes were registered onto the query."""
     if register and prep.view.ndim == 2:  # a 2D query: each example slice registered onto it
-        members = {v: [register_2d(m, prep) for m in ensemble_members(p, support_size, ensemble, seed)]
+        members = {v: [register_2d(m, prep, deform=deform_2d) for m in ensemble_members(p, support_size, ensemble, seed)]
                    for v, p in pools.items()}
         if info is not None:
             placed = [pl is not None for ms in members.values() for m in ms for pl in (m.planes or [None] * len(m))]
-            info["registered"] = f"{sum(placed)} of {len(placed)} example slice(s) (2D affine)"
+            kind = "2D affine + deformation" if deform_2d else "2D affine"
+            info["registered"] = f"{sum(placed)} of {len(placed)} example slice(s) ({kind})"
         return members
     transforms = register_supports(pools, prep) if register else {}
     if info is not None:
@@ -498,7 +505,7 @@ def to_volume(prep: PreparedSlices, squares: np.ndarray) -> np.ndarray:
 
 
 INFERENCE_DEFAULTS = {"extent_margin": 0.0, "refine": False, "flip": False, "prior_weight": 0.0,
-                      "through_plane_sigma": 0.0}
+                      "through_plane_sigma": 0.0, "deform_2d": False}
 
 
 def inference_settings(cfg: dict, **overrides) -> dict:
@@ -548,20 +555,21 @@ def segment_image(model: InContextSegmenter, image: MedImage, pools: dict[int, S
                   modality: str | None = None, seed: int = 0, extent_margin: float | None = None,
                   keep_largest: bool = False, register: bool = True, refine: bool = False,
                   flip: bool = False, prior_weight: float = 0.0, through_plane_sigma: float = 0.0,
-                  progress=None, report: dict | None = None) -> np.ndarray:
+                  deform_2d: bool = False, progress=None, report: dict | None = None) -> np.ndarray:
     """Label map (support label values) on ``image``'s own grid; ``keep_largest``: one connected
     piece per label; ``register``: place 3D support slices at the query height they show through an
     affine registration of each support volume onto the image (else: relative position in each volume);
     ``refine``: a second pass around each structure at a finer resolution (registration also resamples
     each support slice onto the image's slice grid, :func:`warp_in_plane`); ``flip``: mirrored
     test-time augmentation (:class:`SupportEncodings`); ``prior_weight``: the registration prior's share,
-    ``through_plane_sigma``: smoothing across slices (both :func:`segment_prepared`). ``progress``: called
+    ``through_plane_sigma``: smoothing across slices (both :func:`segment_prepared`); ``deform_2d``: a 2D
+    query's examples registered deformably, not by an affine alone (:func:`register_2d`). ``progress``: called
     with units of work done (one per label and pass); ``report``: filled with what was done (slices
     used per label, whether the supports were registered, the modality assumed)."""
     device = next(model.parameters()).device
     prep = prepare_slices(image, size, axis, modality)
     placed: dict = {}
-    members = place_members(pools, prep, support_size, ensemble, seed, register, info=placed)
+    members = place_members(pools, prep, support_size, ensemble, seed, register, info=placed, deform_2d=deform_2d)
     enc = SupportEncodings(model, members, device, flip)
     labels = combine(segment_prepared(model, prep, enc, batch_size, progress, extent_margin=extent_margin,
                                       refine=refine, prior_weight=prior_weight,
@@ -587,11 +595,13 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
                  modality: str | None = None, progress: bool = True, keep_largest: bool = False,
                  register: bool = True, refine: bool | None = None, flip: bool | None = None,
                  prior_weight: float | None = None, through_plane_sigma: float | None = None,
-                 device: torch.device | str = "cpu", dicom_seg: bool = False, rtstruct: bool = False) -> list[Path]:
+                 device: torch.device | str = "cpu", dicom_seg: bool = False, rtstruct: bool = False,
+                 deform_2d: bool | None = None) -> list[Path]:
     """What ``medfound segment`` does: every image of ``input_path`` -> ``output/<case>.<ext>``, and
     for DICOM inputs ``<case>_seg.dcm`` (DICOM-SEG over the source series) with ``dicom_seg`` and
     ``<case>_rtstruct.dcm`` (RT Structure Set) with ``rtstruct``
-    (``refine``, ``flip``, ``prior_weight``, ``through_plane_sigma``: the model's setting when ``None``)."""
+    (``refine``, ``flip``, ``prior_weight``, ``through_plane_sigma``, ``deform_2d``: the model's setting
+    when ``None``)."""
     from medfound.models.incontext_weights import load_incontext
     from medfound.progress import Progress
 
@@ -607,7 +617,7 @@ def segment_path(support: str | os.PathLike, input_path: str | os.PathLike, outp
     model = model.to(device)
     size = int(cfg["model"]["size"])
     settings = inference_settings(cfg, refine=refine, flip=flip, prior_weight=prior_weight,
-                                  through_plane_sigma=through_plane_sigma)
+                                  through_plane_sigma=through_plane_sigma, deform_2d=deform_2d)
     ds = NnUNetDataset.open(support)
     output = check_output_dir(output, [input_path, support, model_run])
     chosen = resolve_labels(ds, labels)
