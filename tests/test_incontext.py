@@ -601,7 +601,7 @@ def test_inference_settings_are_the_models_with_the_callers_overrides():
 
     cfg = {"inference": {"refine": True, "flip": True, "chosen_on": "validation structures"}}
     assert inference_settings(cfg) == {"extent_margin": 0.0, "refine": True, "flip": True, "prior_weight": 0.0,
-                                       "through_plane_sigma": 0.0}
+                                       "through_plane_sigma": 0.0, "deform_2d": False}
     assert inference_settings(cfg, flip=False, prior_weight=None)["flip"] is False  # None: the model's
     assert inference_settings({}, prior_weight=0.4)["prior_weight"] == 0.4
     with pytest.raises(TypeError):
