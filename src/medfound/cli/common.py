@@ -68,6 +68,7 @@ Register2dOpt = Annotated[Optional[str], typer.Option(
     "--register-2d", help="2D query: how each example slice is registered onto it: affine, or deformable (the affine "
     "refined by a smooth deformation; default: the model's setting).")]
 
+
 def register_2d_choice(value: str | None) -> bool | None:
     """--register-2d as the ``deform_2d`` setting (None: the model's setting)."""
     if value is None:
@@ -75,6 +76,7 @@ def register_2d_choice(value: str | None) -> bool | None:
     if value not in ("affine", "deformable"):
         raise InputError(None, f"--register-2d must be affine or deformable, got {value!r}")
     return value == "deformable"
+
 
 # Results into the user's PACS (predict, segment, sam segment, batch).
 DicomSegOpt = Annotated[bool, typer.Option("--dicom-seg", help="Also write DICOM-SEG (CASE_seg.dcm) for DICOM inputs, referencing the source series.")]

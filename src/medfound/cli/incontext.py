@@ -25,12 +25,11 @@ from medfound.cli.common import (
     PriorOpt,
     PushOpt,
     RefineOpt,
+    Register2dOpt,
     RegisterOpt,
     ResumeOpt,
     RtstructOpt,
     SmoothOpt,
-    Register2dOpt,
-    register_2d_choice,
     StepSeedOpt,
     StrategyOpt,
     WarmupOpt,
@@ -40,6 +39,7 @@ from medfound.cli.common import (
     check_push,
     incontext_app,
     push_results,
+    register_2d_choice,
 )
 from medfound.errors import InputError
 

@@ -291,16 +291,19 @@ def register_2d(pool: SupportPool, prep: PreparedSlices, min_pixels: int = 4, ca
     query, spacing_q = prep.view.array.astype(np.float32), plane_spacing(prep.view, prep.axis)
     images, masks = pool.images.copy(), pool.masks.copy()
     planes = list(pool.planes) if pool.planes is not None else [None] * len(pool)
-    for i, (img, mask, sp) in enumerate(native_supports(pool)):
-        key = (id(prep), pool.sources[i], deform)
+    def transform(i: int, img: np.ndarray, sp, deformed: bool):
+        key = (id(prep), pool.sources[i], deformed)
         if cache is not None and key in cache:
-            tx = cache[key]
-        else:
-            tx = register_slice(query, img.astype(np.float32), spacing_q, sp)
-            if tx is not None and deform:
-                tx = deform_slice(query, img.astype(np.float32), tx, spacing_q, sp)
-            if cache is not None:
-                cache[key] = tx
+            return cache[key]
+        tx = transform(i, img, sp, False) if deformed else register_slice(query, img.astype(np.float32), spacing_q, sp)
+        if tx is not None and deformed:  # the deformation refines the (cached) affine
+            tx = deform_slice(query, img.astype(np.float32), tx, spacing_q, sp)
+        if cache is not None:
+            cache[key] = tx
+        return tx
+
+    for i, (img, mask, sp) in enumerate(native_supports(pool)):
+        tx = transform(i, img, sp, deform)
         if tx is None:
             continue
         image = warp_slice(img, tx, query.shape, spacing_q, sp)
