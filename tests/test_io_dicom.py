@@ -1,6 +1,5 @@
 """DICOM: single files, multi-frame, series folders sorted by position, and DICOM-SEG output."""
 
-import shutil
 
 import numpy as np
 import pydicom

@@ -1,7 +1,6 @@
 """PNG, JPEG and TIFF: 2D images (and TIFF stacks), (rows, cols) -> (i, j) and back."""
 
 import numpy as np
-import pytest
 import tifffile
 from PIL import Image
 

@@ -1,7 +1,5 @@
 """ViT / MAE model: shapes, masking, bf16 autocast, torch.compile, export round trip."""
 
-import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -64,28 +64,54 @@ def test_phantoms_have_all_structures(modality):
     assert img.ndim == (2 if modality in ("XR", "US") else 3)
 
 
-@pytest.mark.timeout(2700)  # the whole demo: 5-15 min on 2 free cores, measured up to 4x that on a contended CI machine
-def test_demo_end_to_end(tmp_path):
+def run_demo_and_check(out, skip: tuple[str, ...] = ()) -> str:
+    """``medfound demo`` with few steps; the report's sections checked for every stage not skipped."""
     from conftest import run_cli
 
     from medfound.viewer.browser import chromium_path
 
-    r = run_cli("demo", "--out", tmp_path / "demo", "--pretrain-steps", "4", "--finetune-steps", "3", "--sam-steps", "3",
-                "--baseline-steps", "3", timeout=2600)
+    r = run_cli("demo", "--out", out, "--pretrain-steps", "4", "--finetune-steps", "3", "--sam-steps", "3",
+                "--baseline-steps", "3", "--skip", ",".join(skip), timeout=2600)
     assert r.returncode == 0, r.stderr[-2000:]
-    report = tmp_path / "demo" / "report"
+    report = out / "report"
     html = (report / "index.html").read_text()
     assert "Unlabeled pool ingested" in html and "Dataset002_Lesions" in html
-    assert "SAM path" in html and (report / "img/sam_box.png").is_file()
-    assert "shipped small SAM on held-out structures" in html and (report / "img/sam_shipped.png").is_file()
-    assert "Adaptation with few labels" in html and (report / "img/label_efficiency.png").is_file()
-    if (tmp_path / "demo" / "data" / "Dataset021_Colin27_AAL").is_dir():  # needs Debian mricron-data
+    if "sam" not in skip:
+        assert "SAM path" in html and (report / "img/sam_box.png").is_file()
+        assert "shipped small SAM on held-out structures" in html and (report / "img/sam_shipped.png").is_file()
+    if "adaptation" not in skip:
+        assert "Adaptation with few labels" in html and (report / "img/label_efficiency.png").is_file()
+    else:
+        assert "Adaptation with few labels" not in html and "adaptation: left out (--skip)" in r.stdout
+    if (out / "data" / "Dataset021_Colin27_AAL").is_dir():  # needs Debian mricron-data
         assert "In-context segmentation" in html and (report / "img/support_size.png").is_file()
         assert (report / "img/incontext_overlays.png").stat().st_size > 10_000
-        if chromium_path():
+        if chromium_path() and "viewer" not in skip:
             assert (report / "img/viewer.png").stat().st_size > 10_000
-    assert "MAE pretraining" in html and (tmp_path / "demo" / "pretrain" / "encoder.safetensors").is_file()
+    assert "MAE pretraining" in html and (out / "pretrain" / "encoder.safetensors").is_file()
     for img in ("img/Dataset002_Lesions.png", "img/shards_by_modality.png", "img/pretrain_loss.png"):
         assert (report / img).stat().st_size > 10_000
+    return html
+
+
+@pytest.mark.timeout(2700)  # 3-8 min on 2 free cores, measured up to 4x that on a contended CI machine
+def test_demo_end_to_end(tmp_path):
+    """The demo with the stages other tests cover on their own left out: label efficiency
+    (test_experiments) and the viewer (test_viewer)."""
+    run_demo_and_check(tmp_path / "demo", skip=("adaptation", "viewer"))
     m = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert m["num_slices"] > 200 and {"CT", "MR", "PT", "US", "XR"} <= set(m["slices_per_modality"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_demo_every_stage(tmp_path):
+    """``make demo``'s run, every stage, with few steps."""
+    run_demo_and_check(tmp_path / "demo")
+
+
+def test_demo_skip_names_a_stage(tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("demo", "--out", tmp_path / "demo", "--skip", "sam,training")
+    assert r.returncode == 2 and "--skip: no stage 'training'" in r.stderr and not (tmp_path / "demo").exists()

@@ -2,7 +2,8 @@
 
 Stages run in order and each adds a section to ``OUT/report/index.html``: sample data, overlays of
 every labeled dataset, ingest of the unlabeled pool into shards (with a look at what the shards
-hold). Later stages (pretraining, adaptation, SAM, in-context) add theirs as they land.
+hold), MAE pretraining, adaptation with few labels, the SAM path, in-context segmentation and the
+web viewer (the last four may be left out with ``--skip``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from medfound.eval.report import Report
 #: Datasets whose images are distinct (the MNI152 atlases share one T1): the demo's pool.
 POOL_DATASETS = ("Dataset001_BrainTissue", "Dataset002_Lesions", "Dataset011_MNI152_AAL",
                  "Dataset021_Colin27_AAL", "Dataset100_Phantoms")
+
+
+#: The stages after pretraining, each of which a run may leave out (``medfound demo --skip``).
+OPTIONAL_STAGES = ("adaptation", "sam", "incontext", "viewer")
 
 
 def _log(msg: str) -> None:
@@ -332,7 +337,10 @@ def viewer_stage(out: Path, report: Report, structures: tuple[str, ...] = ("Thal
 
 
 def run_demo(out: str | Path, size: int = 224, stride: int = 2, pretrain_steps: int = 300,
-             finetune_steps: int = 150, sam_steps: int = 300, baseline_steps: int = 100) -> Path:
+             finetune_steps: int = 150, sam_steps: int = 300, baseline_steps: int = 100,
+             skip: tuple[str, ...] = ()) -> Path:
+    """Every stage in order into ``out/report/index.html``; the stages named in ``skip`` (of
+    :data:`OPTIONAL_STAGES`) are left out."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "report", "medfound demo report")
@@ -376,25 +384,24 @@ def run_demo(out: str | Path, size: int = 224, stride: int = 2, pretrain_steps: 
     pretrain_stage(out, report, pretrain_steps, size)
     timings["pretrain"] = time.time() - t
 
-    t = time.time()
-    _log("label efficiency: fine-tuning on the brain-tissue dataset, pretrained vs scratch ...")
-    adaptation_stage(out, report, finetune_steps)
-    timings["adaptation"] = time.time() - t
-
-    t = time.time()
-    _log("SAM path: LoRA fine-tuning of a tiny SAM with simulated prompts ...")
-    sam_stage(out, report, sam_steps)
-    timings["sam"] = time.time() - t
-
-    t = time.time()
-    _log("in-context: held-out structures from a handful of support slices ...")
-    incontext_stage(out, report, baseline_steps=baseline_steps)
-    timings["incontext"] = time.time() - t
-
-    t = time.time()
-    _log("viewer: segmenting from an example set in the browser for a screenshot ...")
-    viewer_stage(out, report)
-    timings["viewer"] = time.time() - t
+    stages = {
+        "adaptation": ("label efficiency: fine-tuning on the brain-tissue dataset, pretrained vs scratch ...",
+                       lambda: adaptation_stage(out, report, finetune_steps)),
+        "sam": ("SAM path: LoRA fine-tuning of a tiny SAM with simulated prompts ...",
+                lambda: sam_stage(out, report, sam_steps)),
+        "incontext": ("in-context: held-out structures from a handful of support slices ...",
+                      lambda: incontext_stage(out, report, baseline_steps=baseline_steps)),
+        "viewer": ("viewer: segmenting from an example set in the browser for a screenshot ...",
+                   lambda: viewer_stage(out, report)),
+    }
+    for name, (message, stage) in stages.items():
+        if name in skip:
+            _log(f"{name}: left out (--skip)")
+            continue
+        t = time.time()
+        _log(message)
+        stage()
+        timings[name] = time.time() - t
 
     report.section("Timings")
     report.table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()])

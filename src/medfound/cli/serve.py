@@ -86,11 +86,17 @@ def demo(
     finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per run in the demo.")] = 150,
     sam_steps: Annotated[int, typer.Option(help="SAM LoRA fine-tuning steps in the demo.")] = 300,
     baseline_steps: Annotated[int, typer.Option(help="Steps of the fine-tuning baseline in the in-context support-size curve.")] = 100,
+    skip: Annotated[str, typer.Option(help="Comma-separated stages to leave out of the report: "
+                                      "adaptation, sam, incontext, viewer.")] = "",
 ) -> None:
     """Run the main job end to end on the real sample data and write a report."""
-    from medfound.demo import run_demo
+    from medfound.demo import OPTIONAL_STAGES, run_demo
 
     if min(pretrain_steps, finetune_steps, sam_steps, baseline_steps) < 1:
         raise InputError(None, "--pretrain-steps, --finetune-steps, --sam-steps and --baseline-steps must be >= 1")
+    skipped = [s.strip() for s in skip.split(",") if s.strip()]
+    unknown = [s for s in skipped if s not in OPTIONAL_STAGES]
+    if unknown:
+        raise InputError(None, f"--skip: no stage {unknown[0]!r} (stages that can be left out: {', '.join(OPTIONAL_STAGES)})")
     run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, sam_steps=sam_steps,
-             baseline_steps=baseline_steps)
+             baseline_steps=baseline_steps, skip=tuple(skipped))
