@@ -146,3 +146,45 @@ def test_shipped_adapted_litemedsam_loads_on_the_installed_base():
     assert torch.equal(sam.state_dict()[enc], base.state_dict()[enc])  # encoder as released
     dec = "mask_decoder.output_upscaling.0.weight"
     assert not torch.equal(sam.state_dict()[dec], base.state_dict()[dec])  # decoder adapted
+
+
+def test_conv_bn_runs_as_one_convolution_with_the_same_result():
+    from medfound.models.tinyvit import ConvBN, to_map, to_tokens
+
+    torch.manual_seed(0)
+    m = ConvBN(8, 8, 3, groups=8)
+    m.bn.running_mean.normal_()
+    m.bn.running_var.uniform_(0.5, 2.0)
+    m.bn.weight.data.normal_()
+    m.bn.bias.data.normal_()
+    x = torch.randn(2, 8, 12, 12)
+    m.eval()
+    assert torch.allclose(m(x), m.bn(m.c(x)), atol=1e-5)  # the norm folded into the weights
+    m.train()
+    assert torch.allclose(m(x), m.bn(m.c(x)))  # a training norm runs as itself
+    tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+    assert torch.equal(to_map(tokens, 12), x) and torch.equal(to_tokens(x), tokens)
+
+
+@needs_weights
+def test_bf16_answers_as_fp32_and_bad_precision_is_exit_2(model, samples, tmp_path):
+    from medfound.infer.sam_segment import SamSession
+    from medfound.io import read_image
+    from medfound.models.sam import load_sam_model
+
+    img = samples / "Dataset002_Lesions" / "imagesTr" / "lung1_0000.nii.gz"
+    truth = np.asarray(nib.load(samples / "Dataset002_Lesions" / "labelsTr" / "lung1.nii.gz").dataobj) > 0
+    k = int(np.argmax(truth.sum((0, 1))))
+    xs, ys = np.nonzero(truth[:, :, k])
+    box = (xs.min() - 2, ys.min() - 2, xs.max() + 2, ys.max() + 2)
+    sam, cfg = load_sam_model("litemedsam")
+    assert cfg["inference"]["precision"] == "auto"
+    image = read_image(img)
+    masks = {p: SamSession.for_model(sam, cfg, image, precision=p).segment(k, box=box) for p in ("32", "bf16")}
+    assert masks["32"].sum() > 0
+    overlap = 2 * (masks["32"] & masks["bf16"]).sum() / (masks["32"].sum() + masks["bf16"].sum())
+    assert overlap > 0.95, overlap
+    r = run_cli("sam", "segment", "--model", "litemedsam", "--input", img, "--output", tmp_path / "o",
+                "--box", ",".join(map(str, box)), "--slice", k, "--precision", "fp8")
+    assert r.returncode == 2 and "--precision" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

