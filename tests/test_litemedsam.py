@@ -188,3 +188,36 @@ def test_bf16_answers_as_fp32_and_bad_precision_is_exit_2(model, samples, tmp_pa
                 "--box", ",".join(map(str, box)), "--slice", k, "--precision", "fp8")
     assert r.returncode == 2 and "--precision" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_channels_last_decoder_matches_the_library_decoder():
+    from medfound.device import inference_precision
+    from medfound.errors import InputError
+    from medfound.models.sam_decoder import ChannelsLastMaskDecoder
+    from medfound.models.sam_import import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    torch.manual_seed(0)
+
+    def build(cls):
+        return cls(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=4),
+                   transformer_dim=32, iou_head_depth=3, iou_head_hidden_dim=32)
+
+    lib, ours = build(MaskDecoder), build(ChannelsLastMaskDecoder)
+    ours.load_state_dict(lib.state_dict())  # the same weights, the same names
+    pe = PromptEncoder(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(32, 32), mask_in_chans=4)
+    emb = torch.randn(1, 32, 8, 8)
+    for prompt in ({"boxes": torch.tensor([[4.0, 5.0, 20.0, 24.0]])},
+                   {"points": (torch.tensor([[[10.0, 12.0]], [[3.0, 30.0]]]), torch.tensor([[1], [0]]))}):
+        sparse, dense = pe(points=prompt.get("points"), boxes=prompt.get("boxes"), masks=None)
+        for multi in (False, True):
+            args = dict(image_embeddings=emb, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                        dense_prompt_embeddings=dense, multimask_output=multi)
+            (m0, i0), (m1, i1) = lib(**args), ours(**args)
+            assert m1.shape == m0.shape and torch.allclose(m1, m0, atol=1e-5) and torch.allclose(i1, i0, atol=1e-5)
+    e = emb.clone().requires_grad_()
+    ours(e, pe.get_dense_pe(), sparse, dense, False)[0].sum().backward()  # trains as the library's does
+    assert e.grad is not None and e.grad.abs().sum() > 0
+    assert inference_precision("32", torch.device("cpu")) == "32"
+    assert inference_precision("auto", torch.device("cpu")) in ("32", "bf16")
+    with pytest.raises(InputError, match="--precision"):
+        inference_precision("fp16", torch.device("cpu"))
