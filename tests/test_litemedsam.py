@@ -217,6 +217,11 @@ def test_channels_last_decoder_matches_the_library_decoder():
     e = emb.clone().requires_grad_()
     ours(e, pe.get_dense_pe(), sparse, dense, False)[0].sum().backward()  # trains as the library's does
     assert e.grad is not None and e.grad.abs().sum() > 0
+    from medfound.models.sam import dense_pe
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = dense_pe(pe)  # first asked for under bf16 autocast, still the fp32 encoding
+    assert cached.dtype == torch.float32 and torch.equal(cached, pe.get_dense_pe())
     assert inference_precision("32", torch.device("cpu")) == "32"
     assert inference_precision("auto", torch.device("cpu")) in ("32", "bf16")
     with pytest.raises(InputError, match="--precision"):

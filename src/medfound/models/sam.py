@@ -243,12 +243,13 @@ def to_sam_input(slices: torch.Tensor) -> torch.Tensor:
 def dense_pe(prompt_encoder) -> torch.Tensor:
     """The prompt encoder's positional encoding of the embedding grid (1, C, h, w), kept between
     prompts: it depends only on a fixed random buffer, and recomputing it is a sizeable part of a
-    click's cost on a CPU. Recomputed when that buffer changes (a load, a move to another device)."""
+    click's cost on a CPU. Recomputed when that buffer changes (a load, a move to another device).
+    Always computed in fp32, so that a bf16 session's autocast never decides what every later caller gets."""
     gauss = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
     key = (gauss.data_ptr(), gauss._version, gauss.device)
     cached = getattr(prompt_encoder, "_medfound_dense_pe", None)
     if cached is None or cached[0] != key:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(gauss.device.type, enabled=False):
             cached = (key, prompt_encoder.get_dense_pe())
         prompt_encoder._medfound_dense_pe = cached
     return cached[1]

@@ -191,7 +191,6 @@ class TinyViTBlock(nn.Module):
         return x[:, :h, :w].reshape(b, n, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H*W, C)
-        b, n, c = x.shape
         x = x + (self.attn(x) if self.resolution == self.window else self._windows(x))
         x = to_tokens(self.local_conv(to_map(x, self.resolution)))
         return x + self.mlp(x)
