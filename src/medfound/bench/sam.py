@@ -10,7 +10,7 @@ small SAM shipped with medfound end to end through a ``SamSession`` on a CT slic
 (zoomed crop: encoder + decoder, what the viewer's box costs) and a click on a cached slice.
 ``litemedsam`` times the released LiteMedSAM weights (from ``make install``; a LoRA run with
 ``--adapter``) at its 256 px input, fp32 and bf16: encoder, decoder, and a box answered end to end
-(bf16 is what LiteMedSAM runs in where the CPU computes it natively; ``--precision`` of ``sam segment``).
+(bf16 is ``--precision bf16`` of ``sam segment``; fp32 is the default).
 """
 
 from __future__ import annotations

@@ -27,10 +27,6 @@ from medfound.models.sam_import import ImageEncoderViT, MaskDecoder, PromptEncod
 ADAPTER_FILE = "adapters.safetensors"
 #: the LiteMedSAM whose mask decoder medfound adapted on the sample datasets (shipped in weights/litemedsam_decoder)
 ADAPTED_LITEMEDSAM = "litemedsam-adapted"
-#: inference settings of LiteMedSAM and of every run adapted from it: bf16 where the device computes it
-#: natively (on 10 validation structures box Dice 0.366 against 0.370 in fp32, within the prompts'
-#: sampling noise; the encoder about twice as fast on a CPU: docs/results/throughput.md)
-LITEMEDSAM_INFERENCE = {"precision": "auto"}
 
 
 @dataclass(frozen=True)
@@ -298,13 +294,6 @@ def load_sam_model(model: str | os.PathLike | None = None, base: str | None = No
         missing, unexpected = sam.load_state_dict(adapters, strict=False)
         if unexpected or any("lora_" in k for k in missing):
             raise InputError(path / ADAPTER_FILE, "adapters do not fit this base model")
-        return sam.eval(), _with_base_inference({**cfg, "adapted": True})
+        return sam.eval(), {**cfg, "adapted": True}
     sam, info = load_sam(str(model), image_size)
-    return sam.eval(), _with_base_inference({"kind": "sam", "base": info, "image_size": info["image_size"], "adapted": False})
-
-
-def _with_base_inference(cfg: dict) -> dict:
-    """A config with its base model's inference settings where it gives none of its own."""
-    if cfg["base"].get("base") == "litemedsam":
-        cfg["inference"] = {**LITEMEDSAM_INFERENCE, **cfg.get("inference", {})}
-    return cfg
+    return sam.eval(), {"kind": "sam", "base": info, "image_size": info["image_size"], "adapted": False}
