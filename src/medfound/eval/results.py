@@ -163,7 +163,8 @@ SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 Neuromorphometrics", "MNI
                 ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"),
                 ("validation (15 non-held-out AAL structures never trained on)", "validation"))
 SAM_MODELS = (("small SAM", "smallsam"), ("LiteMedSAM", "litemedsam"),
-              ("LiteMedSAM, decoder adapted", "litemedsam_decoder"))
+              ("LiteMedSAM, decoder adapted", "litemedsam_decoder"),
+              ("LiteMedSAM, LoRA on stages 2-3 + decoder", "litemedsam_lora"))
 
 
 def sam_prompts(d: Data) -> str:
@@ -528,6 +529,7 @@ def query_box_validation(d: Data) -> str:
 PATH_SAM_ROWS = (("box's inscribed ellipse (floor)", "—", "ellipse"),
                  ("LiteMedSAM zero-shot", "1: adapt", "litemedsam"),
                  ("LiteMedSAM, mask decoder adapted (`litemedsam-adapted`)", "1: adapt", "litemedsam_decoder"),
+                 ("LiteMedSAM, that decoder + LoRA on TinyViT stages 2-3 (`litemedsam-lora`)", "1: adapt", "litemedsam_lora"),
                  ("small SAM trained on the sample atlases (shipped default)", "2: build", "smallsam"))
 PATH_SAM_COLUMNS = (("MNI152 AAL", "MNI152_AAL", "box"), ("MNI152 AAL", "MNI152_AAL", "1 point"),
                     ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics", "box"),

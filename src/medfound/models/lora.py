@@ -11,16 +11,30 @@ import torch
 import torch.nn as nn
 
 
-def add_lora(encoder: nn.Module, rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = ("qkv",),
+def add_lora(encoder: nn.Module, rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] | str = ("qkv",),
              dropout: float = 0.0) -> nn.Module:
+    """LoRA on the modules named in ``targets`` (names matched at their end), or on those whose whole
+    name matches ``targets`` when it is one string (a regular expression, as peft takes it)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), lora_dropout=dropout,
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets if isinstance(targets, str) else list(targets),
+                        lora_dropout=dropout,
                         bias="none")
     encoder = inject_adapter_in_model(config, encoder)
     for name, p in encoder.named_parameters():
         p.requires_grad = "lora_" in name
     return encoder
+
+
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold every peft adapter into the weight it adapts, for inference: the adapted model then costs
+    what the base costs (the adapters stay, marked merged, so the weights can still be told apart)."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in module.modules():
+        if isinstance(m, LoraLayer) and not m.merged:
+            m.merge()
+    return module
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -27,6 +27,10 @@ from medfound.models.sam_import import ImageEncoderViT, MaskDecoder, PromptEncod
 ADAPTER_FILE = "adapters.safetensors"
 #: the LiteMedSAM whose mask decoder medfound adapted on the sample datasets (shipped in weights/litemedsam_decoder)
 ADAPTED_LITEMEDSAM = "litemedsam-adapted"
+#: the same decoder trained on with LoRA on its TinyViT's stages 2 and 3 (shipped in weights/litemedsam_lora)
+LORA_LITEMEDSAM = "litemedsam-lora"
+#: ``--model`` names of the adapted SAMs shipped inside the package -> their run folders under weights/
+SHIPPED_SAM_RUNS = {ADAPTED_LITEMEDSAM: "litemedsam_decoder", LORA_LITEMEDSAM: "litemedsam_lora"}
 
 
 @dataclass(frozen=True)
@@ -181,25 +185,36 @@ def sam_from_mae(run: str | os.PathLike, image_size: int) -> tuple[Sam, dict]:
     return sam, info
 
 
-def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"), train_prompt_encoder: bool = False) -> Sam:
+def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"), train_prompt_encoder: bool = False,
+                 stages: tuple[int, ...] = ()) -> Sam:
     """LoRA on the image encoder's attention — on the query and value parts of the fused ``qkv``
     by default (SAMed), or on whole modules named in ``targets`` (e.g. ``qkv``, ``proj``) through
-    peft — the mask decoder trains; the prompt encoder on request."""
+    peft — the mask decoder trains; the prompt encoder on request. ``stages`` (TinyViT only) limits
+    the adapters to those stages' attention (1-3; stage 0 is convolutional); empty: every stage."""
     from medfound.models.lora import add_lora, add_qv_lora
     from medfound.models.tinyvit import TinyViT
 
+    tinyvit = isinstance(sam.image_encoder, TinyViT)
+    if stages and not tinyvit:
+        raise InputError(None, "--lora-stages applies to LiteMedSAM's TinyViT encoder only")
+    if stages and rank > 0:
+        n = len(sam.image_encoder.layers)
+        if any(s < 1 or s >= n for s in stages):
+            raise InputError(None, f"--lora-stages must lie in 1..{n - 1} (TinyViT's attention stages), got "
+                                   f"{','.join(map(str, stages))}")
     if rank == 0:  # the mask decoder alone adapts; the encoder stays as released
         for p in sam.image_encoder.parameters():
             p.requires_grad = False
-        targets = ()
-    elif isinstance(sam.image_encoder, TinyViT) and tuple(targets) == ("q", "v"):
-        targets = ("qkv",)  # TinyViT packs q, k, v per head: adapt the whole projection (peft)
-    if rank == 0:
-        pass
-    elif tuple(targets) == ("q", "v"):
-        add_qv_lora(sam.image_encoder, rank)
     else:
-        add_lora(sam.image_encoder, rank=rank, targets=targets)
+        if tinyvit and tuple(targets) == ("q", "v"):
+            targets = ("qkv",)  # TinyViT packs q, k, v per head: adapt the whole projection (peft)
+        if tuple(targets) == ("q", "v"):
+            add_qv_lora(sam.image_encoder, rank)
+        elif stages:
+            add_lora(sam.image_encoder, rank=rank, targets=rf"layers\.({'|'.join(map(str, sorted(set(stages))))})"
+                                                          rf"\.blocks\.\d+\.attn\.({'|'.join(targets)})")
+        else:
+            add_lora(sam.image_encoder, rank=rank, targets=targets)
     for p in sam.prompt_encoder.parameters():
         p.requires_grad = train_prompt_encoder
     for p in sam.mask_decoder.parameters():
@@ -266,6 +281,12 @@ def decode(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def sam_run_folder(model: str | os.PathLike) -> Path:
+    """Where a SAM run is: the package's own folder for a shipped name (``SHIPPED_SAM_RUNS``), else the path."""
+    name = SHIPPED_SAM_RUNS.get(str(model))
+    return Path(__file__).parent.parent / "weights" / name if name else Path(str(model))
+
+
 def load_sam_model(model: str | os.PathLike | None = None, base: str | None = None, image_size: int | None = None):
     """A SAM ready for prompting: ``None`` (the small conv SAM shipped with medfound), a conv SAM run
     from ``medfound sam train``, a LoRA run folder (its base + adapters; ``base`` overrides where the
@@ -279,8 +300,7 @@ def load_sam_model(model: str | os.PathLike | None = None, base: str | None = No
     if model is None or is_sam_conv_run(model):
         sam, cfg = load_sam_conv(model)
         return sam, {**cfg, "adapted": False}
-    path = Path(__file__).parent.parent / "weights" / "litemedsam_decoder" if str(model) == ADAPTED_LITEMEDSAM \
-        else Path(str(model))
+    path = sam_run_folder(model)
     if path.is_dir():
         cfg_path = path / "config.json"
         if not cfg_path.is_file() or not (path / ADAPTER_FILE).is_file():
@@ -289,11 +309,14 @@ def load_sam_model(model: str | os.PathLike | None = None, base: str | None = No
         if cfg.get("kind") != "sam-lora":
             raise InputError(cfg_path, f"not a SAM LoRA run (kind={cfg.get('kind')!r})")
         sam, info = load_sam(base or cfg["base"]["base"], cfg["image_size"])
-        add_sam_lora(sam, cfg["rank"], tuple(cfg.get("targets", ["q", "v"])), cfg.get("train_prompt_encoder", False))
+        add_sam_lora(sam, cfg["rank"], tuple(cfg.get("targets", ["q", "v"])), cfg.get("train_prompt_encoder", False),
+                     tuple(cfg.get("lora_stages", ())))
         adapters = load_file(str(path / ADAPTER_FILE))
         missing, unexpected = sam.load_state_dict(adapters, strict=False)
         if unexpected or any("lora_" in k for k in missing):
             raise InputError(path / ADAPTER_FILE, "adapters do not fit this base model")
-        return sam.eval(), {**cfg, "adapted": True}
+        from medfound.models.lora import merge_lora
+
+        return merge_lora(sam).eval(), {**cfg, "adapted": True}
     sam, info = load_sam(str(model), image_size)
     return sam.eval(), {"kind": "sam", "base": info, "image_size": info["image_size"], "adapted": False}

@@ -198,7 +198,7 @@ class TinyViTBlock(nn.Module):
 
 class Stage(nn.Module):
     """One stage: its blocks, then the merge into the next stage (none after the last); run by
-    :meth:`TinyViT.features`, which keeps each stage's output before the merge."""
+    :meth:`TinyViT.run_stage`, which keeps the stage's output before the merge."""
 
     def __init__(self, blocks: list[nn.Module], downsample: nn.Module | None):
         super().__init__()
@@ -274,19 +274,40 @@ class TinyViT(nn.Module):
         hi = x.amax(dim=(1, 2, 3), keepdim=True)
         return (x - lo) / (hi - lo).clamp_min(1e-8)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) SAM-normalised -> (B, C0, S, S)
+        # channels last: the convolutions' native layout, and tokens are a view of it
+        return self.patch_embed(self.medsam_input(x).contiguous(memory_format=torch.channels_last))
+
+    def run_stage(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage ``i`` on its input: (its output as a map (B, C_i, H_i, W_i), the next stage's input)."""
+        layer = self.layers[i]
+        for blk in layer.blocks:
+            x = blk(x)
+        out = x if x.ndim == 4 else to_map(x, self.cfg.resolutions[i])
+        return out, (layer.downsample(x) if layer.downsample is not None else x)
+
+    def prefix(self, x: torch.Tensor, stages: int) -> torch.Tensor:
+        """The stem and the first ``stages`` stages: the input of stage ``stages``. When only later
+        stages are adapted this part is frozen, so fine-tuning computes it once per slice."""
+        x = self.stem(x)
+        for i in range(stages):
+            x = self.run_stage(i, x)[1]
+        return x
+
+    def forward_from(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """The embedding (B, 256, 64, 64) from stage ``stage``'s input (what :meth:`prefix` returns)."""
+        for i in range(stage, len(self.layers)):
+            out, x = self.run_stage(i, x)
+        return self.neck(out)
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four stages' outputs as maps (B, C_i, H_i, W_i) for SAM-normalised input (as ``forward``):
         the feature pyramid a segmentation decoder can stand on."""
-        # channels last: the convolutions' native layout, and tokens are a view of it
-        x = self.patch_embed(self.medsam_input(x).contiguous(memory_format=torch.channels_last))
-        out = []
-        for i, layer in enumerate(self.layers):
-            for blk in layer.blocks:
-                x = blk(x)
-            out.append(x if x.ndim == 4 else to_map(x, self.cfg.resolutions[i]))
-            if layer.downsample is not None:
-                x = layer.downsample(x)
+        x, out = self.stem(x), []
+        for i in range(len(self.layers)):
+            o, x = self.run_stage(i, x)
+            out.append(o)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) SAM-normalised
-        return self.neck(self.features(x)[-1])  # (B, 256, 64, 64)
+        return self.forward_from(self.stem(x), 0)  # (B, 256, 64, 64)

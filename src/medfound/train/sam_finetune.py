@@ -9,7 +9,8 @@ Several datasets train together (every non-held-out structure of each; ``exclude
 validation structures out). Rank 0 adapts the mask decoder alone on a frozen encoder: each slice is
 then embedded once and its embedding reused by every structure and step (keyed by the slice's
 content, so the same image under several atlases is embedded once), which makes adapting an
-expensive encoder such as LiteMedSAM's affordable on a CPU.
+expensive encoder such as LiteMedSAM's affordable on a CPU. LoRA on TinyViT's later stages only
+(``lora_stages``) caches the same way what comes before them, the full-resolution stage above all.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from medfound.train.checkpoint import AtomicCheckpointIO, allow_unused_parameter
 class SamFinetuneConfig:
     rank: int = 4
     targets: tuple[str, ...] = ("q", "v")
+    lora_stages: tuple[int, ...] = ()  # TinyViT stages whose attention is adapted (empty: all)
     image_size: int = 256
     prompt: str = "both"  # box | point | both
     train_prompt_encoder: bool = False
@@ -55,6 +57,7 @@ class SamFinetuneConfig:
     val_fraction: float = 0.2  # 0: every case trains (validation by excluded structures instead)
     exclude_labels: tuple[str, ...] = ()
     max_minutes: float | None = None  # stop and export after this wall time even if steps remain
+    init: str | None = None  # a SAM LoRA run (or a shipped one: litemedsam-adapted, -lora) on the same base to start from
     checkpoint_every: int = 100
     precision: str = "32"
     accelerator: str = "auto"
@@ -83,21 +86,23 @@ class StructureSlices(Dataset):
         return torch.from_numpy(self.images[i][None]), torch.from_numpy(self.labels[i] == c)
 
 
-class EmbeddingCache:
-    """Image embeddings of a frozen encoder, one per distinct slice (keyed by its bytes), kept in bf16."""
+class FrozenCache:
+    """What a frozen function of a slice returns (an encoder's embedding, or the frozen first stages'
+    features), computed once per distinct slice (keyed by its bytes) and kept in bf16."""
 
-    def __init__(self):
+    def __init__(self, fn):
+        self.fn = fn
         self.store: dict[bytes, torch.Tensor] = {}
 
     @torch.no_grad()
-    def __call__(self, encoder, x: torch.Tensor) -> torch.Tensor:  # x (B, 1, S, S) -> (B, C, h, w)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x (B, 1, S, S) -> fn's (B, ...)
         import hashlib
 
         keys = [hashlib.blake2b(xi.cpu().numpy().tobytes(), digest_size=16).digest() for xi in x]
         todo = [i for i, k in enumerate(keys) if k not in self.store]
         if todo:
-            emb = encoder(to_sam_input(sam_view(x[todo])))
-            for i, e in zip(todo, emb):
+            out = self.fn(to_sam_input(sam_view(x[todo])))
+            for i, e in zip(todo, out):
                 self.store[keys[i]] = e.to(torch.bfloat16).cpu()
         return torch.stack([self.store[k] for k in keys]).to(device=x.device, dtype=torch.float32)
 
@@ -118,12 +123,24 @@ class SamModule(L.LightningModule):
         self.sam, self.cfg = sam, cfg
         self.loss = DiceCELoss(sigmoid=True)
         self.rng = np.random.default_rng(cfg.seed)
-        self.cache = EmbeddingCache() if cfg.rank == 0 else None
+        encoder = sam.image_encoder
+        self.cache, self.first_stage = None, 0
+        if cfg.rank == 0:
+            self.cache = FrozenCache(encoder)
+        elif cfg.lora_stages:  # TinyViT adapted from this stage on: everything before it is frozen
+            self.first_stage = min(cfg.lora_stages)
+            self.cache = FrozenCache(lambda inp: encoder.prefix(inp, self.first_stage))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, S, S) -> (B, D, S/4, S/4)
+        if self.cfg.rank == 0:
+            return self.cache(x)
+        if self.cache is not None:
+            return self.sam.image_encoder.forward_from(self.cache(x), self.first_stage)
+        return self.sam.image_encoder(to_sam_input(sam_view(x)))
 
     def training_step(self, batch, _):
         x, masks = batch
-        emb = self.cache(self.sam.image_encoder, x) if self.cache is not None else \
-            self.sam.image_encoder(to_sam_input(sam_view(x)))
+        emb = self.embed(x)
         S = x.shape[-1]
         losses = []
         for b in range(x.shape[0]):
@@ -168,6 +185,25 @@ def _dataset_slices(dataset, cfg: SamFinetuneConfig, rng) -> tuple[StructureSlic
                                                    "heldout": ds.heldout}, train_cases, val_cases
 
 
+def _start_from(sam, run: str, base_info: dict) -> None:
+    """Load a finished run's trained parts (its decoder, its adapters) into ``sam`` before training.
+    Everything in that run must fit here; parts new here (adapters on other modules) start fresh."""
+    from safetensors.torch import load_file
+
+    from medfound.models.sam import sam_run_folder
+
+    path = sam_run_folder(run)
+    if not (path / ADAPTER_FILE).is_file() or not (path / "config.json").is_file():
+        raise InputError(path, "--init must be a SAM LoRA run folder (config.json + adapters.safetensors)")
+    init_base = json.loads((path / "config.json").read_text()).get("base", {}).get("base")
+    if init_base != base_info["base"]:
+        raise InputError(path, f"--init was trained on base {init_base!r}, not {base_info['base']!r}")
+    unexpected = sam.load_state_dict(load_file(str(path / ADAPTER_FILE)), strict=False).unexpected_keys
+    if unexpected:
+        raise InputError(path / ADAPTER_FILE, f"--init holds {len(unexpected)} tensors this model lacks "
+                                              f"(first: {unexpected[0]}); give the same --lora-targets/--lora-stages")
+
+
 def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os.PathLike, cfg: SamFinetuneConfig,
                      resume: bool = False) -> dict:
     """Adapt ``base`` on one dataset or several (a list); returns the run's config."""
@@ -183,7 +219,10 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
     if len(datasets) > 1 and cfg.val_fraction > 0:
         cfg.val_fraction = 0.0  # several datasets: all cases train; validate on --exclude-label structures
     sam, base_info = load_sam(base, cfg.image_size)
-    add_sam_lora(sam, cfg.rank, tuple(cfg.targets), train_prompt_encoder=cfg.train_prompt_encoder)
+    add_sam_lora(sam, cfg.rank, tuple(cfg.targets), train_prompt_encoder=cfg.train_prompt_encoder,
+                 stages=tuple(cfg.lora_stages))
+    if cfg.init:
+        _start_from(sam, cfg.init, base_info)
     rng = np.random.default_rng(cfg.seed)
     parts = [_dataset_slices(d, cfg, rng) for d in datasets]
     data = ConcatDataset([p[0] for p in parts])
@@ -204,7 +243,8 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
     trainer.fit(module, dl, ckpt_path=str(last) if resume else None)
     trainable, total = count_parameters(sam)
     config = {"kind": "sam-lora", "base": base_info, "image_size": cfg.image_size, "rank": cfg.rank,
-              "targets": list(cfg.targets), "train_prompt_encoder": cfg.train_prompt_encoder, "prompt": cfg.prompt,
+              "targets": list(cfg.targets),
+              "lora_stages": list(cfg.lora_stages), "init": cfg.init, "train_prompt_encoder": cfg.train_prompt_encoder, "prompt": cfg.prompt,
               "classes": {str(c): {"label": v, "name": n} for c, (v, n) in enumerate(sorted(classes.items()), start=1)},
               "data": {"dataset": first["dataset"], "train_cases": train_cases, "val_cases": val_cases,
                        "samples": len(data), "heldout_labels_excluded": first["heldout"],
