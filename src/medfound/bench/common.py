@@ -44,8 +44,22 @@ def time_steps(step: Callable[[], None], steps: int, warmup: int, device: str = 
     return (time.perf_counter() - t0) / steps
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows: timings on shared
+    VMs differ by host, and the name tells two hosts apart."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    """What a benchmark ran on: torch, its thread count, the CPU model and the GPU if there is one."""
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
