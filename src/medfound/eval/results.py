@@ -317,7 +317,8 @@ def label_efficiency_paired(d: Data) -> str:
 
 #: (who drew the masks, file stem in data/incontext) of the prompt-defined example sets measured
 PROMPT_SETS = (("the shipped small SAM", "heldout_aal_support_prompts", "2: build"),
-               ("LiteMedSAM, decoder adapted", "heldout_aal_support_prompts_litemedsam_adapted", "1 + 2"))
+               ("LiteMedSAM, decoder adapted", "heldout_aal_support_prompts_litemedsam_adapted", "1 + 2"),
+               ("LiteMedSAM, decoder adapted + LoRA in the encoder", "heldout_aal_support_prompts_litemedsam_lora", "1 + 2"))
 
 
 def support_prompts(d: Data) -> str:
