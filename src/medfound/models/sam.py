@@ -211,7 +211,7 @@ def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"),
         if tuple(targets) == ("q", "v"):
             add_qv_lora(sam.image_encoder, rank)
         elif stages:
-            add_lora(sam.image_encoder, rank=rank, targets=rf"layers\.({'|'.join(map(str, sorted(set(stages))))})"
+            add_lora(sam.image_encoder, rank=rank, targets=rf"layers\.({'|'.join(map(str, stages))})"
                                                           rf"\.blocks\.\d+\.attn\.({'|'.join(targets)})")
         else:
             add_lora(sam.image_encoder, rank=rank, targets=targets)
@@ -287,12 +287,23 @@ def sam_run_folder(model: str | os.PathLike) -> Path:
     return Path(__file__).parent.parent / "weights" / name if name else Path(str(model))
 
 
+def read_sam_run(path: Path) -> dict:
+    """The config of a ``sam finetune`` run folder (config.json + adapters.safetensors); InputError otherwise."""
+    import json
+
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file() or not (path / ADAPTER_FILE).is_file():
+        raise InputError(path, "not a SAM run folder (config.json + adapters.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("kind") != "sam-lora":
+        raise InputError(cfg_path, f"not a SAM LoRA run (kind={cfg.get('kind')!r})")
+    return cfg
+
+
 def load_sam_model(model: str | os.PathLike | None = None, base: str | None = None, image_size: int | None = None):
     """A SAM ready for prompting: ``None`` (the small conv SAM shipped with medfound), a conv SAM run
     from ``medfound sam train``, a LoRA run folder (its base + adapters; ``base`` overrides where the
     base checkpoint is now), an official checkpoint, or a variant name."""
-    import json
-
     from safetensors.torch import load_file
 
     from medfound.models.sam_conv import is_sam_conv_run, load_sam_conv
@@ -302,12 +313,7 @@ def load_sam_model(model: str | os.PathLike | None = None, base: str | None = No
         return sam, {**cfg, "adapted": False}
     path = sam_run_folder(model)
     if path.is_dir():
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file() or not (path / ADAPTER_FILE).is_file():
-            raise InputError(path, "not a SAM run folder (config.json + adapters.safetensors)")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("kind") != "sam-lora":
-            raise InputError(cfg_path, f"not a SAM LoRA run (kind={cfg.get('kind')!r})")
+        cfg = read_sam_run(path)
         sam, info = load_sam(base or cfg["base"]["base"], cfg["image_size"])
         add_sam_lora(sam, cfg["rank"], tuple(cfg.get("targets", ["q", "v"])), cfg.get("train_prompt_encoder", False),
                      tuple(cfg.get("lora_stages", ())))

@@ -190,12 +190,10 @@ def _start_from(sam, run: str, base_info: dict) -> None:
     Everything in that run must fit here; parts new here (adapters on other modules) start fresh."""
     from safetensors.torch import load_file
 
-    from medfound.models.sam import sam_run_folder
+    from medfound.models.sam import read_sam_run, sam_run_folder
 
     path = sam_run_folder(run)
-    if not (path / ADAPTER_FILE).is_file() or not (path / "config.json").is_file():
-        raise InputError(path, "--init must be a SAM LoRA run folder (config.json + adapters.safetensors)")
-    init_base = json.loads((path / "config.json").read_text()).get("base", {}).get("base")
+    init_base = read_sam_run(path).get("base", {}).get("base")
     if init_base != base_info["base"]:
         raise InputError(path, f"--init was trained on base {init_base!r}, not {base_info['base']!r}")
     unexpected = sam.load_state_dict(load_file(str(path / ADAPTER_FILE)), strict=False).unexpected_keys
