@@ -74,14 +74,17 @@ def test_segment_partial_labels_completes_the_study(cli, tmp_path):
         assert _dice(mask[:, :, other] == v, truth[:, :, other] == v) > 0.8
     assert json.loads((out / "labels.json").read_text())
     assert "4 labelled slices" in r.stderr
-    # --labelled-slices: file slice 3 is labelled and empty, so the structures stop before it
+    # --labelled-slices: file slice 3 is labelled and empty, so the interpolated outlines close there
+    # (the refiner may then follow the image up to it, so the interpolation alone is compared)
     partial2 = _partial(tmp_path, truth, affine, given, "partial2.nii.gz")
-    r = cli("segment", "--input", img_path, "--partial-labels", partial2, "--output", tmp_path / "out2",
-            "--labelled-slices", "3," + ",".join(map(str, given)))
-    assert r.returncode == 0, r.stderr[-2000:]
-    mask2 = np.asarray(nib.load(tmp_path / "out2" / "study.nii.gz").dataobj)
-    assert mask2[:, :, 3].sum() == 0 and mask[:, :, 3].sum() >= mask2[:, :, 3].sum()
-    assert mask2[:, :, 4].sum() <= mask[:, :, 4].sum()
+    masks = {}
+    for name, extra in (("open", ()), ("closed", ("--labelled-slices", "3," + ",".join(map(str, given))))):
+        r = cli("segment", "--input", img_path, "--partial-labels", partial2, "--output", tmp_path / name,
+                "--refiner", "none", *extra)
+        assert r.returncode == 0 and "interpolated" in r.stderr, r.stderr[-2000:]
+        masks[name] = np.asarray(nib.load(tmp_path / name / "study.nii.gz").dataobj)
+    assert masks["closed"][:, :, 3].sum() == 0 and masks["open"][:, :, 3].sum() > 0
+    assert masks["closed"][:, :, 4].sum() < masks["open"][:, :, 4].sum()
 
 
 def test_segment_partial_labels_bad_input(cli, tmp_path):
@@ -100,6 +103,7 @@ def test_segment_partial_labels_bad_input(cli, tmp_path):
         (("--partial-labels", partial, "--support", tmp_path), "--partial-labels"),
         (("--partial-labels", partial, "--model-share", "2"), "--model-share"),
         (("--labelled-slices", "3"), "--partial-labels"),
+        (("--refiner", "none"), "--partial-labels"),
     ]
     for extra, says in cases:
         r = cli("segment", "--input", img_path, "--output", tmp_path / "o", *extra)
@@ -128,6 +132,102 @@ def test_same_study_experiment(cli, tmp_path):
     assert (out / "same_study.png").stat().st_size > 1000
     r = cli("experiment", "same-study", "--dataset", ds.root, "--output", out, "--methods", "guess")
     assert r.returncode == 2 and "guess" in r.stderr
+
+
+def _study_dataset(tmp_path):
+    from medfound.data.nnunet import write_dataset
+    from medfound.io import read_image
+
+    img_path, truth, affine = _study(tmp_path, flip_z=False)
+    return write_dataset(tmp_path / "Dataset950_Study", [("study", read_image(img_path), truth)],
+                         {"background": 0, "organ": 1, "Left-Thalamus": 2}, {"0": "MR"})
+
+
+def test_a_fresh_refiner_returns_the_interpolation_and_its_window_holds_the_structure():
+    import torch
+
+    from medfound.data.completion_inputs import CHANNELS, refiner_inputs, structure_window
+    from medfound.infer.completion import refine_prior
+    from medfound.models.completion_refiner import CompletionRefiner, RefinerConfig
+
+    labels = np.zeros((30, 40, 36), np.int32)  # slices first
+    zz, yy, xx = np.meshgrid(np.arange(30), np.arange(40), np.arange(36), indexing="ij")
+    labels[((yy - 14 - 0.2 * zz) / 7) ** 2 + ((xx - 18) / 6) ** 2 + ((zz - 15) / 11) ** 2 <= 1] = 1
+    images = (100 + 300 * labels).astype(np.float32)
+    given = np.array([8, 15, 22])
+    sparse = np.zeros_like(labels)
+    sparse[given] = labels[given]
+    prior = shape_prior(sparse, given, 1, 0, (1.0, 1.0))
+    window = structure_window(sparse[given] == 1)
+    rows, cols = np.nonzero((sparse == 1).any(0))
+    assert window.r0 <= rows.min() and rows.max() < window.r1 and window.c0 <= cols.min() and cols.max() < window.c1
+    x = refiner_inputs(images, {int(k): (sparse[k] == 1).astype(np.float32) for k in given}, prior, given,
+                       [10, 26], window, (100.0, 400.0), 32)
+    assert x.shape == (2, len(CHANNELS), 32, 32)
+    t, beyond = CHANNELS.index("t"), CHANNELS.index("beyond")
+    assert float(x[0, t, 0, 0]) == pytest.approx(2 / 7) and float(x[0, beyond, 0, 0]) == 0  # slice 10: 8 -> 15
+    assert float(x[1, t, 0, 0]) == 0 and float(x[1, beyond, 0, 0]) == pytest.approx(4 / 7)  # 4 beyond 22
+    torch.manual_seed(0)
+    fresh = CompletionRefiner(RefinerConfig(size=32)).eval()  # its correction starts at exactly zero
+    refined = refine_prior(fresh, images, prior, sparse == 1, given)
+    assert np.allclose(refined, prior, atol=1e-4)
+
+
+def test_train_completion_learns_from_trained_structures_only_and_segment_uses_the_run(cli, tmp_path):
+    ds = _study_dataset(tmp_path)
+    run = tmp_path / "refiner"
+    r = cli("incontext", "train-completion", "--datasets", ds.root, "--output", run, "--max-steps", "3",
+            "--image-size", "32", "--batch-size", "4", "--accelerator", "cpu", "--episodes-per-structure", "2",
+            "--devices", "2", "--strategy", "ddp")  # two CPU processes (gloo), as on many GPUs
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["kind"] == "completion-refiner" and cfg["training"]["steps"] == 3
+    assert cfg["training"]["world_size"] == 2 and cfg["training"]["global_batch"] == 8
+    assert cfg["data"]["structures"] == 1  # Left-Thalamus is held out (DESIGN.md): never an episode
+    from medfound.models.completion_refiner import load_refiner
+
+    refiner, _ = load_refiner(run)
+    assert refiner.config.size == 32
+    img_path = tmp_path / "study.nii.gz"
+    truth = np.asarray(nib.load(img_path.with_name("truth.nii.gz")).dataobj)
+    partial = _partial(tmp_path, truth, nib.load(img_path).affine, [6, 11, 16, 21])
+    r = cli("segment", "--input", img_path, "--partial-labels", partial, "--output", tmp_path / "o", "--refiner", run)
+    assert r.returncode == 0 and "refined" in r.stderr, r.stderr[-2000:]
+    r = cli("segment", "--input", img_path, "--partial-labels", partial, "--output", tmp_path / "o2",
+            "--refiner", tmp_path / "nothing")
+    assert r.returncode == 2 and "completion refiner" in r.stderr and not (tmp_path / "o2").exists()
+    r = cli("incontext", "train-completion", "--datasets", ds.root, "--output", run, "--max-steps", "3")
+    assert r.returncode == 2 and "--resume" in r.stderr  # a finished run folder is never overwritten
+
+
+def test_the_shipped_refiner_loads():
+    from medfound.models.completion_refiner import DEFAULT_REFINER_DIR, load_refiner
+
+    refiner, cfg = load_refiner(None)
+    assert (DEFAULT_REFINER_DIR / "model.safetensors").stat().st_size < 3_000_000
+    assert cfg["training"]["heldout_rule"] and cfg["command"].startswith("medfound incontext train-completion")
+    assert refiner.config.size == cfg["model"]["size"]
+
+
+def test_the_shipped_refiner_follows_the_image_where_the_interpolation_cannot():
+    """A tube whose centre swings between the labelled slices: the interpolated outline cuts the
+    curve, the image shows where the structure went, and the shipped refiner moves the outline there."""
+    from medfound.infer.completion import refine_prior
+    from medfound.models.completion_refiner import load_refiner
+
+    zz, yy, xx = np.meshgrid(np.arange(40), np.arange(64), np.arange(64), indexing="ij")  # slices first
+    centre = 32 + 8 * np.sin(zz / 40 * 2 * np.pi)
+    truth = (((yy - centre) / 7) ** 2 + ((xx - 32) / 9) ** 2 <= 1) & (zz >= 4) & (zz < 36)
+    image = (100 + 300 * truth + np.random.default_rng(0).normal(0, 10, truth.shape)).astype(np.float32)
+    given = np.array([6, 14, 22, 30])
+    sparse = np.zeros(truth.shape, np.int32)
+    sparse[given] = truth[given]
+    prior = shape_prior(sparse, given, 1, 0, (1.0, 1.0))
+    refined = refine_prior(load_refiner(None)[0].eval(), image, prior, sparse == 1, given)
+    rest = np.setdiff1d(np.arange(40), given)
+    assert np.array_equal(refined[given], prior[given])  # labelled slices are not touched
+    before, after = _dice(prior[rest] > 0.5, truth[rest]), _dice(refined[rest] > 0.5, truth[rest])
+    assert after > before + 0.03, (before, after)
 
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -131,11 +131,12 @@ def experiment_same_study(
     structures: Annotated[str, typer.Option(help="held-out, trained or all (held-out structures follow DESIGN.md's rule).")] = "all",
     per_group: Annotated[int, typer.Option(help="At most this many structures of each group per dataset, spread over its labels (0: all).")] = 12,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Structure name to test; repeat (default: --structures).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated of completion, nearest-slice, contour-interpolation, incontext.")] = "completion,nearest-slice,contour-interpolation",
+    methods: Annotated[str, typer.Option(help="Comma-separated of completion (segment --partial-labels), interpolation (its outlines before the refiner), nearest-slice, contour-interpolation, incontext.")] = "completion,nearest-slice,contour-interpolation",
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="In-context run for incontext and --model-share (default: the shipped model).")] = None,
     model_share: Annotated[Optional[float], typer.Option("--model-share", help="The in-context model's share in completion (as segment --partial-labels).")] = None,
     axis: Annotated[int, typer.Option(help="Slice axis (RAS).")] = 2,
     taper: Annotated[Optional[float], typer.Option(help="Completion: mean gaps beyond the outermost labelled slice over which the outline shrinks away (default: shipped).")] = None,
+    refiner: Annotated[Optional[str], typer.Option("--refiner", help="Completion's refiner (as segment --refiner: a train-completion run, or 'none'; default: the shipped one).")] = None,
 ) -> None:
     """Same-study completion: a few labelled slices of a volume, the rest segmented, against copying the nearest labelled slice and contour interpolation."""
     from medfound.eval.same_study import same_study_experiment
@@ -150,7 +151,9 @@ def experiment_same_study(
             raise InputError(d, "no such dataset folder")
     res = same_study_experiment(dataset, out, _ints(labelled, "--labelled"), seeds, groups, label, per_group or None,
                                 tuple(m.strip() for m in methods.split(",") if m.strip()), model, model_share, axis,
-                                taper, progress=sys.stderr.isatty())
+                                taper, progress=sys.stderr.isatty(),
+                                refiner_run=None if refiner is None or refiner.lower() == "none" else Path(refiner),
+                                refine=refiner is None or refiner.lower() != "none")
     for r in res["by_count"]:
         print(f"{r['group']:8s} {r['method']:22s} {r['labelled']:3d} labelled: Dice {r['dice_mean']:.3f} "
               f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({r['runs']} runs)")

@@ -1,4 +1,4 @@
-"""In-context segmentation: `segment`, `incontext train`, `incontext bank`."""
+"""In-context segmentation: `segment`, `incontext train`, `incontext train-completion`, `incontext bank`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,43 @@ def incontext_train(
                    cross_subject_fraction=cross_subject_fraction)
 
 
+@incontext_app.command("train-completion")
+def incontext_train_completion(
+    out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints/, logs/, model.safetensors, config.json.")],
+    datasets: Annotated[list[Path], typer.Option("--datasets", help="nnU-Net datasets of labelled volumes; every non-held-out structure gives same-study episodes; repeat.")],
+    steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Slices per device per step.")] = 32,
+    size: Annotated[int, typer.Option("--image-size", help="Side of the window around each structure after resizing (multiple of 16).")] = 96,
+    episodes_per_structure: Annotated[int, typer.Option(help="Episodes (labelled-slice placements, each along a random axis) per structure.")] = 6,
+    samples_per_episode: Annotated[int, typer.Option(help="Unlabelled slices kept per episode.")] = 6,
+    exclude_label: ExcludeLabelOpt = None,
+    exclude_dataset: ExcludeDatasetOpt = None,
+    lr: LrOpt = 1e-3,
+    warmup_steps: WarmupOpt = 100,
+    max_minutes: MaxMinutesOpt = None,
+    precision: PrecisionOpt = "32",
+    accelerator: AcceleratorOpt = "auto",
+    devices: DevicesOpt = "auto",
+    num_nodes: NumNodesOpt = 1,
+    strategy: StrategyOpt = "auto",
+    checkpoint_every: CheckpointEveryOpt = 200,
+    seed: StepSeedOpt = 0,
+    resume: ResumeOpt = False,
+) -> None:
+    """Train the refiner of same-study completion (`segment --partial-labels`) on episodes cut from
+    labelled volumes: a few slices of a structure given, the others to complete."""
+    from medfound.train.completion import CompletionTrainConfig, run_completion_train
+
+    if min(episodes_per_structure, samples_per_episode) < 1:
+        raise InputError(None, "--episodes-per-structure and --samples-per-episode must be positive")
+    _step_training(CompletionTrainConfig, run_completion_train, "structures", out=out, datasets=datasets, bank=None,
+                   exclude_label=exclude_label, exclude_dataset=exclude_dataset, steps=steps, batch_size=batch_size,
+                   lr=lr, warmup_steps=warmup_steps, max_minutes=max_minutes, init=None, precision=precision,
+                   accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                   checkpoint_every=checkpoint_every, seed=seed, resume=resume, size=size,
+                   episodes_per_structure=episodes_per_structure, samples_per_episode=samples_per_episode)
+
+
 @incontext_app.command("bank")
 def incontext_bank(
     datasets: Annotated[list[Path], typer.Option("--datasets", help="nnU-Net datasets to read; repeat.")],
@@ -140,6 +177,7 @@ def segment(
     partial_labels: Annotated[Optional[Path], typer.Option("--partial-labels", help="Same-study completion: a label map on the study's grid with some slices labelled; the other slices are segmented (no --support).")] = None,
     labelled_slices: Annotated[Optional[str], typer.Option("--labelled-slices", help="With --partial-labels: the labelled slice numbers (as the file counts them along --axis), so a labelled slice may be empty (default: every slice holding a label).")] = None,
     model_share: Annotated[Optional[float], typer.Option("--model-share", help="With --partial-labels: share of the in-context model in the result, the rest from interpolating the labelled outlines (default 0, docs/results/incontext-same-study.md).")] = None,
+    refiner: Annotated[Optional[str], typer.Option("--refiner", help="With --partial-labels: the refiner that corrects the interpolated outlines from the image (a run of `medfound incontext train-completion`; 'none' = interpolation alone; default: the shipped refiner).")] = None,
     query_box: Annotated[Optional[str], typer.Option("--query-box", help="x0,y0,x1,y1 on --slice of the input: where the target is (lesions, anything whose position differs between patients); the example set says what it looks like.")] = None,
     query_slice: Annotated[Optional[int], typer.Option("--slice", help="With --query-box: the boxed slice, numbered as the file counts them along --axis (omit for 2D images).")] = None,
     dicom_seg: DicomSegOpt = False,
@@ -172,14 +210,16 @@ def segment(
         if support is not None or support_prompts is not None:
             raise InputError(None, "--partial-labels takes the example set from the study itself: leave out --support / --support-prompts")
         slices = _ints(labelled_slices, "--labelled-slices") if labelled_slices else None
+        off = refiner is not None and refiner.lower() == "none"
         written = complete_path(input, partial_labels, output, slices, axis, model, model_share, modality,
-                                batch_size, progress=True, device=dev, formats=formats("--partial-labels "))
+                                batch_size, progress=True, device=dev, formats=formats("--partial-labels "),
+                                refiner_run=None if off or refiner is None else Path(refiner), refine=not off)
         _report(written, input, push)
         return
     if support is None:
         raise InputError(None, "give an example set (--support) or the study's own partial labels (--partial-labels)")
-    if labelled_slices is not None or model_share is not None:
-        raise InputError(None, "--labelled-slices and --model-share go with --partial-labels")
+    if labelled_slices is not None or model_share is not None or refiner is not None:
+        raise InputError(None, "--labelled-slices, --model-share and --refiner go with --partial-labels")
     if query_box is not None or query_slice is not None:
         from medfound.infer.query_prompt import query_box_path
 

@@ -344,6 +344,7 @@ def support_prompts(d: Data) -> str:
 
 
 SAME_STUDY_METHODS = (("completion", "**`segment --partial-labels`** (shipped settings)"),
+                      ("interpolation", "its interpolated outlines alone (`--refiner none`)"),
                       ("nearest-slice", "nearest labelled slice copied"),
                       ("contour-interpolation", "morphological contour interpolation (ITK, Slicer's)"),
                       ("incontext", "in-context model alone, labelled slices as examples"))
@@ -414,17 +415,23 @@ SAME_STUDY_VALIDATION = (("nearest labelled slice copied", "validation_shipped",
                          ("in-context model alone (`--methods incontext`)", "validation_model0", "incontext"),
                          ("outlines interpolated, same 12 structures", "validation_model0", "completion"),
                          ("a quarter of the in-context model mixed in (`--model-share 0.25`)", "validation_model025", "completion"))
+#: the same for the refiner, on AAL's non-held-out structures of both AAL volumes (no AAL dataset trained it)
+SAME_STUDY_REFINER_VALIDATION = (("nearest labelled slice copied", "validation_refiner", "nearest-slice"),
+                                 ("outlines interpolated (`--refiner none`)", "validation_refiner", "interpolation"),
+                                 ("**outlines refined by the shipped refiner**", "validation_refiner", "completion"),
+                                 ("outlines refined by a refiner trained on twice the episodes for twice the steps",
+                                  "validation_refiner_long", "completion"))
 
 
-def same_study_validation(d: Data) -> str:
+def same_study_validation(d: Data, variants=SAME_STUDY_VALIDATION) -> str:
     """The settings sweep of same-study completion on trained structures (one centred placement)."""
     body, counts = [], (2, 4, 8, 16)
-    for name, stem, method in SAME_STUDY_VALIDATION:
+    for name, stem, method in variants:
         path = d.root / "same_study" / f"{stem}.csv"
         if not path.is_file():
             continue
         rows = [r for r in _rows(path) if r["method"] == method]
-        structures = len({r["structure"] for r in rows})
+        structures = len({(r["dataset"], r["structure"]) for r in rows})
         cells = [_f(summarise([float(r["dice"]) for r in rows if int(r["labelled"]) == n]).get("mean")) for n in counts]
         body.append([name, structures, *cells])
     if not body:
@@ -621,6 +628,7 @@ TABLES: dict[str, Callable[[Data], str]] = {
     "label_efficiency_paired": label_efficiency_paired, "throughput": throughput,
     "support_prompts": support_prompts, "paths_prompts": paths_prompts, "paths_few_labels": paths_few_labels, "paths_incontext": paths_incontext,
     "same_study": same_study, "same_study_paired": same_study_paired, "same_study_validation": same_study_validation,
+    "same_study_refiner_validation": lambda d: same_study_validation(d, SAME_STUDY_REFINER_VALIDATION),
     "cross_subject_2d": cross_subject_2d,
     "cross_subject_2d_validation": lambda d: cross_subject_2d(d, (("Colin27 examples -> MNI152 queries", "validation"),),
                                                               "non-held-out structures"),

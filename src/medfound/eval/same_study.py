@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfound.data.completion_episodes import spread_slices
 from medfound.data.heldout import is_heldout
 from medfound.data.nnunet import NnUNetDataset
 from medfound.data.orientation import to_canonical
@@ -33,21 +34,14 @@ from medfound.infer.completion import (
     model_probability,
     nearest_slice_copy,
     prior_reach,
+    refine_prior,
     shape_prior,
 )
 from medfound.infer.incontext import prepare_slices
 from medfound.io.atomic import write_csv, write_text
 
-METHODS = ("completion", "nearest-slice", "contour-interpolation", "incontext")
+METHODS = ("completion", "nearest-slice", "contour-interpolation", "interpolation", "incontext")
 BASELINES = ("nearest-slice", "contour-interpolation")
-
-
-def spread_slices(extent: tuple[int, int], n: int, phase: float) -> np.ndarray:
-    """``n`` slice indices spread evenly over ``extent`` (first, last), the spread started at
-    ``phase`` (0..1) of a gap: 0.5 centres every slice in its share of the extent."""
-    lo, hi = extent
-    ks = np.round(lo + (np.arange(n) + phase) * (hi - lo + 1) / n - 0.5).astype(int)
-    return np.unique(np.clip(ks, lo, hi))
 
 
 def dice_outside(pred: np.ndarray, truth: np.ndarray, given: np.ndarray, axis: int) -> float:
@@ -91,10 +85,14 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
                           groups: tuple[str, ...] = ("held-out", "trained"), wanted: list[str] | None = None,
                           per_group: int | None = 12, methods: tuple[str, ...] = METHODS[:3],
                           model_run: str | os.PathLike | None = None, model_share: float | None = None,
-                          axis: int = 2, taper: float | None = None, progress: bool = False) -> dict:
+                          axis: int = 2, taper: float | None = None, progress: bool = False,
+                          refiner_run: str | os.PathLike | None = None,
+                          refine: bool = COMPLETION_DEFAULTS["refine"]) -> dict:
     """Run the protocol on the first case of every dataset; write ``results.csv`` (one row per
     dataset, structure, labelled slices, seed and method), ``summary.csv``, ``summary.json`` (with
-    the paired differences of completion against each baseline) and ``same_study.png``."""
+    the paired differences of completion against each baseline) and ``same_study.png``.
+    ``completion`` is ``segment --partial-labels`` (the interpolated outlines refined by ``refiner_run``,
+    the shipped refiner by default, unless ``refine`` is off); ``interpolation`` the outlines alone."""
     from medfound.progress import Progress
 
     unknown = [m for m in methods if m not in METHODS]
@@ -114,6 +112,11 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
         model, cfg = load_incontext(model_run)
         model.eval()
         size = int(cfg["model"]["size"])
+    refiner = None
+    if refine and "completion" in methods:
+        from medfound.models.completion_refiner import load_refiner
+
+        refiner = load_refiner(refiner_run)[0]
     plan = []
     for d in datasets:
         ds = NnUNetDataset.open(d)
@@ -131,6 +134,7 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
         for ds, case, image, labels, structures in plan:
             view = to_canonical(image)[0]
             spacing = plane_spacing(view, axis)
+            along = np.moveaxis(view.array.astype(np.float32), axis, 0) if refiner is not None else None
             modality = ds.case_modality(case) if image.modality == "OT" else None
             prep = prepare_slices(image, size, axis, modality) if needs_model else None
             other = tuple(d for d in range(3) if d != axis)
@@ -159,8 +163,14 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
                                 if method == "incontext":
                                     prob = model_probability(model, prep, partial, 1, size, prior_reach(prior, axis))
                                     pred = (prob if prob is not None else np.zeros_like(prior)) > 0.5
+                                elif method == "interpolation":
+                                    pred = prior > 0.5
                                 else:
-                                    pred = mix_in_model(prior, model, prep, partial, 1, size, share) > 0.5
+                                    prob = prior
+                                    if refiner is not None:
+                                        prob = np.moveaxis(refine_prior(refiner, along, np.moveaxis(prior, axis, 0),
+                                                                        np.moveaxis(sparse == 1, axis, 0), given), 0, axis)
+                                    pred = mix_in_model(prob, model, prep, partial, 1, size, share) > 0.5
                             rows.append({"dataset": ds.root.name, "case": case, "structure": name, "group": group,
                                          "labelled": n, "given": len(given), "seed": seed, "method": method,
                                          "dice": dice_outside(pred, truth, given, axis),
@@ -169,6 +179,7 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
     summary = summarise_rows(rows, methods, labelled, groups)
     meta = {"datasets": [str(Path(d).name) for d in datasets], "labelled": list(labelled), "seeds": seeds,
             "methods": list(methods), "model_share": share, "taper": taper, "axis": axis,
+            "refiner": (str(refiner_run) if refiner_run else "shipped") if refiner is not None else None,
             "model": str(model_run) if model_run else ("shipped" if needs_model else None)}
     write_csv(out / "results.csv", rows)
     write_csv(out / "summary.csv", summary["by_count"])

@@ -4,7 +4,9 @@ The user labelled a few slices of *their own* volume and wants the rest. What an
 another subject does not give is known here: where the structure is on the labelled slices, so its
 outline between them can be interpolated (signed distances blended by height, as shape-based
 interpolation does; an empty labelled slice closes the structure; beyond the outermost labelled
-slice it tapers off). The in-context model, with the labelled slices as its example set at their
+slice it tapers off). The interpolation ignores the image between the labelled slices; the
+completion refiner (``models.completion_refiner``, trained on same-study episodes) looks at it and
+corrects the outline. The in-context model, with the labelled slices as its example set at their
 exact heights, can be mixed in (``model_share``); the shipped share, 0, was chosen on non-held-out
 structures, where the model added nothing measurable (``docs/results/incontext-same-study.md``).
 Labelled slices are returned as they were given, empty ones included.
@@ -18,14 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
+import torch.nn.functional as F
 
+from medfound.data.completion_inputs import (
+    intensity_scale,
+    refiner_inputs,
+    structure_window,
+)
 from medfound.data.orientation import (
     canonical_index,
     file_axis,
     from_canonical,
     to_canonical,
 )
+from medfound.data.shape_interpolation import mean_gap, prior_reach, shape_prior
 from medfound.data.slicing import plane_spacing, take_slice, to_square
 from medfound.errors import InputError
 from medfound.infer.incontext import (
@@ -46,10 +54,15 @@ from medfound.io.outputs import (
 )
 from medfound.io.read import inputs_of
 from medfound.io.result_files import ResultFormats
+from medfound.models.completion_refiner import (
+    CompletionRefiner,
+    load_refiner,
+    prior_logits,
+)
 from medfound.models.incontext import InContextSegmenter
 
 #: the settings of :func:`complete_study` that ship (chosen on non-held-out structures)
-COMPLETION_DEFAULTS = {"model_share": 0.0, "softness_mm": 1.0, "taper": 1.0}
+COMPLETION_DEFAULTS = {"model_share": 0.0, "softness_mm": 1.0, "taper": 1.0, "refine": True}
 
 
 @dataclass
@@ -106,61 +119,6 @@ def read_partial(image: MedImage, partial: MedImage, axis: int = 2,
     return PartialLabels(canon, slices.astype(int), axis)
 
 
-def signed_distance(mask: np.ndarray, spacing: tuple[float, float], empty: float) -> np.ndarray:
-    """mm from the outline, negative inside; ``empty`` everywhere for an empty slice."""
-    if not mask.any():
-        return np.full(mask.shape, empty, np.float32)
-    if mask.all():
-        return np.full(mask.shape, -empty, np.float32)
-    return (ndimage.distance_transform_edt(~mask, sampling=spacing)
-            - ndimage.distance_transform_edt(mask, sampling=spacing)).astype(np.float32)
-
-
-def shape_prior(labels: np.ndarray, slices: np.ndarray, value: int, axis: int, spacing: tuple[float, float],
-                softness_mm: float = 1.0, taper: float = 1.0) -> np.ndarray:
-    """Probability of label ``value`` on every slice (canonical grid, float32) from the labelled
-    ``slices`` alone: between two labelled slices their signed distances blended by height (the shape
-    morphs from one outline to the next; an empty labelled slice closes the structure); beyond the
-    outermost labelled slice the outline shrinks and vanishes ``taper`` mean gaps further out.
-    ``softness_mm``: the width of the logistic step across the interpolated outline."""
-    n = labels.shape[axis]
-    masks = {int(k): take_slice(labels, axis, int(k)) == value for k in slices}
-    held = [k for k in masks if masks[k].any()]
-    if not held:
-        return np.zeros(labels.shape, np.float32)
-    # an empty slice counts as "the outline is this far away": about the structure's own size
-    depth = max(float(ndimage.distance_transform_edt(masks[k], sampling=spacing).max()) for k in held)
-    sdf = {k: signed_distance(m, spacing, empty=depth) for k, m in masks.items()}
-    ks = np.asarray(sorted(masks))
-    gap = mean_gap(ks)
-    out = np.zeros(labels.shape, np.float32)
-    view = np.moveaxis(out, axis, 0)
-    for z in range(n):
-        lo, hi = ks[ks <= z], ks[ks >= z]
-        if len(lo) and len(hi):
-            a, b = int(lo[-1]), int(hi[0])
-            t = 0.0 if a == b else (z - a) / (b - a)
-            d = (1 - t) * sdf[a] + t * sdf[b]
-        else:
-            end = int(lo[-1]) if len(lo) else int(hi[0])
-            if not masks[end].any():
-                continue
-            reach = max(taper * gap, 1.0)  # beyond the ends: shrink to nothing over `reach` slices
-            d = sdf[end] + depth * abs(z - end) / reach
-        view[z] = 1.0 / (1.0 + np.exp(np.clip(d / max(softness_mm, 1e-3), -30, 30)))
-    return out
-
-
-def mean_gap(slices: np.ndarray, single: float = 4.0) -> float:
-    """The mean distance (in slices) between sorted labelled slices; ``single`` for one slice."""
-    return float(np.diff(slices).mean()) if len(slices) > 1 else single
-
-
-def prior_reach(prior: np.ndarray, axis: int) -> np.ndarray:
-    """(n,) bool: the slices along ``axis`` where the shape prior holds the label anywhere."""
-    return np.moveaxis(prior, axis, 0).reshape(prior.shape[axis], -1).max(1) > 0.01
-
-
 def labelled_pool(prep: PreparedSlices, partial: PartialLabels, value: int, size: int, min_pixels: int = 4) -> SupportPool | None:
     """The labelled slices holding label ``value`` as the model's example set (exact heights)."""
     spacing = plane_spacing(prep.view, prep.axis)
@@ -201,20 +159,57 @@ def mix_in_model(prior: np.ndarray, model: InContextSegmenter | None, prep: Prep
     return prior if prob is None else (1 - model_share) * prior + model_share * prob
 
 
+def refine_prior(refiner: CompletionRefiner, images: np.ndarray, prior: np.ndarray, mask_of: np.ndarray,
+                 slices: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The interpolated outline ``prior`` (n, H, W) corrected by the refiner on every unlabelled slice
+    it reaches, slices along the first axis: ``images`` the study's, ``mask_of`` (n, H, W) bool the
+    structure on the labelled ``slices``. The correction is computed on the window around the
+    structure and added to the outline's logits at the study's own resolution, so where the refiner
+    has nothing to say the outline keeps its detail."""
+    window = structure_window(mask_of[slices])
+    todo = np.setdiff1d(np.flatnonzero(prior_reach(prior, 0)), slices)
+    if window is None or not len(todo):
+        return prior
+    reach = np.flatnonzero(prior_reach(prior, 0))
+    scale = intensity_scale(window.cut(images[reach]))
+    masks = {int(k): mask_of[k].astype(np.float32) for k in slices}
+    size = refiner.config.size
+    device = next(refiner.parameters()).device
+    out = prior.copy()
+    shape = (window.r1 - window.r0, window.c1 - window.c0)
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size].tolist()
+        x = refiner_inputs(images, masks, prior, slices, chunk, window, scale, size).to(device)
+        with torch.no_grad():
+            corr = refiner.correction(x).float()[:, None]
+        corr = F.interpolate(corr, size=shape, mode="bilinear", align_corners=False)[:, 0].cpu()
+        base = torch.from_numpy(window.cut(prior[chunk]).astype(np.float32))
+        view = out[chunk]
+        view[:, window.r0:window.r1, window.c0:window.c1] = torch.sigmoid(prior_logits(base) + corr).numpy()
+        out[chunk] = view
+    return out
+
+
 def complete_study(image: MedImage, partial: PartialLabels, model: InContextSegmenter | None = None,
                    size: int = 128, modality: str | None = None, batch_size: int = 16,
                    model_share: float = COMPLETION_DEFAULTS["model_share"],
                    softness_mm: float = COMPLETION_DEFAULTS["softness_mm"],
-                   taper: float = COMPLETION_DEFAULTS["taper"], progress=None) -> np.ndarray:
+                   taper: float = COMPLETION_DEFAULTS["taper"], refiner: CompletionRefiner | None = None,
+                   progress=None) -> np.ndarray:
     """The study's label map on its own grid: labelled slices as given, the others completed, label
-    by label, from the shape prior and (``model_share`` > 0) the in-context model. ``progress``:
-    called with one unit per label."""
+    by label, from the interpolated outlines, corrected by ``refiner`` where given and mixed with
+    the in-context model (``model_share`` > 0). ``progress``: called with one unit per label."""
     view, ornt = to_canonical(image)
     spacing = plane_spacing(view, partial.axis)
     prep = prepare_slices(image, size, partial.axis, modality) if model is not None and model_share > 0 else None
+    images = np.moveaxis(np.asarray(view.array, np.float32), partial.axis, 0) if refiner is not None else None
     probs = {}
     for v in labelled_values(partial):
         prior = shape_prior(partial.labels, partial.slices, v, partial.axis, spacing, softness_mm, taper)
+        if refiner is not None:
+            along = np.moveaxis(prior, partial.axis, 0)
+            mask_of = np.moveaxis(partial.labels, partial.axis, 0) == v
+            prior = np.moveaxis(refine_prior(refiner, images, along, mask_of, partial.slices), 0, partial.axis)
         probs[v] = mix_in_model(prior, model, prep, partial, v, size, model_share, batch_size)
         if progress is not None:
             progress(1)
@@ -296,7 +291,8 @@ def complete_path(input_path: str | os.PathLike, partial_path: str | os.PathLike
                   labelled_slices: list[int] | None = None, axis: int = 2, model_run: str | os.PathLike | None = None,
                   model_share: float | None = None, modality: str | None = None, batch_size: int = 16,
                   progress: bool = True, device: torch.device | str = "cpu",
-                  formats: ResultFormats | None = None) -> list[Path]:
+                  formats: ResultFormats | None = None, refiner_run: str | os.PathLike | None = None,
+                  refine: bool = COMPLETION_DEFAULTS["refine"]) -> list[Path]:
     """What ``medfound segment --partial-labels`` does: one study and its partial label map ->
     ``output/<case>.<ext>`` (every slice labelled, the labelled ones as given) and ``labels.json``,
     with the DICOM objects ``formats`` asks for."""
@@ -310,7 +306,7 @@ def complete_path(input_path: str | os.PathLike, partial_path: str | os.PathLike
     if len(items) != 1:
         raise InputError(input_path, f"--partial-labels completes one study; this folder holds {len(items)} images")
     case, path = items[0]
-    output = check_output_dir(output, [input_path, partial_path, model_run])
+    output = check_output_dir(output, [input_path, partial_path, model_run, refiner_run])
     image, partial_image = read_image(path), read_image(partial_path)
     partial = read_partial(image, partial_image, axis, labelled_slices)
     formats.check(image, path)
@@ -322,10 +318,12 @@ def complete_path(input_path: str | os.PathLike, partial_path: str | os.PathLike
         model, cfg = load_incontext(model_run)
         model, size = model.to(device), int(cfg["model"]["size"])
     names = {v: f"label_{v}" for v in values}
+    refiner = load_refiner(refiner_run)[0].to(device) if refine else None
     with Progress("complete", len(values), enabled=progress) as bar, staged_dir(output) as stage:
-        mask = complete_study(image, partial, model, size, modality, batch_size, share,
+        mask = complete_study(image, partial, model, size, modality, batch_size, share, refiner=refiner,
                               progress=lambda u: bar.advance(u, f"{len(partial.slices)} labelled slices"))
         written = [*formats.write(mask, image, stage, case, names), write_label_names(stage, names)]
-    summarise(case, mask, image, names, f"{len(partial.slices)} labelled slices, model share {share:g}",
+    how = "refined" if refine else "interpolated"
+    summarise(case, mask, image, names, f"{len(partial.slices)} labelled slices, {how}, model share {share:g}",
               "on no labelled slice")
     return final_paths(written, stage, output)
