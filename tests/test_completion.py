@@ -113,13 +113,7 @@ def test_segment_partial_labels_bad_input(cli, tmp_path):
 
 
 def test_same_study_experiment(cli, tmp_path):
-    from medfound.data.nnunet import write_dataset
-    from medfound.io import read_image
-
-    img_path, truth, affine = _study(tmp_path, flip_z=False)
-    image = read_image(img_path)
-    ds = write_dataset(tmp_path / "Dataset950_Study", [("study", image, truth)],
-                       {"background": 0, "organ": 1, "Left-Thalamus": 2}, {"0": "MR"})
+    ds = _study_dataset(tmp_path)
     out = tmp_path / "exp"
     r = cli("experiment", "same-study", "--dataset", ds.root, "--output", out, "--labelled", "2,4", "--seeds", "2")
     assert r.returncode == 0, r.stderr[-2000:]

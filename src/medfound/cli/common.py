@@ -78,6 +78,14 @@ def register_2d_choice(value: str | None) -> bool | None:
     return value == "deformable"
 
 
+def refiner_choice(value: str | None) -> tuple[Path | None, bool]:
+    """--refiner as (run folder or None for the shipped refiner, whether to refine at all): 'none'
+    turns the refiner off."""
+    if value is not None and value.lower() == "none":
+        return None, False
+    return (Path(value) if value is not None else None), True
+
+
 # Results into the user's PACS (predict, segment, sam segment, batch).
 DicomSegOpt = Annotated[bool, typer.Option("--dicom-seg", help="Also write DICOM-SEG (CASE_seg.dcm) for DICOM inputs, referencing the source series.")]
 PushOpt = Annotated[bool, typer.Option("--push", help="Store the result in the PACS the DICOMweb input came from (STOW-RS), as DICOM-SEG referencing the source series (and the RTSTRUCT with --rtstruct); implies --dicom-seg. Local outputs are kept.")]

@@ -16,6 +16,7 @@ from medfound.cli.common import (
     SmoothOpt,
     _ints,
     experiment_app,
+    refiner_choice,
 )
 from medfound.errors import InputError
 
@@ -141,6 +142,8 @@ def experiment_same_study(
     """Same-study completion: a few labelled slices of a volume, the rest segmented, against copying the nearest labelled slice and contour interpolation."""
     from medfound.eval.same_study import same_study_experiment
 
+    refiner_run, refine = refiner_choice(refiner)
+
     groups = {"all": ("held-out", "trained"), "held-out": ("held-out",), "trained": ("trained",)}.get(structures)
     if groups is None:
         raise InputError(None, f"--structures takes held-out, trained or all; got {structures!r}")
@@ -151,9 +154,7 @@ def experiment_same_study(
             raise InputError(d, "no such dataset folder")
     res = same_study_experiment(dataset, out, _ints(labelled, "--labelled"), seeds, groups, label, per_group or None,
                                 tuple(m.strip() for m in methods.split(",") if m.strip()), model, model_share, axis,
-                                taper, progress=sys.stderr.isatty(),
-                                refiner_run=None if refiner is None or refiner.lower() == "none" else Path(refiner),
-                                refine=refiner is None or refiner.lower() != "none")
+                                taper, progress=sys.stderr.isatty(), refiner_run=refiner_run, refine=refine)
     for r in res["by_count"]:
         print(f"{r['group']:8s} {r['method']:22s} {r['labelled']:3d} labelled: Dice {r['dice_mean']:.3f} "
               f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({r['runs']} runs)")

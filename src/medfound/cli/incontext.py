@@ -39,6 +39,7 @@ from medfound.cli.common import (
     check_push,
     incontext_app,
     push_results,
+    refiner_choice,
     register_2d_choice,
 )
 from medfound.errors import InputError
@@ -210,10 +211,10 @@ def segment(
         if support is not None or support_prompts is not None:
             raise InputError(None, "--partial-labels takes the example set from the study itself: leave out --support / --support-prompts")
         slices = _ints(labelled_slices, "--labelled-slices") if labelled_slices else None
-        off = refiner is not None and refiner.lower() == "none"
+        refiner_run, refine = refiner_choice(refiner)
         written = complete_path(input, partial_labels, output, slices, axis, model, model_share, modality,
                                 batch_size, progress=True, device=dev, formats=formats("--partial-labels "),
-                                refiner_run=None if off or refiner is None else Path(refiner), refine=not off)
+                                refiner_run=refiner_run, refine=refine)
         _report(written, input, push)
         return
     if support is None:

@@ -93,11 +93,3 @@ def refiner_inputs(images: np.ndarray, masks: dict[int, np.ndarray], prior: np.n
     x = torch.from_numpy(np.stack(rows))
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
-
-def paste_window(prob: torch.Tensor, window: Window, shape: tuple[int, int]) -> np.ndarray:
-    """(k, size, size) probabilities -> (k, H, W) float32, resized back into ``window`` (0 outside)."""
-    out = np.zeros((prob.shape[0],) + tuple(shape), np.float32)
-    h, w = window.r1 - window.r0, window.c1 - window.c0
-    back = F.interpolate(prob[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    out[:, window.r0:window.r1, window.c0:window.c1] = back.numpy()
-    return out

@@ -134,7 +134,6 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
         for ds, case, image, labels, structures in plan:
             view = to_canonical(image)[0]
             spacing = plane_spacing(view, axis)
-            along = np.moveaxis(view.array.astype(np.float32), axis, 0) if refiner is not None else None
             modality = ds.case_modality(case) if image.modality == "OT" else None
             prep = prepare_slices(image, size, axis, modality) if needs_model else None
             other = tuple(d for d in range(3) if d != axis)
@@ -166,10 +165,8 @@ def same_study_experiment(datasets: list[str | os.PathLike], out: str | os.PathL
                                 elif method == "interpolation":
                                     pred = prior > 0.5
                                 else:
-                                    prob = prior
-                                    if refiner is not None:
-                                        prob = np.moveaxis(refine_prior(refiner, along, np.moveaxis(prior, axis, 0),
-                                                                        np.moveaxis(sparse == 1, axis, 0), given), 0, axis)
+                                    prob = prior if refiner is None else refine_prior(refiner, view.array, prior,
+                                                                                      sparse == 1, given, axis)
                                     pred = mix_in_model(prob, model, prep, partial, 1, size, share) > 0.5
                             rows.append({"dataset": ds.root.name, "case": case, "structure": name, "group": group,
                                          "labelled": n, "given": len(given), "seed": seed, "method": method,

@@ -160,33 +160,33 @@ def mix_in_model(prior: np.ndarray, model: InContextSegmenter | None, prep: Prep
 
 
 def refine_prior(refiner: CompletionRefiner, images: np.ndarray, prior: np.ndarray, mask_of: np.ndarray,
-                 slices: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """The interpolated outline ``prior`` (n, H, W) corrected by the refiner on every unlabelled slice
-    it reaches, slices along the first axis: ``images`` the study's, ``mask_of`` (n, H, W) bool the
-    structure on the labelled ``slices``. The correction is computed on the window around the
-    structure and added to the outline's logits at the study's own resolution, so where the refiner
-    has nothing to say the outline keeps its detail."""
+                 slices: np.ndarray, axis: int = 0, batch_size: int = 32) -> np.ndarray:
+    """The interpolated outline ``prior`` corrected by the refiner on every unlabelled slice it
+    reaches. ``images`` (the study), ``prior`` and ``mask_of`` (bool, the structure on the labelled
+    ``slices``) share one grid, slices along ``axis``. The correction is computed on the window around
+    the structure and added to the outline's logits at the study's own resolution, so where the
+    refiner has nothing to say the outline keeps its detail."""
+    images, along, mask_of = (np.moveaxis(a, axis, 0) for a in (images, prior, mask_of))
     window = structure_window(mask_of[slices])
-    todo = np.setdiff1d(np.flatnonzero(prior_reach(prior, 0)), slices)
+    reach = np.flatnonzero(prior_reach(along, 0))
+    todo = np.setdiff1d(reach, slices)
     if window is None or not len(todo):
         return prior
-    reach = np.flatnonzero(prior_reach(prior, 0))
     scale = intensity_scale(window.cut(images[reach]))
     masks = {int(k): mask_of[k].astype(np.float32) for k in slices}
     size = refiner.config.size
     device = next(refiner.parameters()).device
     out = prior.copy()
+    out_along = np.moveaxis(out, axis, 0)  # a view: writing into it writes into ``out``
     shape = (window.r1 - window.r0, window.c1 - window.c0)
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size].tolist()
-        x = refiner_inputs(images, masks, prior, slices, chunk, window, scale, size).to(device)
+        x = refiner_inputs(images, masks, along, slices, chunk, window, scale, size).to(device)
         with torch.no_grad():
             corr = refiner.correction(x).float()[:, None]
         corr = F.interpolate(corr, size=shape, mode="bilinear", align_corners=False)[:, 0].cpu()
-        base = torch.from_numpy(window.cut(prior[chunk]).astype(np.float32))
-        view = out[chunk]
-        view[:, window.r0:window.r1, window.c0:window.c1] = torch.sigmoid(prior_logits(base) + corr).numpy()
-        out[chunk] = view
+        base = torch.from_numpy(window.cut(along[chunk]).astype(np.float32))
+        out_along[chunk, window.r0:window.r1, window.c0:window.c1] = torch.sigmoid(prior_logits(base) + corr).numpy()
     return out
 
 
@@ -202,14 +202,11 @@ def complete_study(image: MedImage, partial: PartialLabels, model: InContextSegm
     view, ornt = to_canonical(image)
     spacing = plane_spacing(view, partial.axis)
     prep = prepare_slices(image, size, partial.axis, modality) if model is not None and model_share > 0 else None
-    images = np.moveaxis(np.asarray(view.array, np.float32), partial.axis, 0) if refiner is not None else None
     probs = {}
     for v in labelled_values(partial):
         prior = shape_prior(partial.labels, partial.slices, v, partial.axis, spacing, softness_mm, taper)
         if refiner is not None:
-            along = np.moveaxis(prior, partial.axis, 0)
-            mask_of = np.moveaxis(partial.labels, partial.axis, 0) == v
-            prior = np.moveaxis(refine_prior(refiner, images, along, mask_of, partial.slices), 0, partial.axis)
+            prior = refine_prior(refiner, view.array, prior, partial.labels == v, partial.slices, partial.axis)
         probs[v] = mix_in_model(prior, model, prep, partial, v, size, model_share, batch_size)
         if progress is not None:
             progress(1)
