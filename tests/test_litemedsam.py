@@ -141,6 +141,43 @@ def test_lora_finetune_on_litemedsam_trains_and_reloads(tmp_path):
 
 
 @needs_weights
+def test_box_zoom_trains_on_crops_and_answers_a_box_at_128_px(tmp_path, model, samples):
+    """TinyViT runs at any side (its sides follow the input); --box-zoom/--box-size train the decoder
+    on the box's neighbourhood at 128 px, the run answers boxes so (a quarter of the encoder's
+    256 px cost), and a 128 px crop of the real lung nodule still gives a sensible mask."""
+    from medfound.infer.sam_segment import SamSession
+    from medfound.io import read_image
+    from medfound.models.sam import load_sam_model, to_sam_input
+
+    sam, _ = model
+    with torch.no_grad():
+        emb = sam.image_encoder(to_sam_input(torch.rand(1, 1, 128, 128)))
+        feats = sam.image_encoder.features(to_sam_input(torch.rand(1, 1, 128, 128)))
+    assert emb.shape == (1, 256, 32, 32)
+    assert [f.shape[-1] for f in feats] == [128, 64, 32, 32]
+    ds = _tiny_ct_dataset(tmp_path)
+    run = tmp_path / "run"
+    args = ("sam", "finetune", "--dataset", ds, "--base", "litemedsam", "--rank", "0", "--prompt", "box",
+            "--max-steps", "2", "--batch-size", "2", "--accelerator", "cpu", "--box-zoom", "2")
+    r = run_cli(*args, "--box-size", "128", "--output", run)
+    assert r.returncode == 0, r.stderr
+    tuned, cfg = load_sam_model(run)
+    assert cfg["inference"] == {"box_zoom": 2.0, "box_size": 128}
+    img = samples / "Dataset002_Lesions" / "imagesTr" / "lung1_0000.nii.gz"
+    truth = np.asarray(nib.load(samples / "Dataset002_Lesions" / "labelsTr" / "lung1.nii.gz").dataobj) > 0
+    k = int(np.argmax(truth.sum((0, 1))))
+    xs, ys = np.nonzero(truth[:, :, k])
+    box = (xs.min() - 2, ys.min() - 2, xs.max() + 2, ys.max() + 2)
+    session = SamSession.for_model(sam, {**cfg, "image_size": 256}, read_image(img))
+    assert session.box_size == 128
+    pred = session.segment(k, box=box)
+    dice = 2 * (pred & truth[:, :, k]).sum() / (pred.sum() + truth[:, :, k].sum())
+    assert pred.shape == truth.shape[:2] and dice > 0.7, dice
+    r = run_cli(*args, "--box-size", "100", "--output", tmp_path / "bad")
+    assert r.returncode == 2 and "--box-size" in r.stderr and not (tmp_path / "bad").exists()
+
+
+@needs_weights
 def test_lora_on_later_stages_caches_the_frozen_ones_and_starts_from_a_run(tmp_path, model):
     """--lora-stages 3: adapters only on stage 3's attention, the stages before it computed once per
     slice (prefix + forward_from = the whole encoder, exactly); --init starts from the shipped adapted

@@ -9,8 +9,9 @@ The decoder figure is what a new click on an already-embedded slice costs. ``def
 small SAM shipped with medfound end to end through a ``SamSession`` on a CT slice of each size: a box
 (zoomed crop: encoder + decoder, what the viewer's box costs) and a click on a cached slice.
 ``litemedsam`` times the released LiteMedSAM weights (from ``make install``; a LoRA run with
-``--adapter``) at its 256 px input, fp32 and bf16: encoder, decoder, and a box answered end to end
-(bf16 is ``--precision bf16`` of ``sam segment``; fp32 is the default).
+``--adapter``) at its 256 px input (and at the box crop's size when the run answers boxes on a zoomed
+crop, ``inference.box_size``), fp32 and bf16: encoder, decoder, and a box answered end to end as the
+run's settings say (bf16 is ``--precision bf16`` of ``sam segment``; fp32 is the default).
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def _litemedsam(a) -> dict:
     from medfound.models.sam import load_sam_model
 
     sam, cfg = load_sam_model(a.adapter or "litemedsam")
-    results = _encoder_decoder(sam, cfg["image_size"], a.repeats)
+    settings = cfg.get("inference", {})
+    results = []  # the encoder at the slice's input size, and at the box crop's when the run zooms
+    for size in sorted({cfg["image_size"], settings.get("box_size", cfg["image_size"])}):
+        results += _encoder_decoder(sam, size, a.repeats)
     image, _ = make_phantom("CT", shape=(256, 256, 4), seed=0)
     for precision in ("32", "bf16"):  # a box on a new slice: encoder + decoder, through a session
         box_ms = _time(lambda: SamSession.for_model(sam, cfg, image, precision=precision).segment(1, box=(70, 80, 140, 160)),
@@ -102,7 +106,7 @@ def _litemedsam(a) -> dict:
         click_ms = _time(lambda: session.segment(1, points=[(128, 128)], labels=[1]), max(5, a.repeats))
         results.append({"size": 256, "precision": "fp32" if precision == "32" else precision,
                         "box_answer_ms": round(box_ms, 1), "click_on_cached_slice_ms": round(click_ms, 1)})
-    out = {"benchmark": "sam", "variant": "litemedsam" + (" + LoRA adapter" if a.adapter else ""),
+    out = {"benchmark": "sam", "variant": "litemedsam" + (" + LoRA adapter" if a.adapter else ""), "inference": settings,
            "parameters": sum(p.numel() for p in sam.parameters()), "results": results, "machine": machine()}
     print(json.dumps(out))
     return out

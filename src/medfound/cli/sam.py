@@ -60,6 +60,8 @@ def sam_finetune(
     max_minutes: MaxMinutesOpt = None,
     exclude_label: ExcludeLabelOpt = None,
     init: Annotated[Optional[str], typer.Option(help="Start from this SAM LoRA run on the same base (or litemedsam-adapted, litemedsam-lora): its decoder and adapters, then train on.")] = None,
+    box_zoom: Annotated[Optional[float], typer.Option(help="Train (and answer) box prompts on the box's neighbourhood, this many times its larger side (at least a quarter of the slice).")] = None,
+    box_size: Annotated[Optional[int], typer.Option(help="Input side of that crop (default --image-size; LiteMedSAM runs at any multiple of 16, 128 costs a quarter of 256).")] = None,
 ) -> None:
     """Adapt SAM to a dataset (or several) with LoRA on its image encoder and prompts simulated from the labels."""
     from medfound.train.sam_finetune import SamFinetuneConfig, run_sam_finetune
@@ -68,7 +70,7 @@ def sam_finetune(
         raise InputError(None, "--rank must be >= 0, --max-steps and --batch-size positive")
     dev = device_count(devices)
     cfg = run_sam_finetune(dataset[0] if len(dataset) == 1 else dataset, base, out, SamFinetuneConfig(
-        exclude_labels=tuple(exclude_label or ()), max_minutes=max_minutes, init=init,
+        exclude_labels=tuple(exclude_label or ()), max_minutes=max_minutes, init=init, box_zoom=box_zoom, box_size=box_size,
         rank=rank, targets=tuple(t.strip() for t in lora_targets.split(",")), lora_stages=tuple(sorted(set(_ints(lora_stages, '--lora-stages')))) if lora_stages else (),
         image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
         max_steps=max_steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, precision=precision,

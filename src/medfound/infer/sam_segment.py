@@ -6,6 +6,8 @@ the array, as ``medfound data inspect`` reports shapes) and mapped into the squa
 A model trained on zoomed views (the conv SAM shipped with medfound, ``box_zoom`` in its config)
 sees a box prompt in a square crop ``box_zoom`` times the box's size, cut from the full-resolution
 slice: small structures get the whole input, and the mask comes back at the slice's resolution.
+An encoder that runs at any input size (LiteMedSAM's TinyViT) may take that crop at a smaller side
+(``box_size`` in its config): a crop around one structure needs fewer pixels than the whole slice.
 On a volume, a box on one slice can be propagated: each neighbour is prompted with the box of the
 mask found on the slice before it, until the structure ends.
 """
@@ -17,6 +19,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from medfound.data.box_crop import box_window
 from medfound.data.normalize import apply_bounds, intensity_bounds
 from medfound.data.slicing import SquareGeometry, from_square, square_coords, to_square
 from medfound.device import inference_precision
@@ -59,9 +62,11 @@ class SamSession:
     """One image (2D, or a volume sliced along ``axis``) and a SAM, with an embedding cache."""
 
     def __init__(self, sam, image: MedImage, image_size: int, axis: int = 2, cache_size: int = 64,
-                 modality: str | None = None, box_zoom: float | None = None, precision: str = "32"):
+                 modality: str | None = None, box_zoom: float | None = None, precision: str = "32",
+                 box_size: int | None = None):
         self.sam, self.image, self.size, self.axis = sam, image, image_size, axis
         self.box_zoom = box_zoom
+        self.box_size = box_size or image_size  # the input side of a box's zoomed crop
         self.bounds = intensity_bounds(image.array, modality or image.modality)
         self._cache: OrderedDict[int, tuple[torch.Tensor, SquareGeometry]] = OrderedDict()
         self.cache_size = cache_size
@@ -75,7 +80,7 @@ class SamSession:
         (``precision``, when given, overrides the model's own)."""
         settings = config.get("inference", {})
         return cls(sam, image, config["image_size"], axis=axis, box_zoom=settings.get("box_zoom"),
-                   precision=precision or settings.get("precision", "32"))
+                   precision=precision or settings.get("precision", "32"), box_size=settings.get("box_size"))
 
     def _autocast(self):
         """bf16 autocast around the networks when the session runs in bf16 (masks come back in fp32)."""
@@ -131,7 +136,7 @@ class SamSession:
         emb, geom = self.embedding(k)
         return self._decode(emb, geom, box, points, labels)
 
-    def _decode(self, emb: torch.Tensor, geom: SquareGeometry, box, points, labels) -> np.ndarray:
+    def _decode(self, emb: torch.Tensor, geom: SquareGeometry, box, points, labels, size: int | None = None) -> np.ndarray:
         boxes = None
         if box is not None:
             corners = square_coords(np.array(box, np.float32).reshape(2, 2), geom).reshape(1, 4)
@@ -143,37 +148,28 @@ class SamSession:
                                device=self.device)
             pts = (xy, lab)
         with self._autocast():
-            logits = sam_view(decode(self.sam, emb, boxes, pts, self.size))[0, 0].float()
+            logits = sam_view(decode(self.sam, emb, boxes, pts, size or self.size))[0, 0].float()
         return from_square(logits, geom)
 
     def _logits_zoomed(self, k: int, box, points, labels) -> np.ndarray:
         """The box's neighbourhood (``box_zoom`` x its larger physical side, at least a quarter of the
         slice's extent) as the model's input; prompts shifted into the crop, the mask pasted back."""
         sl = apply_bounds(self.slice_array(k), self.bounds)
-        sp = np.array(self.spacing(), np.float64)
-        b = np.array(box, np.float64).reshape(2, 2)
-        lo, hi = b.min(0), b.max(0)
-        extent = np.array(sl.shape) * sp
-        side = max(float(((hi - lo + 1) * sp).max()) * self.box_zoom, 0.25 * float(extent.max()))
-        side = min(side, float(extent.max()))
-        n = np.maximum(1, np.round(side / sp)).astype(int)        # crop shape in pixels (square in mm)
-        start = np.round((lo + hi) / 2 - (n - 1) / 2).astype(int)  # crop origin in slice pixels
-        src_lo, src_hi = np.maximum(start, 0), np.minimum(start + n, sl.shape)
+        sp = self.spacing()
+        win = box_window(box, sl.shape, sp, self.box_zoom)
         out = np.full(sl.shape, -20.0, np.float32)  # outside the crop: certainly not the structure
-        if np.any(src_hi <= src_lo):
+        where = win.overlap(sl.shape)
+        if where is None:
             return out
-        in_slice = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))                  # the overlap, in the slice
-        in_crop = tuple(slice(a - o, b - o) for a, b, o in zip(src_lo, src_hi, start))  # the same pixels, in the crop
-        crop = np.zeros(tuple(n), np.float32)  # zero-padded where the crop leaves the slice
-        crop[in_crop] = sl[in_slice]
-        sq, geom = to_square(crop, tuple(sp), self.size)
+        crop = win.cut(sl)
+        sq, geom = to_square(crop, sp, self.box_size)
         with self._autocast():
             emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None].to(self.device))))
         self.encoder_calls += 1
-        shift = np.tile(start, 2)
-        pts = [list(np.asarray(p, np.float64) - start) for p in points] if points else None
-        m = self._decode(emb, geom, np.asarray(box, np.float64) - shift, pts, labels)
-        out[in_slice] = m[in_crop]
+        shift = np.tile(win.start, 2)
+        pts = [list(np.asarray(p, np.float64) - win.start) for p in points] if points else None
+        m = self._decode(emb, geom, np.asarray(box, np.float64) - shift, pts, labels, self.box_size)
+        out[where[0]] = m[where[1]]
         return out
 
     def propagate(self, k: int, box, max_slices: int | None = None, progress=None) -> np.ndarray:

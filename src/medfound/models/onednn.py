@@ -18,9 +18,13 @@ import torch.nn.functional as F
 
 
 def fusable(x: torch.Tensor) -> bool:
-    """Whether ``x`` can go through a fused oneDNN primitive (CPU float tensor, no autograd)."""
-    return (x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
-            and x.dtype in (torch.float32, torch.bfloat16))
+    """Whether ``x`` can go through a fused oneDNN primitive (CPU float tensor, no autograd; in bf16
+    only where the CPU has oneDNN's bf16 kernels: AVX512 or AVX-NE-CONVERT, which many AMD and older
+    Intel CPUs lack, while plain autocast still runs there)."""
+    if not (x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+            and x.dtype in (torch.float32, torch.bfloat16)):
+        return False
+    return _compute_dtype(x) != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

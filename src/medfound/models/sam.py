@@ -251,19 +251,20 @@ def to_sam_input(slices: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def dense_pe(prompt_encoder) -> torch.Tensor:
-    """The prompt encoder's positional encoding of the embedding grid (1, C, h, w), kept between
-    prompts: it depends only on a fixed random buffer, and recomputing it is a sizeable part of a
-    click's cost on a CPU. Recomputed when that buffer changes (a load, a move to another device).
-    Always computed in fp32, so that a bf16 session's autocast never decides what every later caller gets."""
+def dense_pe(prompt_encoder, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """The prompt encoder's positional encoding of an embedding grid (1, C, h, w) (its own grid by
+    default), kept between prompts: it depends only on a fixed random buffer, and recomputing it is
+    a sizeable part of a click's cost on a CPU. Recomputed when that buffer changes (a load, a move to
+    another device). Always computed in fp32, so that a bf16 session's autocast never decides what
+    every later caller gets."""
+    grid = tuple(grid or prompt_encoder.image_embedding_size)
     gauss = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-    key = (gauss.data_ptr(), gauss._version, gauss.device)
-    cached = getattr(prompt_encoder, "_medfound_dense_pe", None)
-    if cached is None or cached[0] != key:
+    key = (gauss.data_ptr(), gauss._version, gauss.device, grid)
+    cache = prompt_encoder.__dict__.setdefault("_medfound_dense_pe", {})
+    if cache.get(grid, (None,))[0] != key:
         with torch.no_grad(), torch.autocast(gauss.device.type, enabled=False):
-            cached = (key, prompt_encoder.get_dense_pe())
-        prompt_encoder._medfound_dense_pe = cached
-    return cached[1]
+            cache[grid] = (key, prompt_encoder.pe_layer(grid).unsqueeze(0))
+    return cache[grid][1]
 
 
 def decode(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
@@ -271,13 +272,21 @@ def decode(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
     """Mask logits (1, 1, S, S) for one image embedding (1, C, h, w) and its prompts (in pixels).
     Clicks alone are ambiguous (a part, the structure, its surroundings): a model whose decoder was
     trained with three outputs (``sam.multimask_clicks``) answers them with the one its IoU head scores best."""
-    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    pe = sam.prompt_encoder
+    size = size or sam.image_encoder.img_size
+    grid = tuple(embedding.shape[-2:])
+    scale = pe.input_image_size[0] / size
+    if scale != 1:  # an input of another size (an encoder that runs at any size): pixel centres to the prompt encoder's
+        boxes = None if boxes is None else (boxes + 0.5) * scale - 0.5
+        points = None if points is None else ((points[0] + 0.5) * scale - 0.5, points[1])
+    sparse, dense = pe(points=points, boxes=boxes, masks=None)
+    if grid != tuple(dense.shape[-2:]):  # no mask prompt: the same learned vector at every position
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(dense.shape[0], -1, *grid)
     multi = boxes is None and points is not None and getattr(sam, "multimask_clicks", False)
-    low, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=dense_pe(sam.prompt_encoder),
+    low, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=dense_pe(pe, grid),
                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multi)
     if multi:  # (B, 3, h, w) -> the best-scoring of the three, (B, 1, h, w)
         low = low[torch.arange(low.shape[0]), iou.argmax(dim=1)][:, None]
-    size = size or sam.image_encoder.img_size
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
 

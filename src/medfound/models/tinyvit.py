@@ -8,11 +8,15 @@ idea, in segment-anything's style. Parameter names follow the released state dic
 The LiteMedSAM variant (256x256 input, 256x64x64 embedding) differs from the TinyViT paper in two
 ways that its weights depend on: the patch embedding is two 1x1 convolutions at full resolution (no
 stride), and the last merge keeps the resolution, so the stages run at 256, 128, 64 and 64 pixels.
+No weight depends on the input side (attention biases are per offset inside a window), so the same
+network runs on any square input whose side divides by 4: each block reads its map's side from its
+token count. A 128 px input costs about a quarter of a 256 px one (``infer.sam_segment``'s box crops).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,15 +49,18 @@ class TinyViTConfig:
         """Back from :meth:`as_dict` as stored in a config.json (lists -> tuples; a ``type`` key ignored)."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-    @property
-    def resolutions(self) -> list[int]:
-        """Feature-map side of each stage: halved by each merge except the last."""
-        s = self.image_size
-        return [s, s // 2, s // 4, s // 4]
+
+def token_side(x: torch.Tensor) -> int:
+    """The side of the square map that tokens (B, side*side, C) come from."""
+    side = math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+        raise ValueError(f"TinyViT runs on square maps; got {x.shape[1]} tokens")
+    return side
 
 
-def to_map(x: torch.Tensor, side: int) -> torch.Tensor:
+def to_map(x: torch.Tensor, side: int | None = None) -> torch.Tensor:
     """Tokens (B, side*side, C) -> map (B, C, side, side), a channels-last view (no copy)."""
+    side = side or token_side(x)
     return x.view(x.shape[0], side, side, x.shape[2]).permute(0, 3, 1, 2)
 
 
@@ -115,16 +122,15 @@ class PatchMerging(nn.Module):
     """Between stages: 1x1 to the next width, depthwise 3x3 (stride 2, or 1 before the last stage),
     1x1. Takes (B, C, H, W) or tokens (B, H*W, C); returns tokens (B, H'*W', C')."""
 
-    def __init__(self, resolution: int, dim: int, out_dim: int, stride: int):
+    def __init__(self, dim: int, out_dim: int, stride: int):
         super().__init__()
-        self.resolution = resolution
         self.conv1 = ConvBN(dim, out_dim)
         self.conv2 = ConvBN(out_dim, out_dim, 3, stride=stride, groups=out_dim)
         self.conv3 = ConvBN(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
-            x = to_map(x, self.resolution)
+            x = to_map(x)
         return to_tokens(self.conv3(self.conv2(self.conv1(x, act="gelu"), act="gelu")))
 
 
@@ -169,16 +175,16 @@ class TinyViTBlock(nn.Module):
     """Window attention (zero-padded to whole windows), a depthwise 3x3 conv-BN, an MLP; residuals
     around the attention and the MLP."""
 
-    def __init__(self, dim: int, resolution: int, heads: int, window: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, window: int, mlp_ratio: float):
         super().__init__()
-        self.resolution, self.window = resolution, window
+        self.window = window
         self.attn = WindowAttention(dim, heads, window)
         self.local_conv = ConvBN(dim, dim, 3, groups=dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+    def _windows(self, x: torch.Tensor, side: int) -> torch.Tensor:
         b, n, c = x.shape
-        h = w = self.resolution
+        h = w = side
         ws = self.window
         x = x.view(b, h, w, c)
         ph, pw = (-h) % ws, (-w) % ws
@@ -191,8 +197,9 @@ class TinyViTBlock(nn.Module):
         return x[:, :h, :w].reshape(b, n, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H*W, C)
-        x = x + (self.attn(x) if self.resolution == self.window else self._windows(x))
-        x = to_tokens(self.local_conv(to_map(x, self.resolution)))
+        side = token_side(x)
+        x = x + (self.attn(x) if side == self.window else self._windows(x, side))
+        x = to_tokens(self.local_conv(to_map(x, side)))
         return x + self.mlp(x)
 
 
@@ -239,16 +246,16 @@ class TinyViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.img_size = cfg.image_size
-        dims, res = cfg.embed_dims, cfg.resolutions
+        dims = cfg.embed_dims
         self.patch_embed = PatchEmbed(3, dims[0])
         layers = []
         for i, (dim, depth) in enumerate(zip(dims, cfg.depths)):
             last = i == len(dims) - 1
-            down = None if last else PatchMerging(res[i], dim, dims[i + 1], stride=1 if i == len(dims) - 2 else 2)
+            down = None if last else PatchMerging(dim, dims[i + 1], stride=1 if i == len(dims) - 2 else 2)
             if i == 0:
                 blocks = [MBConv(dim, cfg.mbconv_expand) for _ in range(depth)]
             else:
-                blocks = [TinyViTBlock(dim, res[i], cfg.num_heads[i], cfg.window_sizes[i], cfg.mlp_ratio)
+                blocks = [TinyViTBlock(dim, cfg.num_heads[i], cfg.window_sizes[i], cfg.mlp_ratio)
                           for _ in range(depth)]
             layers.append(Stage(blocks, down))
         self.layers = nn.ModuleList(layers)
@@ -283,7 +290,7 @@ class TinyViT(nn.Module):
         layer = self.layers[i]
         for blk in layer.blocks:
             x = blk(x)
-        out = x if x.ndim == 4 else to_map(x, self.cfg.resolutions[i])
+        out = x if x.ndim == 4 else to_map(x)
         return out, (layer.downsample(x) if layer.downsample is not None else x)
 
     def prefix(self, x: torch.Tensor, stages: int) -> torch.Tensor:
@@ -310,4 +317,4 @@ class TinyViT(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) SAM-normalised
-        return self.forward_from(self.stem(x), 0)  # (B, 256, 64, 64)
+        return self.forward_from(self.stem(x), 0)  # (B, 256, S/4, S/4)

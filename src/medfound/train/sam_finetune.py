@@ -11,6 +11,10 @@ then embedded once and its embedding reused by every structure and step (keyed b
 content, so the same image under several atlases is embedded once), which makes adapting an
 expensive encoder such as LiteMedSAM's affordable on a CPU. LoRA on TinyViT's later stages only
 (``lora_stages``) caches the same way what comes before them, the full-resolution stage above all.
+
+With ``box_zoom`` a box sample is shown as inference shows it (``data.box_crop``): the box's
+neighbourhood cut from the slice and resized to ``box_size`` (LiteMedSAM's encoder runs at any
+size; 128 px costs a quarter of 256). Each crop is new, so its embedding is computed, not cached.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from monai.losses import DiceCELoss
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from medfound.data.box_crop import box_window
 from medfound.data.labeled import case_slices, label_lut, split_cases, training_classes
 from medfound.data.nnunet import NnUNetDataset
 from medfound.data.prompts import correction_point, jittered_box, sample_points
+from medfound.data.slicing import square_coords, to_square
 from medfound.errors import InputError
 from medfound.io.atomic import atomic_file, write_text
 from medfound.models.lora import count_parameters
@@ -57,6 +63,8 @@ class SamFinetuneConfig:
     val_fraction: float = 0.2  # 0: every case trains (validation by excluded structures instead)
     exclude_labels: tuple[str, ...] = ()
     max_minutes: float | None = None  # stop and export after this wall time even if steps remain
+    box_zoom: float | None = None  # box samples on the box's neighbourhood, this many times its side
+    box_size: int | None = None  # ... resized to this input side (default image_size)
     init: str | None = None  # a SAM LoRA run (or a shipped one: litemedsam-adapted, -lora) on the same base to start from
     checkpoint_every: int = 100
     precision: str = "32"
@@ -138,24 +146,58 @@ class SamModule(L.LightningModule):
             return self.sam.image_encoder.forward_from(self.cache(x), self.first_stage)
         return self.sam.image_encoder(to_sam_input(sam_view(x)))
 
+    def embed_new(self, x: torch.Tensor) -> torch.Tensor:
+        """As :meth:`embed`, for inputs seen once (zoomed crops): nothing is cached."""
+        encoder, inp = self.sam.image_encoder, to_sam_input(sam_view(x))
+        with torch.set_grad_enabled(self.cfg.rank > 0 and torch.is_grad_enabled()):
+            if self.cfg.rank > 0 and self.first_stage:
+                with torch.no_grad():
+                    inp = encoder.prefix(inp, self.first_stage)
+                return encoder.forward_from(inp, self.first_stage)
+            return encoder(inp)
+
+    def zoomed(self, image: np.ndarray, mask: np.ndarray, box: np.ndarray):
+        """(crop (box_size, box_size), its mask, the box in crop pixels (1, 4)) around a box on a bank
+        slice (square pixels), as ``infer.sam_segment`` cuts it."""
+        win = box_window(box, mask.shape, (1.0, 1.0), self.cfg.box_zoom)
+        size = self.cfg.box_size or self.cfg.image_size
+        crop, geom = to_square(win.cut(image), (1.0, 1.0), size)
+        target, _ = to_square(win.cut(mask.astype(np.float32)), (1.0, 1.0), size, nearest=True)
+        corners = square_coords((box - np.tile(win.start, 2)).reshape(2, 2), geom).reshape(1, 4)
+        return crop, target > 0.5, torch.from_numpy(corners)
+
     def training_step(self, batch, _):
         x, masks = batch
-        emb = self.embed(x)
-        S = x.shape[-1]
+        prompts = [simulate_prompt(masks[b].cpu().numpy(), self.cfg.prompt, self.rng) for b in range(x.shape[0])]
+        # (input (1, 1, S, S) or None, mask, boxes, points) per sample; a zoomed box sample gets its crop
+        samples = []
+        for b, (boxes, points) in enumerate(prompts):
+            if self.cfg.box_zoom and boxes is not None:
+                crop, m, cbox = self.zoomed(x[b, 0].cpu().numpy(), masks[b].cpu().numpy(), boxes[0].numpy())
+                samples.append((torch.from_numpy(crop)[None, None], m, cbox, points))
+            else:
+                samples.append((None, masks[b].cpu().numpy(), boxes, points))
+        full = [b for b, s in enumerate(samples) if s[0] is None]
+        crops = [b for b, s in enumerate(samples) if s[0] is not None]
+        emb: dict[int, torch.Tensor] = {}
+        if full:
+            emb.update(zip(full, self.embed(x[full])))
+        if crops:
+            emb.update(zip(crops, self.embed_new(torch.cat([samples[b][0] for b in crops]).to(x.device))))
         losses = []
-        for b in range(x.shape[0]):
-            m = masks[b].cpu().numpy()
-            boxes, points = simulate_prompt(m, self.cfg.prompt, self.rng)
+        for b, (crop, m, boxes, points) in enumerate(samples):
+            S = x.shape[-1] if crop is None else crop.shape[-1]
             boxes = boxes.to(x.device) if boxes is not None else None
             points = tuple(t.to(x.device) for t in points) if points is not None else None
-            logits = sam_view(decode(self.sam, emb[b:b + 1], boxes, points, S))
-            target = masks[b][None, None].float()
+            e = emb[b][None]
+            logits = sam_view(decode(self.sam, e, boxes, points, S))
+            target = torch.from_numpy(m)[None, None].float().to(x.device)
             losses.append(self.loss(logits, target))
             if self.rng.random() < 0.5:  # one interactive correction round
                 click = correction_point((logits[0, 0] > 0).detach().cpu().numpy(), m, self.rng)
                 if click is not None:
                     pts = append_point(points, click[0], click[1], x.device)
-                    logits2 = sam_view(decode(self.sam, emb[b:b + 1], boxes, pts, S))
+                    logits2 = sam_view(decode(self.sam, e, boxes, pts, S))
                     losses.append(self.loss(logits2, target))
         loss = torch.stack(losses).mean()
         self.log("train/loss", loss, prog_bar=True)
@@ -210,6 +252,8 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
     out = Path(out)
     if cfg.prompt not in ("box", "point", "both"):
         raise InputError(None, f"--prompt must be box, point or both, got {cfg.prompt!r}")
+    if cfg.box_zoom is not None and not (cfg.box_zoom >= 1 and (cfg.box_size or 16) % 16 == 0):
+        raise InputError(None, "--box-zoom must be at least 1 and --box-size a multiple of 16")
     last = out / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise InputError(last, "nothing to resume from (no last checkpoint in the run folder)")
@@ -217,6 +261,8 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
     if len(datasets) > 1 and cfg.val_fraction > 0:
         cfg.val_fraction = 0.0  # several datasets: all cases train; validate on --exclude-label structures
     sam, base_info = load_sam(base, cfg.image_size)
+    if cfg.box_size not in (None, cfg.image_size) and base != "litemedsam":
+        raise InputError(None, "--box-size other than --image-size needs an encoder that runs at any size (--base litemedsam)")
     add_sam_lora(sam, cfg.rank, tuple(cfg.targets), train_prompt_encoder=cfg.train_prompt_encoder,
                  stages=tuple(cfg.lora_stages))
     if cfg.init:
@@ -251,6 +297,8 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
                        "excluded_labels": list(cfg.exclude_labels)},
               "training": {"steps": int(trainer.global_step), "trainable_parameters": trainable,
                            "total_parameters": total, "seconds": round(time.time() - t0, 1)}}
+    if cfg.box_zoom:  # answered as trained: a box on its zoomed crop
+        config["inference"] = {"box_zoom": cfg.box_zoom, "box_size": cfg.box_size or cfg.image_size}
     if trainer.is_global_zero:
         with atomic_file(out / ADAPTER_FILE) as tmp:
             save_file(trained_state(sam), str(tmp), metadata={"producer": "medfound", "kind": "sam-lora"})
