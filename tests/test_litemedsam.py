@@ -228,13 +228,14 @@ def test_shipped_adapted_litemedsam_loads_on_the_installed_base():
 
     sam, cfg = load_sam_model("litemedsam-adapted")
     assert cfg["adapted"] and cfg["rank"] == 0 and cfg["base"]["base"] == "litemedsam"
+    assert cfg["inference"] == {"box_zoom": 2.0, "box_size": 128}  # boxes answered on a 128 px crop
     base, _ = litemedsam.load_litemedsam()
     enc = "image_encoder.layers.2.blocks.0.attn.qkv.weight"
     assert torch.equal(sam.state_dict()[enc], base.state_dict()[enc])  # encoder as released
     dec = "mask_decoder.output_upscaling.0.weight"
     assert not torch.equal(sam.state_dict()[dec], base.state_dict()[dec])  # decoder adapted
     lora, cfg = load_sam_model("litemedsam-lora")
-    assert cfg["rank"] == 4 and cfg["lora_stages"] == [2, 3] and cfg["init"] == "litemedsam-adapted"
+    assert cfg["rank"] == 4 and cfg["lora_stages"] == [2, 3] and "inference" not in cfg
     state = lora.state_dict()
     assert {k.split(".blocks")[0] for k in state if "lora_" in k} == {"image_encoder.layers.2", "image_encoder.layers.3"}
     qkv = "image_encoder.layers.{}.blocks.0.attn.qkv.weight"

@@ -58,8 +58,11 @@ def _cpu_model() -> str:
 
 
 def machine() -> dict:
-    """What a benchmark ran on: torch, its thread count, the CPU model and the GPU if there is one."""
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model()}
+    """What a benchmark ran on: torch, its thread count, the CPU model, its vector extension as torch
+    sees it (AVX2 or AVX512: the same model name covers both on shared VMs, and bf16 runs natively only
+    on the second) and the GPU if there is one."""
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -163,8 +163,8 @@ SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 Neuromorphometrics", "MNI
                 ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"),
                 ("validation (15 non-held-out AAL structures never trained on)", "validation"))
 SAM_MODELS = (("small SAM", "smallsam"), ("LiteMedSAM", "litemedsam"),
-              ("LiteMedSAM, decoder adapted", "litemedsam_decoder"),
-              ("LiteMedSAM, LoRA on stages 2-3 + decoder", "litemedsam_lora"))
+              ("LiteMedSAM, decoder adapted on box crops", "litemedsam_decoder"),
+              ("LiteMedSAM, LoRA on stages 2-3 + decoder adapted on whole slices", "litemedsam_lora"))
 
 
 def sam_prompts(d: Data) -> str:
@@ -318,7 +318,7 @@ def label_efficiency_paired(d: Data) -> str:
 #: (who drew the masks, file stem in data/incontext) of the prompt-defined example sets measured
 PROMPT_SETS = (("the shipped small SAM", "heldout_aal_support_prompts", "2: build"),
                ("LiteMedSAM, decoder adapted", "heldout_aal_support_prompts_litemedsam_adapted", "1 + 2"),
-               ("LiteMedSAM, decoder adapted + LoRA in the encoder", "heldout_aal_support_prompts_litemedsam_lora", "1 + 2"))
+               ("LiteMedSAM, LoRA in the encoder + decoder", "heldout_aal_support_prompts_litemedsam_lora", "1 + 2"))
 
 
 def support_prompts(d: Data) -> str:
@@ -536,8 +536,9 @@ def query_box_validation(d: Data) -> str:
 #: (row label, path, model file stem in data/sam)
 PATH_SAM_ROWS = (("box's inscribed ellipse (floor)", "—", "ellipse"),
                  ("LiteMedSAM zero-shot", "1: adapt", "litemedsam"),
-                 ("LiteMedSAM, mask decoder adapted (`litemedsam-adapted`)", "1: adapt", "litemedsam_decoder"),
-                 ("LiteMedSAM, that decoder + LoRA on TinyViT stages 2-3 (`litemedsam-lora`)", "1: adapt", "litemedsam_lora"),
+                 ("LiteMedSAM, mask decoder adapted on box crops (`litemedsam-adapted`)", "1: adapt", "litemedsam_decoder"),
+                 ("LiteMedSAM, LoRA on TinyViT stages 2-3 + decoder adapted on whole slices (`litemedsam-lora`)", "1: adapt",
+                  "litemedsam_lora"),
                  ("small SAM trained on the sample atlases (shipped default)", "2: build", "smallsam"))
 PATH_SAM_COLUMNS = (("MNI152 AAL", "MNI152_AAL", "box"), ("MNI152 AAL", "MNI152_AAL", "1 point"),
                     ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics", "box"),
