@@ -259,7 +259,7 @@ def dense_pe(prompt_encoder, grid: tuple[int, int] | None = None) -> torch.Tenso
     every later caller gets."""
     grid = tuple(grid or prompt_encoder.image_embedding_size)
     gauss = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-    key = (gauss.data_ptr(), gauss._version, gauss.device, grid)
+    key = (gauss.data_ptr(), gauss._version, gauss.device)
     cache = prompt_encoder.__dict__.setdefault("_medfound_dense_pe", {})
     if cache.get(grid, (None,))[0] != key:
         with torch.no_grad(), torch.autocast(gauss.device.type, enabled=False):

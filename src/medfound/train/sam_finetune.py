@@ -132,29 +132,27 @@ class SamModule(L.LightningModule):
         self.loss = DiceCELoss(sigmoid=True)
         self.rng = np.random.default_rng(cfg.seed)
         encoder = sam.image_encoder
-        self.cache, self.first_stage = None, 0
-        if cfg.rank == 0:
-            self.cache = FrozenCache(encoder)
+        # the frozen part of the encoder (SAM input -> its output): all of it at rank 0, the stages
+        # before the adapted ones with --lora-stages, nothing when every stage is adapted
+        self.frozen, self.first_stage = None, 0
+        if cfg.rank == 0:  # a function, not the module: an attribute module would be registered twice
+            self.frozen = lambda inp: encoder(inp)
         elif cfg.lora_stages:  # TinyViT adapted from this stage on: everything before it is frozen
             self.first_stage = min(cfg.lora_stages)
-            self.cache = FrozenCache(lambda inp: encoder.prefix(inp, self.first_stage))
+            self.frozen = lambda inp: encoder.prefix(inp, self.first_stage)
+        self.cache = FrozenCache(self.frozen) if self.frozen is not None else None
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, S, S) -> (B, D, S/4, S/4)
-        if self.cfg.rank == 0:
-            return self.cache(x)
-        if self.cache is not None:
-            return self.sam.image_encoder.forward_from(self.cache(x), self.first_stage)
-        return self.sam.image_encoder(to_sam_input(sam_view(x)))
-
-    def embed_new(self, x: torch.Tensor) -> torch.Tensor:
-        """As :meth:`embed`, for inputs seen once (zoomed crops): nothing is cached."""
-        encoder, inp = self.sam.image_encoder, to_sam_input(sam_view(x))
-        with torch.set_grad_enabled(self.cfg.rank > 0 and torch.is_grad_enabled()):
-            if self.cfg.rank > 0 and self.first_stage:
-                with torch.no_grad():
-                    inp = encoder.prefix(inp, self.first_stage)
-                return encoder.forward_from(inp, self.first_stage)
-            return encoder(inp)
+    def embed(self, x: torch.Tensor, cached: bool = True) -> torch.Tensor:  # (B, 1, S, S) -> (B, D, S/4, S/4)
+        """The embedding of slices; the frozen part is cached per distinct slice unless ``cached`` is
+        False (zoomed crops, each seen once)."""
+        if self.frozen is None:
+            return self.sam.image_encoder(to_sam_input(sam_view(x)))
+        if cached:
+            frozen = self.cache(x)
+        else:
+            with torch.no_grad():
+                frozen = self.frozen(to_sam_input(sam_view(x)))
+        return frozen if self.cfg.rank == 0 else self.sam.image_encoder.forward_from(frozen, self.first_stage)
 
     def zoomed(self, image: np.ndarray, mask: np.ndarray, box: np.ndarray):
         """(crop (box_size, box_size), its mask, the box in crop pixels (1, 4)) around a box on a bank
@@ -183,7 +181,7 @@ class SamModule(L.LightningModule):
         if full:
             emb.update(zip(full, self.embed(x[full])))
         if crops:
-            emb.update(zip(crops, self.embed_new(torch.cat([samples[b][0] for b in crops]).to(x.device))))
+            emb.update(zip(crops, self.embed(torch.cat([samples[b][0] for b in crops]).to(x.device), cached=False)))
         losses = []
         for b, (crop, m, boxes, points) in enumerate(samples):
             S = x.shape[-1] if crop is None else crop.shape[-1]
