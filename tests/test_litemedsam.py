@@ -175,6 +175,8 @@ def test_box_zoom_trains_on_crops_and_answers_a_box_at_128_px(tmp_path, model, s
     assert pred.shape == truth.shape[:2] and dice > 0.7, dice
     r = run_cli(*args, "--box-size", "100", "--output", tmp_path / "bad")
     assert r.returncode == 2 and "--box-size" in r.stderr and not (tmp_path / "bad").exists()
+    r = run_cli(*args[:-2], "--box-size", "128", "--output", tmp_path / "bad")  # a crop's side, no crop
+    assert r.returncode == 2 and "--box-zoom" in r.stderr and not (tmp_path / "bad").exists()
 
 
 @needs_weights

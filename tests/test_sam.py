@@ -89,6 +89,13 @@ def test_embedding_cache_reuses_encoder(tiny_pth):
     assert s.encoder_calls == 1
     s.segment(3, box=(5, 5, 30, 30))
     assert s.encoder_calls == 2
+    z = SamSession(sam.eval(), image, 64, box_zoom=2.0)  # a box answered on its crop
+    alone = z.logits(2, box=(10, 10, 20, 20))
+    clicked = z.logits(2, box=(10, 10, 20, 20), points=[(12, 12)], labels=[0])
+    assert z.encoder_calls == 1 and not np.allclose(alone, clicked)  # the click reuses the box's crop
+    z.segment(2, box=(8, 10, 22, 20))
+    z.segment(3, box=(8, 10, 22, 20))
+    assert z.encoder_calls == 3  # another window, another slice: new crops
 
 
 @pytest.mark.slow

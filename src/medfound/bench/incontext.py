@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
             batch = query.expand(args.batch, -1, -1, -1)
             batched_ms = mean_ms(lambda: first_pass(plain, batch), max(2, args.repeats // 4)) / args.batch
             refined_ms = mean_ms(lambda: refined(plain, plain_window), args.repeats)
-            del plain, plain_window
+            plain = plain_window = None  # freed before the mirrored encodings
             mirrored, mirrored_window = SupportEncodings(model, supports, cpu, True), SupportEncodings(model, windows, cpu, True)
             mirrored.encode(0), mirrored_window.encode(0)
             flip_ms = mean_ms(lambda: refined(mirrored, mirrored_window), args.repeats)
             batched_flip_ms = mean_ms(lambda: refined(mirrored, mirrored_window, args.batch),
                                       max(2, args.repeats // 4)) / args.batch
-            del mirrored, mirrored_window
+            mirrored = mirrored_window = None
             result["results"].append({"supports": n, "query_ms": round(query_ms, 2), "batched_query_ms": round(batched_ms, 2),
                                       "refined_query_ms": round(refined_ms, 2), "refined_flip_query_ms": round(flip_ms, 2),
                                       "batched_refined_flip_query_ms": round(batched_flip_ms, 2),

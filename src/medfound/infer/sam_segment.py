@@ -70,6 +70,7 @@ class SamSession:
         self.bounds = intensity_bounds(image.array, modality or image.modality)
         self._cache: OrderedDict[int, tuple[torch.Tensor, SquareGeometry]] = OrderedDict()
         self.cache_size = cache_size
+        self._crop: tuple[tuple, torch.Tensor, SquareGeometry] | None = None  # the last box crop's embedding
         self.encoder_calls = 0
         self.device = next(sam.parameters()).device
         self.precision = inference_precision(precision, self.device)
@@ -161,11 +162,15 @@ class SamSession:
         where = win.overlap(sl.shape)
         if where is None:
             return out
-        crop = win.cut(sl)
-        sq, geom = to_square(crop, sp, self.box_size)
-        with self._autocast():
-            emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None].to(self.device))))
-        self.encoder_calls += 1
+        key = (k, tuple(int(v) for v in win.start), win.shape)
+        if self._crop is not None and self._crop[0] == key:  # the same box, corrected by clicks
+            emb, geom = self._crop[1:]
+        else:
+            sq, geom = to_square(win.cut(sl), sp, self.box_size)
+            with self._autocast():
+                emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None].to(self.device))))
+            self.encoder_calls += 1
+            self._crop = (key, emb, geom)
         shift = np.tile(win.start, 2)
         pts = [list(np.asarray(p, np.float64) - win.start) for p in points] if points else None
         m = self._decode(emb, geom, np.asarray(box, np.float64) - shift, pts, labels, self.box_size)

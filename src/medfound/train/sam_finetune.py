@@ -252,6 +252,8 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
         raise InputError(None, f"--prompt must be box, point or both, got {cfg.prompt!r}")
     if cfg.box_zoom is not None and not (cfg.box_zoom >= 1 and (cfg.box_size or 16) % 16 == 0):
         raise InputError(None, "--box-zoom must be at least 1 and --box-size a multiple of 16")
+    if cfg.box_size is not None and cfg.box_zoom is None:
+        raise InputError(None, "--box-size sets the side of the box's crop: give --box-zoom with it")
     last = out / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise InputError(last, "nothing to resume from (no last checkpoint in the run folder)")
