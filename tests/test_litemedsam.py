@@ -237,7 +237,7 @@ def test_shipped_adapted_litemedsam_loads_on_the_installed_base():
     dec = "mask_decoder.output_upscaling.0.weight"
     assert not torch.equal(sam.state_dict()[dec], base.state_dict()[dec])  # decoder adapted
     lora, cfg = load_sam_model("litemedsam-lora")
-    assert cfg["rank"] == 4 and cfg["lora_stages"] == [2, 3] and "inference" not in cfg
+    assert cfg["rank"] == 4 and cfg["lora_stages"] == [2, 3] and cfg["inference"] == {"box_zoom": 2.0, "box_size": 128}
     state = lora.state_dict()
     assert {k.split(".blocks")[0] for k in state if "lora_" in k} == {"image_encoder.layers.2", "image_encoder.layers.3"}
     qkv = "image_encoder.layers.{}.blocks.0.attn.qkv.weight"

@@ -23,10 +23,8 @@ def _commands(text: str) -> list[list[str]]:
     return out
 
 
-def test_readme_commands_and_flags_exist():
+def _check_commands(cmds: list[list[str]]) -> None:
     root = typer.main.get_command(app)
-    cmds = _commands(README.read_text())
-    assert len(cmds) >= 10
     for words in cmds:
         cmd, i = root, 0
         while hasattr(cmd, "commands") and i < len(words) and words[i] in cmd.commands:
@@ -36,6 +34,23 @@ def test_readme_commands_and_flags_exist():
         for w in words[i:]:
             if w.startswith("-"):
                 assert w.split("=")[0] in known, f"`medfound {' '.join(words[:i])}` has no option {w}"
+
+
+def test_readme_commands_and_flags_exist():
+    cmds = _commands(README.read_text())
+    assert len(cmds) >= 10
+    _check_commands(cmds)
+
+
+def test_guides_name_real_commands_and_say_each_thing_once():
+    pages = sorted((README.parent / "docs" / "guide").glob("*.md"))
+    assert len(pages) >= 5
+    for page in pages:
+        text = page.read_text()
+        assert len(text.splitlines()) < 400, page.name
+        paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 80]
+        assert len(paragraphs) == len(set(paragraphs)), f"{page.name} repeats a paragraph"
+        _check_commands(_commands(text))
 
 
 def test_readme_is_a_short_guide_without_history():

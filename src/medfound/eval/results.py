@@ -164,7 +164,7 @@ SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 Neuromorphometrics", "MNI
                 ("validation (15 non-held-out AAL structures never trained on)", "validation"))
 SAM_MODELS = (("small SAM", "smallsam"), ("LiteMedSAM", "litemedsam"),
               ("LiteMedSAM, decoder adapted on box crops", "litemedsam_decoder"),
-              ("LiteMedSAM, LoRA on stages 2-3 + decoder adapted on whole slices", "litemedsam_lora"))
+              ("LiteMedSAM, LoRA on stages 2-3 + decoder, then both on box crops", "litemedsam_lora"))
 
 
 def sam_prompts(d: Data) -> str:
@@ -537,7 +537,7 @@ def query_box_validation(d: Data) -> str:
 PATH_SAM_ROWS = (("box's inscribed ellipse (floor)", "—", "ellipse"),
                  ("LiteMedSAM zero-shot", "1: adapt", "litemedsam"),
                  ("LiteMedSAM, mask decoder adapted on box crops (`litemedsam-adapted`)", "1: adapt", "litemedsam_decoder"),
-                 ("LiteMedSAM, LoRA on TinyViT stages 2-3 + decoder adapted on whole slices (`litemedsam-lora`)", "1: adapt",
+                 ("LiteMedSAM, LoRA on TinyViT stages 2-3 + decoder, trained on box crops (`litemedsam-lora`)", "1: adapt",
                   "litemedsam_lora"),
                  ("small SAM trained on the sample atlases (shipped default)", "2: build", "smallsam"))
 PATH_SAM_COLUMNS = (("MNI152 AAL", "MNI152_AAL", "box"), ("MNI152 AAL", "MNI152_AAL", "1 point"),

@@ -27,7 +27,8 @@ from medfound.models.sam_import import ImageEncoderViT, MaskDecoder, PromptEncod
 ADAPTER_FILE = "adapters.safetensors"
 #: the LiteMedSAM whose mask decoder medfound adapted on the sample datasets (shipped in weights/litemedsam_decoder)
 ADAPTED_LITEMEDSAM = "litemedsam-adapted"
-#: the same decoder trained on with LoRA on its TinyViT's stages 2 and 3 (shipped in weights/litemedsam_lora)
+#: LiteMedSAM with LoRA on its TinyViT's stages 2 and 3 and its decoder trained, whole slices then box crops
+#: (shipped in weights/litemedsam_lora)
 LORA_LITEMEDSAM = "litemedsam-lora"
 #: ``--model`` names of the adapted SAMs shipped inside the package -> their run folders under weights/
 SHIPPED_SAM_RUNS = {ADAPTED_LITEMEDSAM: "litemedsam_decoder", LORA_LITEMEDSAM: "litemedsam_lora"}
