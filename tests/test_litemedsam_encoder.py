@@ -111,6 +111,9 @@ def test_label_efficiency_with_several_encoders(tmp_path):
     bad = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"{enc}=sideways",
                   "--output", tmp_path / "exp2")
     assert bad.returncode == 2 and "sideways" in bad.stderr and not (tmp_path / "exp2").exists()
+    bad = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", "scratch", "--precision", "16",
+                  "--output", tmp_path / "exp2")
+    assert bad.returncode == 2 and "--precision" in bad.stderr and not (tmp_path / "exp2").exists()
 
 
 @needs_weights

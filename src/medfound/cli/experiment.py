@@ -10,6 +10,7 @@ import typer
 
 from medfound.cli.common import (
     FlipOpt,
+    PrecisionOpt,
     PriorOpt,
     RefineOpt,
     RegisterOpt,
@@ -34,9 +35,11 @@ def experiment_label_efficiency(
     image_size: Annotated[Optional[int], typer.Option(help="Slice size (default: the encoder's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Decoder learning rate.")] = 1e-3,
+    precision: PrecisionOpt = "bf16",
 ) -> None:
     """Dice vs label fraction, pretrained vs scratch (and LoRA vs full), with seeds and CIs."""
     from medfound.eval.experiments import arms_for, label_efficiency
+    from medfound.train.checkpoint import lightning_precision
     from medfound.train.finetune import FinetuneConfig
 
     try:
@@ -49,7 +52,8 @@ def experiment_label_efficiency(
     if any(m not in ("full", "linear", "lora") for m in mode_list):
         raise InputError(None, f"--modes takes full, linear, lora; got {modes!r}")
     arms_for(encoder, mode_list)  # bad --encoder lists fail before anything trains
-    base = FinetuneConfig(image_size=image_size, batch_size=batch_size, lr=lr)
+    lightning_precision(precision)  # a bad --precision fails before anything trains
+    base = FinetuneConfig(image_size=image_size, batch_size=batch_size, lr=lr, precision=precision)
     summary = label_efficiency(dataset, encoder, fr, seeds, out, mode_list, max_steps, ood_dataset, base)
     for r in summary:
         extra = f"  OOD {r['ood_dice_mean']:.3f}" if "ood_dice_mean" in r else ""
