@@ -30,5 +30,9 @@ def test_cut_pads_outside_the_slice_and_overlap_pastes_back():
     out = np.zeros_like(img)
     out[in_slice] = crop[in_crop]
     assert np.array_equal(out[in_slice], img[in_slice])
+    x, y = 3, 4  # a slice pixel lands on the crop pixel holding its value, for a point and a box alike
+    cx, cy = win.to_crop((x, y)).astype(int)
+    assert crop[cx, cy] == img[x, y]
+    assert np.array_equal(win.to_crop((x, y, x + 1, y + 2)), [cx, cy, cx + 1, cy + 2])
     far = box_window((500, 500, 510, 510), img.shape, (1.0, 1.0), zoom=1.0)
     assert far.overlap(img.shape) is None and not far.cut(img).any()

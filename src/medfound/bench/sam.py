@@ -105,7 +105,8 @@ def _litemedsam(a) -> dict:
         session.segment(1, points=[(128, 128)], labels=[1])
         click_ms = _time(lambda: session.segment(1, points=[(128, 128)], labels=[1]), max(5, a.repeats))
         results.append({"size": 256, "box_input_size": settings.get("box_size", cfg["image_size"]),
-                        "precision": "fp32" if precision == "32" else precision, "box_answer_ms": round(box_ms, 1), "click_on_cached_slice_ms": round(click_ms, 1)})
+                        "precision": "fp32" if precision == "32" else precision,
+                        "box_answer_ms": round(box_ms, 1), "click_on_cached_slice_ms": round(click_ms, 1)})
     out = {"benchmark": "sam", "variant": "litemedsam" + (f" + {a.adapter}" if a.adapter else ""), "inference": settings,
            "parameters": sum(p.numel() for p in sam.parameters()), "results": results, "machine": machine()}
     print(json.dumps(out))

@@ -29,6 +29,11 @@ class BoxWindow:
         return (tuple(slice(a, b) for a, b in zip(lo, hi)),
                 tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, self.start)))
 
+    def to_crop(self, coords) -> np.ndarray:
+        """Slice pixel coordinates (x, y pairs: a point, a box's corners, several points) in crop pixels."""
+        c = np.asarray(coords, np.float64)
+        return (c.reshape(-1, 2) - self.start).reshape(c.shape)
+
     def cut(self, slice2d: np.ndarray) -> np.ndarray:
         """The crop of ``slice2d`` (zero where the window leaves the slice)."""
         crop = np.zeros(self.shape, slice2d.dtype)

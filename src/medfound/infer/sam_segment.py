@@ -155,25 +155,23 @@ class SamSession:
     def _logits_zoomed(self, k: int, box, points, labels) -> np.ndarray:
         """The box's neighbourhood (``box_zoom`` x its larger physical side, at least a quarter of the
         slice's extent) as the model's input; prompts shifted into the crop, the mask pasted back."""
-        sl = apply_bounds(self.slice_array(k), self.bounds)
-        sp = self.spacing()
-        win = box_window(box, sl.shape, sp, self.box_zoom)
-        out = np.full(sl.shape, -20.0, np.float32)  # outside the crop: certainly not the structure
-        where = win.overlap(sl.shape)
+        shape, sp = self.slice_shape(k), self.spacing()
+        win = box_window(box, shape, sp, self.box_zoom)
+        out = np.full(shape, -20.0, np.float32)  # outside the crop: certainly not the structure
+        where = win.overlap(shape)
         if where is None:
             return out
         key = (k, tuple(int(v) for v in win.start), win.shape)
         if self._crop is not None and self._crop[0] == key:  # the same box, corrected by clicks
             emb, geom = self._crop[1:]
-        else:
-            sq, geom = to_square(win.cut(sl), sp, self.box_size)
+        else:  # the slice is read only for a new crop
+            sq, geom = to_square(win.cut(apply_bounds(self.slice_array(k), self.bounds)), sp, self.box_size)
             with self._autocast():
                 emb = self.sam.image_encoder(to_sam_input(sam_view(torch.from_numpy(sq)[None, None].to(self.device))))
             self.encoder_calls += 1
             self._crop = (key, emb, geom)
-        shift = np.tile(win.start, 2)
-        pts = [list(np.asarray(p, np.float64) - win.start) for p in points] if points else None
-        m = self._decode(emb, geom, np.asarray(box, np.float64) - shift, pts, labels, self.box_size)
+        pts = list(win.to_crop(points)) if points else None
+        m = self._decode(emb, geom, win.to_crop(box), pts, labels, self.box_size)
         out[where[0]] = m[where[1]]
         return out
 

@@ -161,7 +161,7 @@ class SamModule(L.LightningModule):
         size = self.cfg.box_size or self.cfg.image_size
         crop, geom = to_square(win.cut(image), (1.0, 1.0), size)
         target, _ = to_square(win.cut(mask.astype(np.float32)), (1.0, 1.0), size, nearest=True)
-        corners = square_coords((box - np.tile(win.start, 2)).reshape(2, 2), geom).reshape(1, 4)
+        corners = square_coords(win.to_crop(box).reshape(2, 2), geom).reshape(1, 4)
         return crop, target > 0.5, torch.from_numpy(corners)
 
     def training_step(self, batch, _):
