@@ -17,6 +17,9 @@ from medfound.data.phantoms import PHANTOM_LABELS, make_phantom
 from medfound.errors import InputError
 from medfound.io import read_image
 from medfound.models.segmenter import load_segmenter
+from medfound.device import native_bf16
+from medfound.train.checkpoint import lightning_precision, training_precision
+from medfound.train.finetune import validation_interval
 
 FT = ["--encoder", "scratch:vit-micro", "--image-size", "48", "--max-steps", "6", "--val-every", "3",
       "--batch-size", "4", "--precision", "32"]
@@ -104,6 +107,28 @@ def test_predict_2d_png(tmp_path, dataset):
     r = run_cli("predict", "--model", run, "--input", tmp_path / "x.png", "--output", tmp_path / "o")
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.asarray(Image.open(tmp_path / "o" / "x.png")).shape == (50, 70)
+
+
+def test_validation_interval_ends_on_the_last_step():
+    # about five validations, the last one on the final step, so no trained step goes unvalidated
+    for steps in (150, 300, 500, 1000):
+        n = validation_interval(steps)
+        assert steps % n == 0 and 5 <= steps // n <= 10
+    assert validation_interval(150) == 30
+    assert validation_interval(3) == 1
+    assert validation_interval(7) == 1  # a prime: every step rather than skipping the end
+    assert validation_interval(500, every=100) == 100
+    assert validation_interval(40, every=100) == 40
+
+
+def test_auto_training_precision_is_bf16_only_where_native():
+    # a CPU without bf16 emulates it about ten times slower than fp32, so auto trains there in fp32
+    cpu = "bf16" if native_bf16(torch.device("cpu")) else "32"
+    assert training_precision("auto", "cpu") == cpu
+    assert lightning_precision("auto", "cpu") == {"bf16": "bf16-mixed", "32": "32-true"}[cpu]
+    assert training_precision("BF16", "cpu") == "bf16" and training_precision("32", "gpu") == "32"
+    with pytest.raises(InputError, match="--precision must be auto, bf16 or 32"):
+        training_precision("16")
 
 
 def test_split_by_case():

@@ -84,6 +84,7 @@ def test_sigkill_loses_at_most_one_interval(pool_shards, tmp_path):
     ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # never torn
     logged = len(_losses(run)) if (run / "logs" / "metrics.csv").exists() else ck["global_step"]
     assert ck["global_step"] >= 5 and ck["global_step"] % 5 == 0
+    assert logged - ck["global_step"] <= 5  # the steps logged before the kill, less the last checkpoint's
     assert not list((run / "checkpoints").glob(".*tmp*"))
     r = run_cli("pretrain", "--data", pool_shards, "--out", run, *ARGS, "--max-steps", str(ck["global_step"] + 5),
                 "--checkpoint-every", "5", "--resume")

@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     dev = a.device
-    c = VIT_CONFIGS[a.model]
     dec_w, dec_d, dec_h = 192, 4, 3  # the reference decoder, for every encoder size
     x = torch.rand(a.batch_size, 1, a.image_size, a.image_size, device=dev)
 

@@ -126,7 +126,7 @@ LrOpt = Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up t
 WarmupOpt = Annotated[int, typer.Option(help="Linear warm-up steps.")]
 MaxMinutesOpt = Annotated[Optional[float], typer.Option(help="Stop and export after this wall time even if steps remain.")]
 # The trainer options of every training command, defined once (Lightning's names and meanings).
-PrecisionOpt = Annotated[str, typer.Option(help="bf16 (mixed, bf16 autocast) or 32.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where the devices compute it natively: a GPU, a CPU with AMX or AVX512-BF16; else 32, since other CPUs emulate bf16 about 10x slower), bf16 (mixed, bf16 autocast) or 32.")]
 SamPrecisionOpt = Annotated[Optional[str], typer.Option(help="auto (bf16 where the device computes it natively: a GPU, a CPU with AMX or AVX512-BF16), bf16 or 32 (default: the model's own, 32 for every shipped SAM). bf16 roughly halves LiteMedSAM's time on a CPU and moves its masks a little.")]
 AcceleratorOpt = Annotated[str, typer.Option(help="cpu, gpu or auto.")]
 DevicesOpt = Annotated[str, typer.Option(help="Devices per node (number or auto).")]

@@ -35,7 +35,7 @@ def experiment_label_efficiency(
     image_size: Annotated[Optional[int], typer.Option(help="Slice size (default: the encoder's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Decoder learning rate.")] = 1e-3,
-    precision: PrecisionOpt = "bf16",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Dice vs label fraction, pretrained vs scratch (and LoRA vs full), with seeds and CIs."""
     from medfound.eval.experiments import arms_for, label_efficiency

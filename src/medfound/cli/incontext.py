@@ -66,7 +66,7 @@ def incontext_train(
     init: Annotated[Optional[Path], typer.Option(help="Start from this in-context run's weights.")] = None,
     encoder: Annotated[str, typer.Option(help="Shared encoder: 'conv' (small convolutional, trained from scratch), 'litemedsam' (LiteMedSAM's TinyViT, as GMISeg; scratch:tinyvit: random) or an MAE run folder from `medfound pretrain`; the last two frozen with LoRA adapters.")] = "conv",
     lora_rank: Annotated[int, typer.Option("--rank", help="LoRA rank on the encoder's attention (with --encoder litemedsam or RUN).")] = 4,
-    precision: PrecisionOpt = "bf16",
+    precision: PrecisionOpt = "auto",
     accelerator: AcceleratorOpt = "auto",
     devices: DevicesOpt = "auto",
     num_nodes: NumNodesOpt = 1,

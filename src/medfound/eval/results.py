@@ -161,24 +161,24 @@ def finetune_summary(d: Data) -> str:
 
 SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics"),
                 ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"),
-                ("validation (15 non-held-out AAL structures never trained on)", "validation"))
-SAM_MODELS = (("small SAM", "smallsam"), ("LiteMedSAM", "litemedsam"),
-              ("LiteMedSAM, decoder adapted on box crops", "litemedsam_decoder"),
-              ("LiteMedSAM, LoRA on stages 2-3 + decoder, then both on box crops", "litemedsam_lora"))
+                ("validation: non-held-out AAL, never trained on", "validation"))
+SAM_MODELS = (("small SAM (default)", "smallsam"), ("`litemedsam` (zero-shot)", "litemedsam"),
+              ("`litemedsam-adapted` (decoder trained on box crops)", "litemedsam_decoder"),
+              ("`litemedsam-lora` (LoRA on stages 2-3 + decoder, on box crops)", "litemedsam_lora"))
 
 
 def sam_prompts(d: Data) -> str:
     """Dice by prompt for every (dataset, model) whose ``sam evaluate`` CSV is in ``data/sam/MODEL_DATASET.csv``."""
-    columns = []
+    runs = []  # one row per (dataset, model): prompts side by side read across
     for dlabel, dname in SAM_DATASETS:
         for mlabel, mname in SAM_MODELS:
             path = d.root / "sam" / f"{mname}_{dname}.csv"
             if path.is_file():
                 rows = {r["prompt"]: r for r in _rows(path)}
-                columns.append((f"{dlabel}: {mlabel} ({next(iter(rows.values()))['n']})", rows))
-    prompts = list(dict.fromkeys(p for _, t in columns for p in t))
-    body = [[p, *(_f(float(t[p]["dice_mean"])) if p in t else "—" for _, t in columns)] for p in prompts]
-    return _table(["prompt", *(c for c, _ in columns)], body)
+                runs.append((f"{dlabel} ({next(iter(rows.values()))['n']})", mlabel, rows))
+    prompts = list(dict.fromkeys(p for *_, t in runs for p in t))
+    body = [[data, model, *(_f(float(t[p]["dice_mean"])) if p in t else "—" for p in prompts)] for data, model, t in runs]
+    return _table(["structures (n)", "model", *prompts], body)
 
 
 WEIGHT_VARIANTS = (("whole-slice training", "heldout_aal_whole_slice_weights"),

@@ -12,6 +12,7 @@ import torch
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from medfound.device import native_bf16
 from medfound.errors import InputError
 
 
@@ -25,12 +26,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def lightning_precision(name: str) -> str:
-    """The CLI's ``--precision`` (bf16 or 32) as Lightning names it; InputError otherwise."""
-    precision = {"bf16": "bf16-mixed", "32": "32-true"}.get(str(name))
-    if precision is None:
-        raise InputError(None, f"--precision must be bf16 or 32, got {name!r}")
-    return precision
+def training_precision(name: str, accelerator: str = "auto") -> str:
+    """The training ``--precision`` (auto, bf16 or 32) resolved to bf16 or 32; InputError otherwise.
+    ``auto`` is bf16 where the devices compute it natively (a GPU; a CPU with AMX or AVX512-BF16) and
+    32 elsewhere: a CPU without bf16 emulates it about ten times slower than fp32."""
+    name = str(name).lower()
+    if name not in ("auto", "bf16", "32"):
+        raise InputError(None, f"--precision must be auto, bf16 or 32, got {name!r}")
+    if name != "auto":
+        return name
+    gpu = str(accelerator).lower() in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16" if native_bf16(torch.device("cuda" if gpu else "cpu")) else "32"
+
+
+def lightning_precision(name: str, accelerator: str = "auto") -> str:
+    """The training ``--precision`` as Lightning names it (see :func:`training_precision`)."""
+    return {"bf16": "bf16-mixed", "32": "32-true"}[training_precision(name, accelerator)]
 
 
 def run_folder_checkpoint(out: Path, resume: bool) -> Path:
@@ -56,7 +67,7 @@ class StepTrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
-    precision: str = "bf16"
+    precision: str = "auto"
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
@@ -119,7 +130,7 @@ def step_trainer(cfg: StepTrainConfig, out: Path, strategy: str | None = None):
     from lightning.pytorch.loggers import CSVLogger
 
     return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                     strategy=strategy or cfg.strategy, precision=lightning_precision(cfg.precision),
+                     strategy=strategy or cfg.strategy, precision=lightning_precision(cfg.precision, cfg.accelerator),
                      max_steps=cfg.max_steps, max_epochs=None,
                      max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
                      callbacks=[ModelCheckpoint(dirpath=Path(out) / "checkpoints", filename="step{step:08d}",

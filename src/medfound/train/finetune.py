@@ -33,7 +33,7 @@ from medfound.data.nnunet import NnUNetDataset
 from medfound.errors import InputError
 from medfound.models.lora import add_lora, count_parameters
 from medfound.models.segmenter import encoder_for, save_segmenter, segmenter_for, size_multiple
-from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision
+from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision, training_precision
 
 
 @dataclass
@@ -51,8 +51,8 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     image_size: int | None = None
     axis: int = 2
-    val_every: int = 100
-    precision: str = "bf16"
+    val_every: int | None = None  # None: about five validations, the last at the final step
+    precision: str = "auto"
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
@@ -141,6 +141,18 @@ class FeatureCache(Dataset):
         return (x, y, *(f[i] for f in self.features))
 
 
+def validation_interval(max_steps: int, every: int | None = None) -> int:
+    """Steps between validations. Without `every`, about five evenly spaced validations whose last falls on
+    the final step, so the best checkpoint is chosen among them and no trained steps go unvalidated."""
+    if every is not None:
+        return max(1, min(every, max_steps))
+    fifth = max(1, max_steps // 5)
+    for n in range(fifth, max(1, max_steps // 10) - 1, -1):
+        if max_steps % n == 0:
+            return n
+    return fifth
+
+
 def caches_features(model: nn.Module, cfg: FinetuneConfig) -> bool:
     """Whether training embeds each slice once: a frozen encoder with a separate decoder."""
     return cfg.mode == "linear" and hasattr(model, "encode")
@@ -196,8 +208,8 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
     out.mkdir(parents=True, exist_ok=True)
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/dice", mode="max",
                            save_top_k=1, save_last=True)
-    precision = lightning_precision(cfg.precision)
-    trainer = L.Trainer(max_steps=cfg.max_steps, val_check_interval=min(cfg.val_every, cfg.max_steps),
+    precision = lightning_precision(cfg.precision, cfg.accelerator)
+    trainer = L.Trainer(max_steps=cfg.max_steps, val_check_interval=validation_interval(cfg.max_steps, cfg.val_every),
                         check_val_every_n_epoch=None, accelerator=cfg.accelerator, devices=cfg.devices,
                         num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=precision,
                         callbacks=[best], logger=CSVLogger(str(out), name="logs", version=""),
@@ -229,6 +241,7 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
                  "label_fraction": cfg.label_fraction, "train_slices": int(sum(len(c.images) for c in train)),
                  "heldout_labels_excluded": ds.heldout},
         "training": {"steps": int(trainer.global_step), "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                     "precision": training_precision(cfg.precision, cfg.accelerator),
                      "best_val_dice": float(best.best_model_score) if best.best_model_score is not None else None,
                      "trainable_parameters": trainable, "total_parameters": total,
                      "encoder_trainable_parameters": enc_trainable, "encoder_parameters": enc_total,

@@ -28,7 +28,7 @@ from medfound.models.incontext_weights import save_incontext
 from medfound.models.lora import count_parameters as count_trainable
 from medfound.models.tinyvit import TINYVIT_ENCODERS
 from medfound.train.checkpoint import (StepTrainConfig, device_name, fit_by_steps, run_folder_checkpoint, step_random,
-                                      step_trainer, warmup_cosine)
+                                      step_trainer, training_precision, warmup_cosine)
 
 SUPPORT_SIZES = (1, 2, 4, 8, 12, 16)
 
@@ -203,7 +203,8 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
              "lora_rank": cfg.lora_rank},
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
                          "global_batch": cfg.batch_size * trainer.world_size, "support_sizes": list(cfg.support_sizes),
-                         "synthetic_fraction": cfg.synthetic_fraction, "lr": cfg.lr, "precision": cfg.precision,
+                         "synthetic_fraction": cfg.synthetic_fraction, "lr": cfg.lr, 
+                         "precision": training_precision(cfg.precision, cfg.accelerator),
                          "world_size": trainer.world_size, "seconds": seconds, "device": device,
                          "datasets": summary["datasets"], "exclude_labels": list(cfg.exclude_labels),
                          "heldout_rule": "DESIGN.md held-out structures are never tasks",

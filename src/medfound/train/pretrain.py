@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from medfound.data.shards import read_manifest
-from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision, run_folder_checkpoint
+from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision, run_folder_checkpoint, training_precision
 from medfound.data.stream import PretrainStream, StepAwareLoader, preview_slices
 from medfound.errors import InputError
 from medfound.io.atomic import write_text
@@ -45,7 +45,7 @@ class PretrainConfig:
     lr: float | None = None  # peak lr; default 1.5e-4 per 256 images (MAE recipe), global batch floored at 512
     weight_decay: float = 0.05
     warmup_steps: int | None = None
-    precision: str = "bf16"
+    precision: str = "auto"
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
@@ -206,7 +206,7 @@ def run_pretrain(data: list[str], out: str | os.PathLike, cfg: PretrainConfig, r
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     folders = resolve_data(data, out, cfg.image_size)
 
-    precision = lightning_precision(cfg.precision)
+    precision = lightning_precision(cfg.precision, cfg.accelerator)
     trainer_kw = dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                       strategy=cfg.strategy, precision=precision)
     ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
@@ -245,7 +245,7 @@ def run_pretrain(data: list[str], out: str | os.PathLike, cfg: PretrainConfig, r
             "mae": module.mae.config.as_dict(),
             "training": {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch),
                          "final_loss": module.last_loss, "global_batch": cfg.batch_size * world,
-                         "lr": module.lr, "precision": cfg.precision, "world_size": world,
+                         "lr": module.lr, "precision": training_precision(cfg.precision, cfg.accelerator), "world_size": world,
                          "seconds": round(time.time() - t0, 1)},
             "data": summary,
         }

@@ -275,7 +275,7 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
     L.seed_everything(cfg.seed, verbose=False)
     dl = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) > cfg.batch_size)
     module = SamModule(sam, cfg)
-    precision = lightning_precision(cfg.precision)
+    precision = lightning_precision(cfg.precision, cfg.accelerator)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
                            every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=1)
     trainer = L.Trainer(max_steps=cfg.max_steps, max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,

@@ -32,7 +32,8 @@ from medfound.errors import InputError
 from medfound.models.sam import append_point, decode, sam_view, to_sam_input
 from medfound.models.sam_conv import SamConvConfig, build_sam_conv, load_sam_conv, save_sam_conv
 from medfound.train.checkpoint import (StepTrainConfig, allow_unused_parameters, device_name, fit_by_steps,
-                                       run_folder_checkpoint, step_random, step_trainer, warmup_cosine)
+                                       run_folder_checkpoint, step_random, step_trainer, training_precision,
+                                       warmup_cosine)
 
 
 @dataclass
@@ -221,7 +222,8 @@ def run_sam_train(datasets: list[str], out: str | os.PathLike, cfg: SamTrainConf
             "prompts": {"box_jitter": "about 10 % of the structure size", "point_fraction": cfg.p_point,
                         "zoom_fraction": cfg.p_zoom, "correction_fraction": cfg.p_correction},
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
-                         "global_batch": cfg.batch_size * trainer.world_size, "lr": cfg.lr, "precision": cfg.precision,
+                         "global_batch": cfg.batch_size * trainer.world_size, "lr": cfg.lr, 
+                         "precision": training_precision(cfg.precision, cfg.accelerator),
                          "world_size": trainer.world_size, "seconds": seconds, "device": device,
                          "datasets": summary["datasets"], "exclude_labels": list(cfg.exclude_labels),
                          "heldout_rule": "DESIGN.md held-out structures are never trained on",
