@@ -205,7 +205,6 @@ def test_dicomweb_over_https(pacs, tmp_path):
     server, series, env = pacs
     study, uid, local = series["phantom_ct_001"]
     server_pem, ca = self_signed(tmp_path / "tls")
-    out = tmp_path / "out"
     with proxy(server.port, certificate=server_pem) as port:
         url = f"dicomweb+https://127.0.0.1:{port}/dicom-web/studies/{study}/series/{uid}"
         fresh = env | {"MEDFOUND_CACHE": str(tmp_path / "cache")}
