@@ -26,6 +26,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def accelerator_device(accelerator: str = "auto") -> torch.device:
+    """The device that Lightning's ``--accelerator`` trains on here: the GPU where one is visible and
+    asked for (``auto``, ``gpu``, ``cuda``), else the CPU."""
+    gpu = str(accelerator).lower() in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
 def training_precision(name: str, accelerator: str = "auto") -> str:
     """The training ``--precision`` (auto, bf16 or 32) resolved to bf16 or 32; InputError otherwise.
     ``auto`` is bf16 where the devices compute it natively (a GPU; a CPU with AMX or AVX512-BF16) and
@@ -35,8 +42,7 @@ def training_precision(name: str, accelerator: str = "auto") -> str:
         raise InputError(None, f"--precision must be auto, bf16 or 32, got {name!r}")
     if name != "auto":
         return name
-    gpu = str(accelerator).lower() in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16" if native_bf16(torch.device("cuda" if gpu else "cpu")) else "32"
+    return "bf16" if native_bf16(accelerator_device(accelerator)) else "32"
 
 
 def lightning_precision(name: str, accelerator: str = "auto") -> str:

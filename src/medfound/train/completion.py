@@ -140,8 +140,8 @@ def run_completion_train(datasets: list[str], out: str | os.PathLike, cfg: Compl
             "inputs": list(CHANNELS),
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
                          "global_batch": cfg.batch_size * trainer.world_size, "lr": cfg.lr,
-                         
-                         "precision": training_precision(cfg.precision, cfg.accelerator), "world_size": trainer.world_size, "seconds": seconds,
+                         "precision": training_precision(cfg.precision, cfg.accelerator),
+                         "world_size": trainer.world_size, "seconds": seconds,
                          "device": device_name(trainer), "datasets": summary["datasets"],
                          "exclude_labels": list(cfg.exclude_labels),
                          "heldout_rule": "DESIGN.md held-out structures are never episodes"},

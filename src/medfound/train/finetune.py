@@ -33,7 +33,7 @@ from medfound.data.nnunet import NnUNetDataset
 from medfound.errors import InputError
 from medfound.models.lora import add_lora, count_parameters
 from medfound.models.segmenter import encoder_for, save_segmenter, segmenter_for, size_multiple
-from medfound.train.checkpoint import AtomicCheckpointIO, lightning_precision, training_precision
+from medfound.train.checkpoint import AtomicCheckpointIO, accelerator_device, lightning_precision, training_precision
 
 
 @dataclass
@@ -120,7 +120,7 @@ class FeatureCache(Dataset):
     Features are kept in memory (about 2 MB per 128 px slice for TinyViT's stages 1-3)."""
 
     def __init__(self, slices: SliceDataset, model: nn.Module, batch_size: int = 16, what: str = "embedding slices",
-                 progress: bool = True, device: str = "cpu"):
+                 progress: bool = True, device: str | torch.device = "cpu"):
         from medfound.progress import Progress
 
         self.slices = slices
@@ -195,7 +195,7 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
     val_set: Dataset = SliceDataset(val, augment=False)
     workers = cfg.num_workers
     if cached:
-        device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        device = accelerator_device(cfg.accelerator)
         model.eval().to(device)
         train_set = FeatureCache(train_set, model, what="embedding training slices", progress=cfg.progress, device=device)
         val_set = FeatureCache(val_set, model, what="embedding validation slices", progress=cfg.progress, device=device)

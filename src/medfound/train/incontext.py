@@ -203,7 +203,7 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
              "lora_rank": cfg.lora_rank},
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
                          "global_batch": cfg.batch_size * trainer.world_size, "support_sizes": list(cfg.support_sizes),
-                         "synthetic_fraction": cfg.synthetic_fraction, "lr": cfg.lr, 
+                         "synthetic_fraction": cfg.synthetic_fraction, "lr": cfg.lr,
                          "precision": training_precision(cfg.precision, cfg.accelerator),
                          "world_size": trainer.world_size, "seconds": seconds, "device": device,
                          "datasets": summary["datasets"], "exclude_labels": list(cfg.exclude_labels),

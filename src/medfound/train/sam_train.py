@@ -222,7 +222,7 @@ def run_sam_train(datasets: list[str], out: str | os.PathLike, cfg: SamTrainConf
             "prompts": {"box_jitter": "about 10 % of the structure size", "point_fraction": cfg.p_point,
                         "zoom_fraction": cfg.p_zoom, "correction_fraction": cfg.p_correction},
             "training": {"steps": int(trainer.global_step), "final_loss": module.last_loss,
-                         "global_batch": cfg.batch_size * trainer.world_size, "lr": cfg.lr, 
+                         "global_batch": cfg.batch_size * trainer.world_size, "lr": cfg.lr,
                          "precision": training_precision(cfg.precision, cfg.accelerator),
                          "world_size": trainer.world_size, "seconds": seconds, "device": device,
                          "datasets": summary["datasets"], "exclude_labels": list(cfg.exclude_labels),
