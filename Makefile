@@ -52,7 +52,7 @@ demo: install
 	$(VENV)/bin/medfound demo --out demo
 
 test: install
-	$(PY) -m pytest -q -n 2 --timeout 900
+	$(PY) -m pytest -q -n 2 --timeout 900 --durations 15
 
 # Rebuild the pages of docs/results/ (tables and plots) from their CSVs; reruns no experiment.
 results: install

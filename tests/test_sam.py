@@ -176,3 +176,9 @@ def test_sam_evaluate_named_structures(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "e_structures.csv").read_text().splitlines()[1:]
     assert rows and all(",organ," in row for row in rows)
+    # another model is scored on the very same boxes: its clicks differ, its ellipse rows do not
+    r = run_cli("sam", "evaluate", "--dataset", ds.root, "--label", "organ", "--output", tmp_path / "f.csv")
+    assert r.returncode == 0, r.stderr
+    other = (tmp_path / "f_structures.csv").read_text().splitlines()[1:]
+    assert [x for x in rows if "ellipse" in x] == [x for x in other if "ellipse" in x]
+    assert [x for x in rows if ",box," in x] != [x for x in other if ",box," in x]

@@ -86,14 +86,17 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
     axial slices, box zoom as the model's config says). Prompts: a box drawn around the structure
     (each side off by up to 2 px), one click at its most interior pixel, the box plus one corrective
     click, and the box on the largest slice propagated through the volume (3D Dice). The inscribed
-    ellipse of the box is the baseline row."""
+    ellipse of the box is the baseline row.
+
+    Every slice's prompts come from a generator seeded by (seed, case, structure, slice): the box, and so
+    the ellipse, is the same for every model, while the corrective click (drawn from each model's own
+    error) cannot shift the boxes that follow, so models are compared on identical boxes."""
     from medfound.data.orientation import to_canonical
     from medfound.data.prompts import correction_point
     from medfound.infer.sam_segment import SamSession
 
-    rng = np.random.default_rng(seed)
     rows = []
-    for case in cases:
+    for ci, case in enumerate(cases):
         image, label = ds.read_case(case)
         if image.ndim == 3:
             image, _ = to_canonical(image)
@@ -109,6 +112,7 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
             scores: dict[str, list[float]] = {"box (inscribed ellipse)": [], "box": [], "1 point": [], "box + 1 click": []}
             for k in np.unique(present[np.linspace(0, len(present) - 1, min(max_slices, len(present))).round().astype(int)]):
                 truth = truth3[..., k]
+                rng = np.random.default_rng([seed, ci, int(value), int(k), 0])
                 box = jittered_box(truth, rng, max_shift=2)
                 scores["box (inscribed ellipse)"].append(_dice(_box_ellipse(truth.shape, box), truth))
                 m = session.segment(int(k), box=tuple(box))
@@ -123,7 +127,7 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
                 rows.append({"case": case, "structure": name, "prompt": prompt, "dice": float(np.mean(v)), "slices": len(v)})
             if label.ndim == 3 and propagate:
                 k = int(np.argmax(area))
-                box = jittered_box(truth3[..., k], rng, max_shift=2)
+                box = jittered_box(truth3[..., k], np.random.default_rng([seed, ci, int(value), k, 1]), max_shift=2)
                 vol = session.propagate(k, tuple(box))
                 rows.append({"case": case, "structure": name, "prompt": "box on one slice, propagated (3D)",
                              "dice": _dice(vol, truth3), "slices": int(vol.any((0, 1)).sum())})
