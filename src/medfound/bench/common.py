@@ -11,11 +11,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds: float = 2.0) -> float:
-    """Sustained GFLOP/s of a square matmul in ``dtype``: the machine's practical ceiling."""
+    """Sustained GFLOP/s of a square matmul in ``dtype``: the machine's practical ceiling.
+
+    The side is ``n`` unless one product would take over a quarter of ``seconds`` (timed at 256 and
+    scaled by the cube): a dtype the machine only emulates (bf16 on an AVX2 CPU, about 0.3 GFLOP/s) is
+    then measured in seconds instead of minutes."""
+    probe = torch.randn(256, 256, device=device).to(dtype)
+    torch.mm(probe, probe)
+    _sync(device)
+    t0 = time.perf_counter()
+    torch.mm(probe, probe)
+    _sync(device)
+    one = time.perf_counter() - t0
+    while n > 256 and one * (n / 256) ** 3 > seconds / 4:
+        n //= 2
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        torch.mm(a, b)
+    torch.mm(a, b)
     _sync(device)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
