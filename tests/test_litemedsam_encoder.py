@@ -138,3 +138,32 @@ def test_incontext_on_litemedsam_with_lora_trains_reloads_and_segments(tmp_path)
     r = run_cli("segment", "--support", ds.root, "--input", ds.image_path(ds.cases()[0]), "--output", tmp_path / "m",
                 "--model", run, "--support-size", "2", "--no-refine", "--no-flip", "--label", "organ")
     assert r.returncode == 0, r.stderr[-3000:]
+    from medfound.models.incontext_weights import DEFAULT_MODEL_DIR
+
+    bad = run_cli("incontext", "train", "--datasets", ds.root, "--output", tmp_path / "run2", "--image-size", "32",
+                  "--max-steps", "1", "--accelerator", "cpu", "--encoder", "litemedsam", "--init", DEFAULT_MODEL_DIR)
+    assert bad.returncode == 2 and "more than their encoder" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_incontext_pyramid_shapes_and_warm_start_from_a_conv_model():
+    """The TinyViT pyramid gives the conv encoder's four maps; a conv in-context model's attention,
+    decoder and full-resolution stage start a TinyViT one, and nothing of another shape is taken."""
+    from medfound.models.incontext import InContextConfig, InContextSegmenter, load_shared_weights
+    from medfound.models.tinyvit import TinyViT, TinyViTConfig
+
+    cfg = InContextConfig(size=32, encoder="litemedsam", vit=TinyViTConfig(image_size=32).as_dict(), lora_rank=2)
+    gm = InContextSegmenter(cfg)
+    with torch.no_grad():
+        maps = gm.encoder(torch.rand(2, 1, 32, 32))
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 32, 32), (2, 32, 16, 16), (2, 48, 8, 8), (2, 64, 4, 4)]
+    conv = InContextSegmenter(InContextConfig(size=32))
+    tiny_before = {k: v.clone() for k, v in gm.encoder.tinyvit.state_dict().items()}
+    assert load_shared_weights(gm, conv) > 0
+    mine, theirs = gm.state_dict(), conv.state_dict()
+    for key in ("attn.0.to_k.weight", "attn.1.null_logit", "dec0.conv1.weight", "head.bias", "position_weight"):
+        assert torch.equal(mine[key], theirs[key])
+    assert torch.equal(mine["encoder.stem.conv1.weight"], theirs["encoder.stages.0.conv1.weight"])
+    assert all(torch.equal(v, tiny_before[k]) for k, v in gm.encoder.tinyvit.state_dict().items())
+    with pytest.raises(ValueError, match="more than their encoder"):
+        load_shared_weights(gm, InContextSegmenter(InContextConfig(size=32, widths=(8, 16, 24, 32))))
+    assert isinstance(gm.encoder.tinyvit, TinyViT)

@@ -63,7 +63,7 @@ def incontext_train(
     lr: LrOpt = 2e-3,
     warmup_steps: WarmupOpt = 100,
     max_minutes: MaxMinutesOpt = None,
-    init: Annotated[Optional[Path], typer.Option(help="Start from this in-context run's weights.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this in-context run's weights; from a run with another encoder (the shipped conv model starting an --encoder litemedsam one) its attention, decoder and full-resolution stem carry over.")] = None,
     encoder: Annotated[str, typer.Option(help="Shared encoder: 'conv' (small convolutional, trained from scratch), 'litemedsam' (LiteMedSAM's TinyViT, as GMISeg; scratch:tinyvit: random) or an MAE run folder from `medfound pretrain`; the last two frozen with LoRA adapters.")] = "conv",
     lora_rank: Annotated[int, typer.Option("--rank", help="LoRA rank on the encoder's attention (with --encoder litemedsam or RUN).")] = 4,
     precision: PrecisionOpt = "auto",

@@ -582,6 +582,42 @@ def paths_few_labels(d: Data) -> str:
     return _table(["encoder", "path", "test Dice, one labeled brain (95 % CI)", "seeds"], body)
 
 
+#: held-out set -> the GMISeg model's support-size run on it (the conv model's is ``heldout_*_shipped``)
+GMISEG_HELDOUT = {"aal": "heldout_aal_gmiseg", "neuromorphometrics": "heldout_neuromorphometrics_gmiseg"}
+
+
+def _incontext_dice(d: Data, name: str) -> dict[tuple[str, int, str], float]:
+    """(structure, support size, seed) -> in-context Dice of one support-size run: the key that draws
+    the support subset, so two models' runs pair on identical example sets."""
+    return {(r["structure"], int(r["size"]), r["seed"]): float(r["dice"]) for r in d.results(name)
+            if r["method"] == "incontext"}
+
+
+def tried_gmiseg(d: Data) -> str:
+    """The GMISeg model against the shipped conv model on identical support subsets: the validation
+    structures (val10 / small5), then the held-out sets as a paired difference."""
+    if not (d.root / "incontext" / "validation_gmiseg_results.csv").is_file():
+        return "_(no data yet: run the commands above)_"
+    g = _by_group(d.results("validation_gmiseg"), "model", d.val_groups)
+    models, sizes = list(dict.fromkeys(k[0] for k in g)), sorted({k[1] for k in g})
+    out = [_table(["model (validation, val10 / small5, 1 seed)", *(f"{s} supports" for s in sizes)],
+                  [[m, *(f"{_f(g[(m, s)][0])} / {_f(g[(m, s)][1])}" for s in sizes)] for m in models])]
+    body = []
+    for test, name in GMISEG_HELDOUT.items():
+        if not (d.root / "incontext" / f"{name}_results.csv").is_file():
+            continue
+        gm, conv = _incontext_dice(d, name), _incontext_dice(d, f"heldout_{test}_shipped")
+        for n in sorted({k[1] for k in gm}):
+            keys = [k for k in gm if k[1] == n and k in conv]
+            diffs = [gm[k] - conv[k] for k in keys]
+            body.append([test, n, _f(float(np.mean([gm[k] for k in keys]))), _f(float(np.mean([conv[k] for k in keys]))),
+                         _ci(summarise(diffs), signed=True), f"{sum(x > 0 for x in diffs)} of {len(diffs)}"])
+    if body:
+        out.append(_table(["held-out set", "supports", "GMISeg", "conv (shipped)", "GMISeg − conv (95 % CI)",
+                           "GMISeg better"], body))
+    return "\n\n".join(out)
+
+
 def paths_incontext(d: Data) -> str:
     aal, aal_base = d.summary("heldout_aal_shipped"), d.summary("heldout_aal_no_smoothing")
     nm, nm_base = d.summary("heldout_neuromorphometrics_shipped"), d.summary("heldout_neuromorphometrics_no_smoothing")
@@ -591,8 +627,9 @@ def paths_incontext(d: Data) -> str:
                                                         for t in (aal_base, nm_base) for n in (8, 16))],
             ["U-Net trained on the example slices (from-scratch CNN floor)", "—",
              _cell(ft, "finetune", 8, ci=True), _cell(ft, "finetune", 16, ci=True), "not measured", "not measured"],
-            ["in-context on LiteMedSAM's encoder with LoRA (GMISeg)", "1: adapt",
-             *(["built, not trained (needs a GPU)"] * 4)]]
+            ["in-context on LiteMedSAM's encoder with LoRA (GMISeg, an hour of CPU training)", "1: adapt",
+             *(_cell(d.summary(name), "incontext", n, ci=True) if (d.root / "incontext" / f"{name}_summary.csv").is_file()
+               else "not measured" for name in GMISEG_HELDOUT.values() for n in (8, 16))]]
     for who, stem, which in PROMPT_SETS:
         path = d.root / "incontext" / f"{stem}_results.csv"
         if path.is_file():
@@ -625,7 +662,7 @@ TABLES: dict[str, Callable[[Data], str]] = {
     "tried_heldout": tried_heldout, "tried_heldout_nm": tried_heldout_nm, "tried_validation_training": tried_validation_training,
     "tried_validation_smoothing": tried_validation_smoothing, "tried_validation_prior": tried_validation_prior,
     "tried_validation_refine": tried_validation_refine, "tried_validation_registration": tried_validation_registration,
-    "tried_validation_encoder": tried_validation_encoder, "label_efficiency": label_efficiency,
+    "tried_validation_encoder": tried_validation_encoder, "tried_gmiseg": tried_gmiseg, "label_efficiency": label_efficiency,
     "label_efficiency_paired": label_efficiency_paired, "throughput": throughput,
     "support_prompts": support_prompts, "paths_prompts": paths_prompts, "paths_few_labels": paths_few_labels, "paths_incontext": paths_incontext,
     "same_study": same_study, "same_study_paired": same_study_paired, "same_study_validation": same_study_validation,

@@ -122,23 +122,26 @@ class TinyViTPyramid(nn.Module):
     """LiteMedSAM's TinyViT (frozen, LoRA on its attention) as the in-context encoder, as GMISeg
     adapts SAM's encoder for in-context segmentation.
 
-    Its stages already form a pyramid at S, S/2, S/4 and S/4 (64, 128, 160, 320 channels); 1x1
-    projections bring them to the decoder's widths, the two S/4 stages joined, and a stride-2 block
-    makes the S/8 level. Output: the same four maps as :class:`Encoder`."""
+    The TinyViT reads the slice at half the working side, so its four stages land at S/2, S/4, S/8
+    and S/8 (64, 128, 160, 320 channels): the two attention levels read its second stage and its two
+    deepest stages joined, 1x1 projections bring each to the decoder's width, and a convolutional
+    block on the slice itself carries the edges at full resolution (as the conv encoder's first
+    stage, so a conv model's weights can start it). Half the side is a quarter of the encoder's cost,
+    whose first stage runs at the resolution it is given. Output: the same four maps as :class:`Encoder`."""
 
     def __init__(self, widths: tuple[int, ...], tinyvit: nn.Module):
         super().__init__()
         self.tinyvit = tinyvit
         c0, c1, c2, c3 = tinyvit.cfg.embed_dims
-        self.p1, self.p2, self.p4 = _project(c0, widths[0]), _project(c1, widths[1]), _project(c2 + c3, widths[2])
-        self.down8 = ConvBlock(widths[2], widths[3], 2)
+        self.stem = ConvBlock(1, widths[0])
+        self.p2, self.p4, self.p8 = _project(c0, widths[1]), _project(c1, widths[2]), _project(c2 + c3, widths[3])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         from medfound.models.sam import to_sam_input
 
-        s1, s2, s4a, s4b = self.tinyvit.features(to_sam_input(x))  # TinyViT rescales each image to [0, 1]
-        f4 = self.p4(torch.cat([s4a, s4b], dim=1))
-        return [self.p1(s1), self.p2(s2), f4, self.down8(f4)]
+        # TinyViT rescales each image to [0, 1] itself
+        s2, s4, s8a, s8b = self.tinyvit.features(to_sam_input(F.avg_pool2d(x, 2)))
+        return [self.stem(x), self.p2(s2), self.p4(s4), self.p8(torch.cat([s8a, s8b], dim=1))]
 
 
 def build_encoder(cfg: InContextConfig, vit: nn.Module | None = None) -> nn.Module:
@@ -325,6 +328,26 @@ class InContextSegmenter(nn.Module):
         """query (B, 1, S, S); support_* (B, N, 1, S, S); positions (B,), (B, N) -> logits (B, 1, S, S)."""
         cache = self.encode_support(support_images, support_masks, support_positions)
         return self.decode(query, cache, query_positions)
+
+
+def load_shared_weights(dst: InContextSegmenter, src: InContextSegmenter) -> int:
+    """Start ``dst`` from an in-context model with another encoder: the cross-attention, the pooled
+    similarity and the decoder are read on the same widths whatever the encoder, and the conv
+    encoder's full-resolution stage is the TinyViT pyramid's stem; everything else keeps its own
+    weights. Returns how many tensors were copied."""
+    if {k: v for k, v in src.config.as_dict().items() if k not in ("encoder", "vit", "lora_rank", "extra")} != \
+            {k: v for k, v in dst.config.as_dict().items() if k not in ("encoder", "vit", "lora_rank", "extra")}:
+        raise ValueError("the two in-context models differ in more than their encoder (size, widths, attention)")
+    rename = {"encoder.stages.0.": "encoder.stem."} if src.config.encoder == "conv" else {}
+    mine, copied = dst.state_dict(), {}
+    for key, value in src.state_dict().items():
+        for a, b in rename.items():
+            key = key.replace(a, b, 1) if key.startswith(a) else key
+        if (not key.startswith("encoder.") or key.startswith("encoder.stem.")) and key in mine \
+                and mine[key].shape == value.shape:
+            copied[key] = value
+    dst.load_state_dict(copied, strict=False)
+    return len(copied)
 
 
 def count_parameters(model: nn.Module) -> int:

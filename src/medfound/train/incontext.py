@@ -23,7 +23,7 @@ import torch
 from medfound.data.episodes import (SliceBank, augment_episodes, build_bank, cat_episodes, episode_loss,
                                     sample_episodes, synthetic_episodes, zoom_episodes)
 from medfound.errors import InputError
-from medfound.models.incontext import InContextConfig, InContextSegmenter
+from medfound.models.incontext import InContextConfig, InContextSegmenter, load_shared_weights
 from medfound.models.incontext_weights import save_incontext
 from medfound.models.lora import count_parameters as count_trainable
 from medfound.models.tinyvit import TINYVIT_ENCODERS
@@ -176,14 +176,21 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
     params = vars(cfg) | {"widths": list(cfg.widths), "support_sizes": list(cfg.support_sizes),
                           "exclude_labels": list(cfg.exclude_labels)}
     module = InContextModule(params, bank)
-    inherited = None
+    inherited, carried = None, None
     if cfg.init:  # also on --resume: the run's config keeps what it inherited
         from medfound.models.incontext_weights import load_incontext
 
         init_net, init_cfg = load_incontext(cfg.init)
-        if init_net.config.as_dict() | {"extra": {}} != module.net.config.as_dict() | {"extra": {}}:
+        if init_net.config.encoder != module.net.config.encoder:
+            # another encoder (a conv model starting a GMISeg one): attention and decoder carry over
+            try:
+                copied = load_shared_weights(module.net, init_net)
+            except ValueError as e:
+                raise InputError(cfg.init, f"--init model: {e}") from None
+            carried = f"{copied} tensors (attention, decoder, full-resolution stem) of a {init_net.config.encoder}-encoder model"
+        elif init_net.config.as_dict() | {"extra": {}} != module.net.config.as_dict() | {"extra": {}}:
             raise InputError(cfg.init, "--init model has another architecture (size/widths) than this run")
-        if not resume:
+        elif not resume:
             module.net.load_state_dict(init_net.state_dict())
         # the inference knobs (gate, registration, refinement) belong to the pipeline the --init model
         # was validated in; a continued model starts from them rather than from bare defaults
@@ -213,6 +220,8 @@ def run_incontext_train(datasets: list[str], out: str | os.PathLike, cfg: InCont
             "command": cfg.extra.get("command"),
             "data": summary,
         }
+        if carried:
+            config["training"]["init_carried"] = carried
         if inherited:
             config["inference"] = inherited | {"inherited_from": str(cfg.init)}
         module.cpu()  # the preview runs where the module now is; the bank follows it
