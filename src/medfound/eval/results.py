@@ -610,7 +610,7 @@ def tried_gmiseg(d: Data) -> str:
         for n in sorted({k[1] for k in gm}):
             keys = [k for k in gm if k[1] == n and k in conv]
             diffs = [gm[k] - conv[k] for k in keys]
-            body.append([test, n, _f(float(np.mean([gm[k] for k in keys]))), _f(float(np.mean([conv[k] for k in keys]))),
+            body.append([{"aal": "MNI152 AAL"}.get(test, f"MNI152 {test.capitalize()}"), n, _f(float(np.mean([gm[k] for k in keys]))), _f(float(np.mean([conv[k] for k in keys]))),
                          _ci(summarise(diffs), signed=True), f"{sum(x > 0 for x in diffs)} of {len(diffs)}"])
     if body:
         out.append(_table(["held-out set", "supports", "GMISeg", "conv (shipped)", "GMISeg − conv (95 % CI)",
