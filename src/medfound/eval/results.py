@@ -582,8 +582,10 @@ def paths_few_labels(d: Data) -> str:
     return _table(["encoder", "path", "test Dice, one labeled brain (95 % CI)", "seeds"], body)
 
 
-#: held-out set -> the GMISeg model's support-size run on it (the conv model's is ``heldout_*_shipped``)
-GMISEG_HELDOUT = {"aal": "heldout_aal_gmiseg", "neuromorphometrics": "heldout_neuromorphometrics_gmiseg"}
+#: held-out set -> its name in tables and the GMISeg model's support-size run on it (the conv model's
+#: is ``heldout_SET_shipped``)
+GMISEG_HELDOUT = {"aal": ("MNI152 AAL", "heldout_aal_gmiseg"),
+                  "neuromorphometrics": ("MNI152 Neuromorphometrics", "heldout_neuromorphometrics_gmiseg")}
 
 
 def _incontext_dice(d: Data, name: str) -> dict[tuple[str, int, str], float]:
@@ -603,14 +605,14 @@ def tried_gmiseg(d: Data) -> str:
     out = [_table(["model (validation, val10 / small5, 1 seed)", *(f"{s} supports" for s in sizes)],
                   [[m, *(f"{_f(g[(m, s)][0])} / {_f(g[(m, s)][1])}" for s in sizes)] for m in models])]
     body = []
-    for test, name in GMISEG_HELDOUT.items():
+    for test, (title, name) in GMISEG_HELDOUT.items():
         if not (d.root / "incontext" / f"{name}_results.csv").is_file():
             continue
         gm, conv = _incontext_dice(d, name), _incontext_dice(d, f"heldout_{test}_shipped")
         for n in sorted({k[1] for k in gm}):
             keys = [k for k in gm if k[1] == n and k in conv]
             diffs = [gm[k] - conv[k] for k in keys]
-            body.append([{"aal": "MNI152 AAL"}.get(test, f"MNI152 {test.capitalize()}"), n, _f(float(np.mean([gm[k] for k in keys]))), _f(float(np.mean([conv[k] for k in keys]))),
+            body.append([title, n, _f(float(np.mean([gm[k] for k in keys]))), _f(float(np.mean([conv[k] for k in keys]))),
                          _ci(summarise(diffs), signed=True), f"{sum(x > 0 for x in diffs)} of {len(diffs)}"])
     if body:
         out.append(_table(["held-out set", "supports", "GMISeg", "conv (shipped)", "GMISeg − conv (95 % CI)",
@@ -629,7 +631,7 @@ def paths_incontext(d: Data) -> str:
              _cell(ft, "finetune", 8, ci=True), _cell(ft, "finetune", 16, ci=True), "not measured", "not measured"],
             ["in-context on LiteMedSAM's encoder with LoRA (GMISeg, an hour of CPU training)", "1: adapt",
              *(_cell(d.summary(name), "incontext", n, ci=True) if (d.root / "incontext" / f"{name}_summary.csv").is_file()
-               else "not measured" for name in GMISEG_HELDOUT.values() for n in (8, 16))]]
+               else "not measured" for _, name in GMISEG_HELDOUT.values() for n in (8, 16))]]
     for who, stem, which in PROMPT_SETS:
         path = d.root / "incontext" / f"{stem}_results.csv"
         if path.is_file():

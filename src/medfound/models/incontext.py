@@ -335,14 +335,16 @@ def load_shared_weights(dst: InContextSegmenter, src: InContextSegmenter) -> int
     similarity and the decoder are read on the same widths whatever the encoder, and the conv
     encoder's full-resolution stage is the TinyViT pyramid's stem; everything else keeps its own
     weights. Returns how many tensors were copied."""
-    if {k: v for k, v in src.config.as_dict().items() if k not in ("encoder", "vit", "lora_rank", "extra")} != \
-            {k: v for k, v in dst.config.as_dict().items() if k not in ("encoder", "vit", "lora_rank", "extra")}:
+    def shared(cfg: InContextConfig) -> dict:  # what the non-encoder modules' shapes depend on
+        return {k: v for k, v in cfg.as_dict().items() if k not in ("encoder", "vit", "lora_rank", "extra")}
+
+    if shared(src.config) != shared(dst.config):
         raise ValueError("the two in-context models differ in more than their encoder (size, widths, attention)")
-    rename = {"encoder.stages.0.": "encoder.stem."} if src.config.encoder == "conv" else {}
+    conv_stage = "encoder.stages.0."
     mine, copied = dst.state_dict(), {}
     for key, value in src.state_dict().items():
-        for a, b in rename.items():
-            key = key.replace(a, b, 1) if key.startswith(a) else key
+        if src.config.encoder == "conv" and key.startswith(conv_stage):
+            key = "encoder.stem." + key[len(conv_stage):]
         if (not key.startswith("encoder.") or key.startswith("encoder.stem.")) and key in mine \
                 and mine[key].shape == value.shape:
             copied[key] = value
