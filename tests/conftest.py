@@ -57,6 +57,33 @@ def run_cli(*args: str, cwd=None, timeout: float = 600):
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def run_cli_here(*args: str):
+    """``medfound ARGS`` inside the test process, for calls that stop on bad input: the same ``main``
+    (exit code, stderr, no traceback: an uncaught exception fails the test) without a fresh
+    interpreter importing torch, MONAI and Lightning again, which costs seconds a call."""
+    import contextlib
+    import io
+    import subprocess
+
+    from medfound.cli import main
+
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = ["medfound", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def cli_here():
+    return run_cli_here
