@@ -321,25 +321,33 @@ PROMPT_SETS = (("the shipped small SAM", "heldout_aal_support_prompts", "2: buil
                ("LiteMedSAM, LoRA in the encoder + decoder", "heldout_aal_support_prompts_litemedsam_lora", "1 + 2"))
 
 
+def _prompt_set(d: Data, stem: str, supports: int) -> Path:
+    """The results of a prompt-defined example set of ``supports`` slices (16: the stem alone)."""
+    return d.root / "incontext" / (f"{stem}_results.csv" if supports == 16 else f"{stem}_{supports}supports_results.csv")
+
+
 def support_prompts(d: Data) -> str:
     """Example sets given as boxes (a SAM draws the masks) against the same sets' true masks."""
     body = []
-    for who, stem, _ in PROMPT_SETS:
-        path = d.root / "incontext" / f"{stem}_results.csv"
-        if not path.is_file():
-            continue
-        rows = _rows(path)
-        sam = _rows(d.root / "incontext" / f"{stem}_sam_masks.csv")
-        mask = [float(r["mask_defined_dice"]) for r in rows]
-        prompt = [float(r["prompt_defined_dice"]) for r in rows]
-        if not body:
-            body.append(["true masks", _ci(summarise(mask)), "—", "1"])
-        body.append([f"boxes, masks drawn by {who}", _ci(summarise(prompt)),
-                     _ci(summarise([b - a for a, b in zip(mask, prompt)]), signed=True),
-                     _ci(summarise([float(r["dice"]) for r in sam]))])
+    for supports in (16, 8):
+        first = True
+        for who, stem, _ in PROMPT_SETS:
+            path = _prompt_set(d, stem, supports)
+            if not path.is_file():
+                continue
+            rows = _rows(path)
+            sam = _rows(path.with_name(path.name.replace("_results.csv", "_sam_masks.csv")))
+            mask = [float(r["mask_defined_dice"]) for r in rows]
+            prompt = [float(r["prompt_defined_dice"]) for r in rows]
+            if first:
+                body.append(["true masks", supports, _ci(summarise(mask)), "—", "1"])
+                first = False
+            body.append([f"boxes, masks drawn by {who}", supports, _ci(summarise(prompt)),
+                         _ci(summarise([b - a for a, b in zip(mask, prompt)]), signed=True),
+                         _ci(summarise([float(r["dice"]) for r in sam]))])
     if not body:
         return "_(no data yet: run the command above)_"
-    return _table(["example set (16 supports per structure)", "3D Dice on MNI152 (95 % CI)",
+    return _table(["example set", "supports per structure", "3D Dice on MNI152 (95 % CI)",
                    "minus true masks (paired by structure)", "the drawn masks' 2D Dice on the prompted slices"], body)
 
 
@@ -633,11 +641,12 @@ def paths_incontext(d: Data) -> str:
              *(_cell(d.summary(name), "incontext", n, ci=True) if (d.root / "incontext" / f"{name}_summary.csv").is_file()
                else "not measured" for _, name in GMISEG_HELDOUT.values() for n in (8, 16))]]
     for who, stem, which in PROMPT_SETS:
-        path = d.root / "incontext" / f"{stem}_results.csv"
-        if path.is_file():
-            dice = [float(r["prompt_defined_dice"]) for r in _rows(path)]
+        paths = [_prompt_set(d, stem, n) for n in (8, 16)]
+        if any(p.is_file() for p in paths):
+            cells = [_ci(summarise([float(r["prompt_defined_dice"]) for r in _rows(p)])) if p.is_file() else "not measured"
+                     for p in paths]
             rows.append([f"conv in-context, example set given as boxes (masks drawn by {who})", which,
-                         "not measured", _ci(summarise(dice)), "not measured", "not measured"])
+                         *cells, "not measured", "not measured"])
     return _table(["model", "path", "AAL, 8 supports", "AAL, 16", "Neuromorphometrics, 8", "Neuromorphometrics, 16"], rows)
 
 
