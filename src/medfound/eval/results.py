@@ -321,9 +321,10 @@ PROMPT_SETS = (("the shipped small SAM", "heldout_aal_support_prompts", "2: buil
                ("LiteMedSAM, LoRA in the encoder + decoder", "heldout_aal_support_prompts_litemedsam_lora", "1 + 2"))
 
 
-def _prompt_set(d: Data, stem: str, supports: int) -> Path:
-    """The results of a prompt-defined example set of ``supports`` slices (16: the stem alone)."""
-    return d.root / "incontext" / (f"{stem}_results.csv" if supports == 16 else f"{stem}_{supports}supports_results.csv")
+def _prompt_set(d: Data, stem: str, supports: int, part: str = "results") -> Path:
+    """One CSV (``part``: results or sam_masks) of a prompt-defined example set of ``supports`` slices
+    (16: the stem alone)."""
+    return d.root / "incontext" / (f"{stem}_{part}.csv" if supports == 16 else f"{stem}_{supports}supports_{part}.csv")
 
 
 def support_prompts(d: Data) -> str:
@@ -336,7 +337,7 @@ def support_prompts(d: Data) -> str:
             if not path.is_file():
                 continue
             rows = _rows(path)
-            sam = _rows(path.with_name(path.name.replace("_results.csv", "_sam_masks.csv")))
+            sam = _rows(_prompt_set(d, stem, supports, "sam_masks"))
             mask = [float(r["mask_defined_dice"]) for r in rows]
             prompt = [float(r["prompt_defined_dice"]) for r in rows]
             if first:
