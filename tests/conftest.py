@@ -48,42 +48,139 @@ def oblique_ct():
     return image, label
 
 
-def run_cli(*args: str, cwd=None, timeout: float = 600):
-    """Run ``medfound ARGS`` in a subprocess, as a user would."""
+def run_cli_subprocess(*args: str, cwd=None, env: dict | None = None, timeout: float = 600):
+    """Run ``medfound ARGS`` in a fresh interpreter, exactly as a user would (``env``: variables added
+    to this process's environment)."""
     import subprocess
 
-    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "medfound", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+                          cwd=cwd, env=dict(os.environ) | (env or {}), timeout=timeout)
 
 
-def run_cli_here(*args: str):
-    """``medfound ARGS`` inside the test process, for calls that stop on bad input: the same ``main``
-    (exit code, stderr, no traceback: an uncaught exception fails the test) without a fresh
-    interpreter importing torch, MONAI and Lightning again, which costs seconds a call."""
-    import contextlib
-    import io
+# Libraries every training or scoring command imports; a fresh interpreter spends 10-15 s on them
+# (MONAI loads all its submodules, transformers' BERT among them), often longer than the command's work.
+_HEAVY = ("torch", "numpy", "scipy.ndimage", "monai", "lightning.pytorch", "peft", "nibabel", "pydicom",
+          "SimpleITK", "safetensors.torch", "matplotlib.pyplot", "medfound.cli")
+
+
+def _can_fork() -> bool:
+    """A forked child may run torch only where the parent never started an OpenMP team: GNU OpenMP's
+    thread pool does not survive ``fork`` (the child hangs in its first parallel region). Under
+    pytest-xdist on a machine with as many cores as workers each worker has one thread, so none."""
+    if sys.platform != "linux" or not os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        return False
+    import torch
+
+    return torch.get_num_threads() == 1 and os.environ.get("OMP_NUM_THREADS") == "1"
+
+
+def run_cli(*args: str, cwd=None, env: dict | None = None, timeout: float = 600):
+    """Run ``medfound ARGS`` in a separate process, as a user would: its own argv, cwd, environment,
+    stdout and stderr (file descriptors 1 and 2), exit code and crash, none of it reaching the tests.
+
+    The process is forked from this test worker once the libraries are imported here, so each call
+    skips the interpreter start and the imports: ``medfound.cli.main`` runs as under ``python -m
+    medfound``. Where forking is not safe (see ``_can_fork``) it is a fresh interpreter instead;
+    ``run_cli_subprocess`` always is one, for the checks that are about the interpreter start itself.
+    """
+    import importlib
     import subprocess
+    import tempfile
+    import time
 
-    from medfound.cli import main
+    if not _can_fork():
+        return run_cli_subprocess(*args, cwd=cwd, env=env, timeout=timeout)
+    for name in _HEAVY:
+        importlib.import_module(name)
+    argv = ["medfound", *map(str, args)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            _run_main_and_exit(argv, cwd, env, out.fileno(), err.fileno())
+        deadline, status = time.monotonic() + timeout, None
+        try:
+            while status is None:
+                done, st = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    status = st
+                elif time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(argv, timeout)
+                else:
+                    time.sleep(0.02)
+        finally:
+            if status is None:  # timed out, or the test was stopped (pytest-timeout): no orphan left running
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+    return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status), *texts)
 
-    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
-    sys.argv = ["medfound", *map(str, args)]
+
+def _run_main_and_exit(argv: list[str], cwd, env: dict | None, out_fd: int, err_fd: int) -> None:
+    """In a forked child: point fds 1 and 2 (and Python's streams and log handlers) at the capture
+    files, run ``main`` and leave with its exit code as the interpreter would, shutting down the
+    worker processes and threads this process started, but none of the test worker's: its exit
+    handlers (which would tidy its temporary folders) and its children are not this process's."""
+    import atexit
+    import concurrent.futures.process
+    import concurrent.futures.thread
+    import logging
+    import multiprocessing.process
+    import multiprocessing.util
+    import threading
+    import traceback
+
+    multiprocessing.process._children = set()  # as multiprocessing resets it in a process it forks
+    concurrent.futures.process._threads_wakeups.clear()
+    concurrent.futures.thread._threads_queues.clear()
+    atexit._clear()
+    atexit.register(logging.shutdown)
+    atexit.register(multiprocessing.util._exit_function)
+    code = 1
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        old = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+        sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
+        sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for h in getattr(logger, "handlers", []):
+                if isinstance(h, logging.StreamHandler) and h.stream in old:
+                    h.setStream(sys.stderr if h.stream in (old[1], old[3]) else sys.stdout)
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        import importlib.util
+
+        from medfound.cli import main
+
+        # argv[0] as `python -m medfound` sets it: Lightning's DDP launcher starts the other ranks from it
+        sys.argv = [importlib.util.find_spec("medfound.__main__").origin, *argv[1:]]
+
+        try:
             main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
     finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+        try:
+            threading._shutdown()  # joins this process's threads; stops its process pools
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 @pytest.fixture
 def cli():
     return run_cli
-
-
-@pytest.fixture
-def cli_here():
-    return run_cli_here

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import run_cli, run_cli_here
+from conftest import run_cli, run_cli_subprocess
 
 COMMANDS = [[], ["data"], ["data", "inspect"], ["data", "ingest"], ["data", "samples"], ["data", "phantoms"],
             ["data", "check"], ["data", "convert-msd"], ["demo"]]
@@ -46,7 +46,7 @@ def bad_files(tmp_path_factory, pydicom_files):
 @pytest.mark.parametrize("name", ["truncated.nii.gz", "text.nii", "notes.txt", "inf.nii.gz", "nopixels.dcm",
                                   "emptydir", "missing.nii.gz"])
 def test_inspect_bad_input(bad_files, name):
-    _assert_input_error(run_cli("data", "inspect", bad_files / name), name)
+    _assert_input_error(run_cli_subprocess("data", "inspect", bad_files / name), name)
 
 
 def test_inspect_real_files(pydicom_files, tmp_path):
@@ -83,19 +83,19 @@ def test_ingest_cli_bad_files_skipped_and_all_bad_fails(tmp_path, bad_files, pyd
         assert n in r.stderr
     (pool / "mr.dcm").unlink()
     (pool / "good.nii.gz").unlink()
-    r = run_cli_here("data", "ingest", pool, "--out", tmp_path / "out2")
+    r = run_cli("data", "ingest", pool, "--out", tmp_path / "out2")
     _assert_input_error(r, str(pool))
     assert not (tmp_path / "out2").exists()
-    _assert_input_error(run_cli_here("data", "ingest", bad_files / "emptydir", "--out", tmp_path / "o3"), "emptydir")
-    _assert_input_error(run_cli_here("data", "ingest", tmp_path / "missing", "--out", tmp_path / "o4"), "missing")
-    r = run_cli_here("data", "ingest", pool, "--out", tmp_path / "o5", "--modality", "banana")
+    _assert_input_error(run_cli("data", "ingest", bad_files / "emptydir", "--out", tmp_path / "o3"), "emptydir")
+    _assert_input_error(run_cli("data", "ingest", tmp_path / "missing", "--out", tmp_path / "o4"), "missing")
+    r = run_cli("data", "ingest", pool, "--out", tmp_path / "o5", "--modality", "banana")
     assert r.returncode == 2 and "banana" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_version_short_help_and_groups():
     import medfound
 
-    r = run_cli("--version")
+    r = run_cli_subprocess("--version")
     assert r.returncode == 0 and medfound.__version__ in r.stdout
     for cmd in (["-h"], ["sam", "segment", "-h"], ["data", "make-support", "-h"], ["segment", "-h"]):
         r = run_cli(*cmd)
@@ -238,10 +238,10 @@ def test_device_option_on_every_inference_command(tmp_path):
         "serve": ["serve", "--port", "1"],
     }
     for name, args in commands.items():
-        r = run_cli_here(*args, "--device", "tpu")
+        r = run_cli(*args, "--device", "tpu")
         _assert_input_error(r, "--device")
         if not torch.cuda.is_available():
-            _assert_input_error(run_cli_here(*args, "--device", "cuda"), "no CUDA GPU")
+            _assert_input_error(run_cli(*args, "--device", "cuda"), "no CUDA GPU")
     if torch.cuda.is_available():  # the GPU path, where there is one
         r = run_cli(*commands["sam segment"], "--device", "cuda")
         assert r.returncode == 0 and "on cuda" in r.stderr, r.stderr[-2000:]

@@ -87,7 +87,7 @@ def test_segment_partial_labels_completes_the_study(cli, tmp_path):
     assert masks["closed"][:, :, 4].sum() < masks["open"][:, :, 4].sum()
 
 
-def test_segment_partial_labels_bad_input(cli_here, tmp_path):
+def test_segment_partial_labels_bad_input(cli, tmp_path):
     img_path, truth, affine = _study(tmp_path)
     partial = _partial(tmp_path, truth, affine, [6, 11])
     shifted = tmp_path / "shifted.nii.gz"
@@ -106,13 +106,13 @@ def test_segment_partial_labels_bad_input(cli_here, tmp_path):
         (("--refiner", "none"), "--partial-labels"),
     ]
     for extra, says in cases:
-        r = cli_here("segment", "--input", img_path, "--output", tmp_path / "o", *extra)
+        r = cli("segment", "--input", img_path, "--output", tmp_path / "o", *extra)
         assert r.returncode == 2, (extra, r.stderr[-1500:])
         assert "Traceback" not in r.stderr and says in r.stderr, (extra, r.stderr)
         assert not (tmp_path / "o").exists()
 
 
-def test_same_study_experiment(cli, cli_here, tmp_path):
+def test_same_study_experiment(cli, tmp_path):
     ds = _study_dataset(tmp_path)
     out = tmp_path / "exp"
     r = cli("experiment", "same-study", "--dataset", ds.root, "--output", out, "--labelled", "2,4", "--seeds", "2")
@@ -124,7 +124,7 @@ def test_same_study_experiment(cli, cli_here, tmp_path):
     assert {r["baseline"] for r in summary["paired"]} == {"nearest-slice", "contour-interpolation"}
     assert all(0 <= r["dice_mean"] <= 1 for r in summary["by_count"])
     assert (out / "same_study.png").stat().st_size > 1000
-    r = cli_here("experiment", "same-study", "--dataset", ds.root, "--output", out, "--methods", "guess")
+    r = cli("experiment", "same-study", "--dataset", ds.root, "--output", out, "--methods", "guess")
     assert r.returncode == 2 and "guess" in r.stderr
 
 
@@ -167,7 +167,7 @@ def test_a_fresh_refiner_returns_the_interpolation_and_its_window_holds_the_stru
     assert np.allclose(refined, prior, atol=1e-4)
 
 
-def test_train_completion_learns_from_trained_structures_only_and_segment_uses_the_run(cli, cli_here, tmp_path):
+def test_train_completion_learns_from_trained_structures_only_and_segment_uses_the_run(cli, tmp_path):
     ds = _study_dataset(tmp_path)
     run = tmp_path / "refiner"
     r = cli("incontext", "train-completion", "--datasets", ds.root, "--output", run, "--max-steps", "3",
@@ -187,10 +187,10 @@ def test_train_completion_learns_from_trained_structures_only_and_segment_uses_t
     partial = _partial(tmp_path, truth, nib.load(img_path).affine, [6, 11, 16, 21])
     r = cli("segment", "--input", img_path, "--partial-labels", partial, "--output", tmp_path / "o", "--refiner", run)
     assert r.returncode == 0 and "refined" in r.stderr, r.stderr[-2000:]
-    r = cli_here("segment", "--input", img_path, "--partial-labels", partial, "--output", tmp_path / "o2",
+    r = cli("segment", "--input", img_path, "--partial-labels", partial, "--output", tmp_path / "o2",
                  "--refiner", tmp_path / "nothing")
     assert r.returncode == 2 and "completion refiner" in r.stderr and not (tmp_path / "o2").exists()
-    r = cli_here("incontext", "train-completion", "--datasets", ds.root, "--output", run, "--max-steps", "3")
+    r = cli("incontext", "train-completion", "--datasets", ds.root, "--output", run, "--max-steps", "3")
     assert r.returncode == 2 and "--resume" in r.stderr  # a finished run folder is never overwritten
 
 
@@ -259,7 +259,7 @@ def test_cross_subject_2d_experiment(cli, tmp_path):
     assert np.allclose(nib.load(nifti).affine, np.eye(4))  # no usable geometry
 
 
-def test_segment_with_a_query_box_finds_the_target_where_the_box_says(cli, cli_here, tmp_path):
+def test_segment_with_a_query_box_finds_the_target_where_the_box_says(cli, tmp_path):
     """The examples show the small target at one place; in the query it sits elsewhere, and the box says where."""
     from medfound.data.nnunet import write_dataset
     from medfound.io import read_image
@@ -291,6 +291,6 @@ def test_segment_with_a_query_box_finds_the_target_where_the_box_says(cli, cli_h
         (("--query-box", "1,2,3", "--slice", str(k), "--label", "lesion"), "--query-box"),
     ]
     for extra, says in bad:
-        r = cli_here("segment", "--support", examples.root, "--input", b_path, "--output", tmp_path / "o", *extra)
+        r = cli("segment", "--support", examples.root, "--input", b_path, "--output", tmp_path / "o", *extra)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-800:])
         assert not (tmp_path / "o").exists()

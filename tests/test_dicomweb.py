@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import run_cli as cli
+from conftest import run_cli_subprocess
 from helpers import write_dicom_series
 from pacs import PASSWORD, USER, orthanc, proxy, self_signed, why_no_orthanc
 
@@ -22,10 +24,6 @@ pytestmark = pytest.mark.skipif(why_no_orthanc() is not None, reason=why_no_orth
 BIN = Path(sys.executable).parent
 
 
-def cli(*args, env=None, timeout=600):
-    full = dict(os.environ) | (env or {})
-    return subprocess.run([sys.executable, "-m", "medfound", *map(str, args)], capture_output=True, text=True,
-                          env=full, timeout=timeout)
 
 
 def one_line_error(r, *words):
@@ -237,7 +235,9 @@ def test_batch_survives_a_bad_series_resumes_and_runs_on_dask(pacs, samples, tmp
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        r = cli("batch", "segment", *args, "--out", tmp_path / "d", "--scheduler", cluster.scheduler_address, env=env)
+        # a fresh interpreter: a process forked from this one would inherit the cluster's event loop
+        r = run_cli_subprocess("batch", "segment", *args, "--out", tmp_path / "d", "--scheduler",
+                               cluster.scheduler_address, env=env)
     assert r.returncode == 2, r.stderr[-3000:]
     dask_rows = {row["series_uid"]: row for row in csv.DictReader(open(tmp_path / "d" / "batch.csv"))}
     assert {u: r_["status"] for u, r_ in dask_rows.items()} == {u: r_["status"] for u, r_ in rows.items()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-from conftest import run_cli, run_cli_here
+from conftest import run_cli
 from medfound.eval.metrics import label_metrics, summarise
 from medfound.io import MedImage, write_image
 from medfound.io.image import affine_from_geometry
@@ -88,13 +88,13 @@ def test_evaluate_bad_input(tmp_path):
     write_image(_img(t), tmp_path / "truth" / "c1.nii.gz")
     write_image(_img(t), tmp_path / "truth" / "c2.nii.gz")
     write_image(_img(p), tmp_path / "pred" / "c1.nii.gz")
-    r = run_cli_here("evaluate", "--pred", tmp_path / "pred", "--truth", tmp_path / "truth",
+    r = run_cli("evaluate", "--pred", tmp_path / "pred", "--truth", tmp_path / "truth",
                      "--out", tmp_path / "m.csv")
     assert r.returncode == 2 and "c2" in r.stderr and not (tmp_path / "m.csv").exists()
     img = _img(p)
     img.affine[0, 0] = 0.7
     write_image(img, tmp_path / "pred" / "c2.nii.gz")
-    r = run_cli_here("evaluate", "--pred", tmp_path / "pred", "--truth", tmp_path / "truth",
+    r = run_cli("evaluate", "--pred", tmp_path / "pred", "--truth", tmp_path / "truth",
                      "--out", tmp_path / "m.csv")
     assert r.returncode == 2 and "geometry" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

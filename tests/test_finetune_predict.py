@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, run_cli_here
+from conftest import run_cli
 from helpers import write_dicom_series
 from medfound.data.labeled import split_cases
 from medfound.data.nnunet import write_dataset
@@ -144,11 +144,11 @@ def test_finetune_bad_input(tmp_path):
     img, lab = make_phantom("CT", shape=(20, 20, 4))
     img.format = "nifti"
     write_dataset(tmp_path / "one", [("a", img, lab)], PHANTOM_LABELS, {"0": "CT"})
-    r = run_cli_here("finetune", "--dataset", tmp_path / "one", "--out", tmp_path / "r", *FT)
+    r = run_cli("finetune", "--dataset", tmp_path / "one", "--out", tmp_path / "r", *FT)
     assert r.returncode == 2 and "at least 2" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli_here("finetune", "--dataset", tmp_path / "one", "--out", tmp_path / "r", *FT[:2], "--mode", "weird")
+    r = run_cli("finetune", "--dataset", tmp_path / "one", "--out", tmp_path / "r", *FT[:2], "--mode", "weird")
     assert r.returncode == 2
-    r = run_cli_here("predict", "--model", tmp_path / "nope", "--input", tmp_path, "--output", tmp_path / "o")
+    r = run_cli("predict", "--model", tmp_path / "nope", "--input", tmp_path, "--output", tmp_path / "o")
     assert r.returncode == 2 and "nope" in r.stderr
 
 

@@ -166,7 +166,7 @@ def test_bank_never_holds_heldout_labels(phantom_sets):
     assert syn.support_mask.flatten(2).amax(2).min() == 1 and torch.isnan(syn.query_pos).all()
 
 
-def test_incontext_train_resume_and_export(phantom_sets, cli, cli_here, tmp_path):
+def test_incontext_train_resume_and_export(phantom_sets, cli, tmp_path):
     _, train, _ = phantom_sets
     run = tmp_path / "run"
     args = ["incontext", "train", "--datasets", train, "--out", run, "--size", "32", "--batch-size", "2",
@@ -181,11 +181,11 @@ def test_incontext_train_resume_and_export(phantom_sets, cli, cli_here, tmp_path
     assert cfg["kind"] == "incontext" and cfg["training"]["steps"] == 4
     assert "Dataset900_Train" in cfg["data"]["datasets"] and (run / "model.safetensors").is_file()
     assert (run / "previews" / "episodes.png").is_file()
-    r = cli_here(*args, "--steps", "2")  # refuses to overwrite a run
+    r = cli(*args, "--steps", "2")  # refuses to overwrite a run
     assert r.returncode == 2 and "resume" in r.stderr
 
 
-def test_incontext_train_on_an_mae_encoder_with_lora(phantom_sets, cli, cli_here, tmp_path):
+def test_incontext_train_on_an_mae_encoder_with_lora(phantom_sets, cli, tmp_path):
     """The MAE variant: a pretrained ViT (here a micro one) frozen under LoRA adapters; the run
     reloads and segments like the conv model."""
     from medfound.models.export import save_encoder
@@ -210,7 +210,7 @@ def test_incontext_train_on_an_mae_encoder_with_lora(phantom_sets, cli, cli_here
     r = cli("segment", "--support", train, "--input", query / "imagesTr" / "query0_0000.nii.gz", "--output",
             tmp_path / "masks", "--model", run, "--label", "organ", "--support-size", "2")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = cli_here("incontext", "train", "--datasets", train, "--out", tmp_path / "r2", "--encoder", tmp_path / "nope")
+    r = cli("incontext", "train", "--datasets", train, "--out", tmp_path / "r2", "--encoder", tmp_path / "nope")
     assert r.returncode == 2 and "nope" in r.stderr
 
 
@@ -241,21 +241,21 @@ def test_segment_with_packaged_model_keeps_geometry(phantom_sets, cli, tmp_path)
     assert nib.load(tmp_path / "plain" / "query0.nii.gz").shape == img.shape
 
 
-def test_segment_bad_input(phantom_sets, cli, cli_here, tmp_path):
+def test_segment_bad_input(phantom_sets, cli, tmp_path):
     _, train, query = phantom_sets
     src = query / "imagesTr" / "query0_0000.nii.gz"
     r = cli("segment", "--support", tmp_path, "--input", src, "--output", tmp_path / "o")
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(tmp_path) in r.stderr
-    r = cli_here("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--label", "liver")
+    r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--label", "liver")
     assert r.returncode == 2 and "liver" in r.stderr
-    r = cli_here("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--prior-weight", "2")
+    r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "o", "--prior-weight", "2")
     assert r.returncode == 2 and "--prior-weight" in r.stderr and not (tmp_path / "o").exists()
-    r = cli_here("segment", "--support", train, "--input", src, "--output", tmp_path / "o",
+    r = cli("segment", "--support", train, "--input", src, "--output", tmp_path / "o",
                  "--through-plane-sigma", "-1")
     assert r.returncode == 2 and "--through-plane-sigma" in r.stderr and not (tmp_path / "o").exists()
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not an image")
-    r = cli_here("segment", "--support", train, "--input", bad, "--output", tmp_path / "o2")
+    r = cli("segment", "--support", train, "--input", bad, "--output", tmp_path / "o2")
     assert r.returncode == 2 and "bad.nii.gz" in r.stderr and not (tmp_path / "o2").exists()
 
 
@@ -347,7 +347,7 @@ def test_bench_incontext_prints_json(capsys):
     assert all(res["results"][0][k] > 0 for k in timings)
 
 
-def test_bank_then_train_from_bank(phantom_sets, cli, cli_here, tmp_path):
+def test_bank_then_train_from_bank(phantom_sets, cli, tmp_path):
     _, train, _ = phantom_sets
     bank = tmp_path / "bank.npz"
     r = cli("incontext", "bank", "--datasets", train, "--out", bank, "--size", "32")
@@ -367,9 +367,9 @@ def test_bank_then_train_from_bank(phantom_sets, cli, cli_here, tmp_path):
     child = json.loads((tmp_path / "child" / "config.json").read_text())
     assert child["inference"]["refine"] is True and child["inference"]["extent_margin"] == 0.01
     assert child["inference"]["inherited_from"] == str(run)
-    r = cli_here("incontext", "train", "--bank", bank, "--datasets", train, "--out", tmp_path / "x")
+    r = cli("incontext", "train", "--bank", bank, "--datasets", train, "--out", tmp_path / "x")
     assert r.returncode == 2 and "either" in r.stderr
-    r = cli_here("incontext", "train", "--bank", tmp_path / "missing.npz", "--out", tmp_path / "y")
+    r = cli("incontext", "train", "--bank", tmp_path / "missing.npz", "--out", tmp_path / "y")
     assert r.returncode == 2 and "missing.npz" in r.stderr
 
 
@@ -654,7 +654,7 @@ def _box_prompts(train, cases, label_value, label_name, slices_per_case=2):
     return prompts
 
 
-def test_segment_from_an_example_set_given_as_prompts(phantom_sets, cli, cli_here, tmp_path):
+def test_segment_from_an_example_set_given_as_prompts(phantom_sets, cli, tmp_path):
     _, train, query = phantom_sets
     images = tmp_path / "support_images"
     (images / "imagesTr").mkdir(parents=True)
@@ -679,11 +679,11 @@ def test_segment_from_an_example_set_given_as_prompts(phantom_sets, cli, cli_her
     assert not list(Path(tempfile.gettempdir()).glob("medfound-prompted-support-*"))  # the drawn set is removed
     # bad prompts: exit 2 naming the file, nothing written
     (tmp_path / "bad.json").write_text(json.dumps({"nobody": {"organ": [{"slice": 3, "box": [1, 1, 5, 5]}]}}))
-    r = cli_here("segment", "--support", images, "--support-prompts", tmp_path / "bad.json", "--input", src,
+    r = cli("segment", "--support", images, "--support-prompts", tmp_path / "bad.json", "--input", src,
                  "--output", tmp_path / "o2")
     assert r.returncode == 2 and "bad.json" in r.stderr and "nobody" in r.stderr and not (tmp_path / "o2").exists()
     (tmp_path / "noslice.json").write_text(json.dumps({"case0": {"organ": [{"box": [1, 1, 5, 5]}]}}))
-    r = cli_here("segment", "--support", images, "--support-prompts", tmp_path / "noslice.json", "--input", src,
+    r = cli("segment", "--support", images, "--support-prompts", tmp_path / "noslice.json", "--input", src,
                  "--output", tmp_path / "o3")
     assert r.returncode == 2 and "slice" in r.stderr and not (tmp_path / "o3").exists()
 

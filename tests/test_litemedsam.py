@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, run_cli_here
+from conftest import run_cli
 from medfound.models import litemedsam
 
 have_weights = litemedsam.weights_path().is_file()
@@ -173,9 +173,9 @@ def test_box_zoom_trains_on_crops_and_answers_a_box_at_128_px(tmp_path, model, s
     pred = session.segment(k, box=box)
     dice = 2 * (pred & truth[:, :, k]).sum() / (pred.sum() + truth[:, :, k].sum())
     assert pred.shape == truth.shape[:2] and dice > 0.7, dice
-    r = run_cli_here(*args, "--box-size", "100", "--output", tmp_path / "bad")
+    r = run_cli(*args, "--box-size", "100", "--output", tmp_path / "bad")
     assert r.returncode == 2 and "--box-size" in r.stderr and not (tmp_path / "bad").exists()
-    r = run_cli_here(*args[:-2], "--box-size", "128", "--output", tmp_path / "bad")  # a crop's side, no crop
+    r = run_cli(*args[:-2], "--box-size", "128", "--output", tmp_path / "bad")  # a crop's side, no crop
     assert r.returncode == 2 and "--box-zoom" in r.stderr and not (tmp_path / "bad").exists()
 
 
@@ -215,11 +215,11 @@ def test_lora_on_later_stages_caches_the_frozen_ones_and_starts_from_a_run(tmp_p
     shipped, _ = load_sam_model("litemedsam-adapted")
     dec = "mask_decoder.output_upscaling.0.weight"  # one step at lr 1e-4 from the shipped decoder
     assert (tuned.state_dict()[dec] - shipped.state_dict()[dec]).abs().max() < 1e-2
-    r = run_cli_here(*args, "--lora-stages", "2", "--init", run, "--output", tmp_path / "other")
+    r = run_cli(*args, "--lora-stages", "2", "--init", run, "--output", tmp_path / "other")
     assert r.returncode == 2 and "--init holds" in r.stderr and not (tmp_path / "other" / "config.json").exists()
-    r = run_cli_here(*args, "--lora-stages", "0", "--output", tmp_path / "zero")
+    r = run_cli(*args, "--lora-stages", "0", "--output", tmp_path / "zero")
     assert r.returncode == 2 and "--lora-stages" in r.stderr
-    r = run_cli_here("sam", "finetune", "--dataset", ds, "--base", "tiny", "--lora-stages", "3", "--max-steps", "1",
+    r = run_cli("sam", "finetune", "--dataset", ds, "--base", "tiny", "--lora-stages", "3", "--max-steps", "1",
                      "--accelerator", "cpu", "--output", tmp_path / "vit")
     assert r.returncode == 2 and "TinyViT" in r.stderr
 
@@ -283,7 +283,7 @@ def test_bf16_answers_as_fp32_and_bad_precision_is_exit_2(model, samples, tmp_pa
     assert masks["32"].sum() > 0
     overlap = 2 * (masks["32"] & masks["bf16"]).sum() / (masks["32"].sum() + masks["bf16"].sum())
     assert overlap > 0.95, overlap
-    r = run_cli_here("sam", "segment", "--model", "litemedsam", "--input", img, "--output", tmp_path / "o",
+    r = run_cli("sam", "segment", "--model", "litemedsam", "--input", img, "--output", tmp_path / "o",
                      "--box", ",".join(map(str, box)), "--slice", k, "--precision", "fp8")
     assert r.returncode == 2 and "--precision" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

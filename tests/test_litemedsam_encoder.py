@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, run_cli_here
+from conftest import run_cli
 from medfound.data.phantoms import write_phantom_dataset
 from medfound.models import litemedsam
 from medfound.models.export import save_encoder
@@ -108,10 +108,10 @@ def test_label_efficiency_with_several_encoders(tmp_path):
     assert [r["arm"] for r in rows] == ["scratch-full", "mae-full", "scratch-tinyvit-linear"]
     scratch = json.loads((tmp_path / "exp" / "runs" / "scratch-full_f1_s0" / "config.json").read_text())
     assert scratch["architecture"]["width"] == VIT_CONFIGS["vit-micro"].width  # shaped like the MAE run
-    bad = run_cli_here("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"{enc}=sideways",
+    bad = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"{enc}=sideways",
                        "--output", tmp_path / "exp2")
     assert bad.returncode == 2 and "sideways" in bad.stderr and not (tmp_path / "exp2").exists()
-    bad = run_cli_here("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", "scratch",
+    bad = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", "scratch",
                        "--precision", "16", "--output", tmp_path / "exp2")
     assert bad.returncode == 2 and "--precision" in bad.stderr and not (tmp_path / "exp2").exists()
 
@@ -140,7 +140,7 @@ def test_incontext_on_litemedsam_with_lora_trains_reloads_and_segments(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     from medfound.models.incontext_weights import DEFAULT_MODEL_DIR
 
-    bad = run_cli_here("incontext", "train", "--datasets", ds.root, "--output", tmp_path / "run2", "--image-size", "32",
+    bad = run_cli("incontext", "train", "--datasets", ds.root, "--output", tmp_path / "run2", "--image-size", "32",
                        "--max-steps", "1", "--accelerator", "cpu", "--encoder", "litemedsam",
                        "--init", DEFAULT_MODEL_DIR)
     assert bad.returncode == 2 and "more than their encoder" in bad.stderr, bad.stderr[-2000:]

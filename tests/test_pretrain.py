@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli, run_cli_here
+from conftest import run_cli
 from medfound.data.ingest import IngestOptions, ingest
 from medfound.data.sources import Source
 from medfound.models.export import load_encoder
@@ -51,7 +51,7 @@ def test_pretrain_loss_falls_and_exports(pool_shards, tmp_path):
     assert all(torch.equal(enc_sd[k].float(), v.float()) for k, v in encoder.state_dict().items())
     assert sorted(p.name for p in (run / "previews").glob("*.png"))
     # a second run into the same folder without --resume is refused
-    r = run_cli_here("pretrain", "--data", pool_shards, "--out", run, *ARGS, "--max-steps", "5")
+    r = run_cli("pretrain", "--data", pool_shards, "--out", run, *ARGS, "--max-steps", "5")
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
@@ -66,7 +66,7 @@ def test_resume_continues_step_count_and_optimizer(pool_shards, tmp_path):
     assert first["global_step"] == 20 and second["global_step"] == 30
     assert second["optimizer_states"][0]["state"][0]["step"] == 30  # AdamW moments carried on
     assert json.loads((run / "config.json").read_text())["training"]["steps"] == 30
-    r = run_cli_here("pretrain", "--data", pool_shards, "--out", tmp_path / "fresh", *ARGS, "--resume")
+    r = run_cli("pretrain", "--data", pool_shards, "--out", tmp_path / "fresh", *ARGS, "--resume")
     assert r.returncode == 2 and "nothing to resume" in r.stderr
 
 
@@ -111,7 +111,7 @@ def test_pretrain_from_raw_folder_skips_label_dirs(samples, tmp_path):
 
 
 def test_pretrain_bad_input(tmp_path):
-    r = run_cli_here("pretrain", "--data", tmp_path / "missing", "--out", tmp_path / "r", *ARGS, "--max-steps", "2")
+    r = run_cli("pretrain", "--data", tmp_path / "missing", "--out", tmp_path / "r", *ARGS, "--max-steps", "2")
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli_here("pretrain", "--data", tmp_path, "--out", tmp_path / "r", "--model", "vit-huge", "--max-steps", "2")
+    r = run_cli("pretrain", "--data", tmp_path, "--out", tmp_path / "r", "--model", "vit-huge", "--max-steps", "2")
     assert r.returncode == 2 and "vit-huge" in r.stderr

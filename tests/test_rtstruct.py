@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from conftest import run_cli, run_cli_here
+from conftest import run_cli
 from helpers import write_dicom_series
 
 from medfound.io import read_image
@@ -74,15 +74,15 @@ def test_convert_rtstruct_and_segment_writes_rtstruct(ct_series, samples, tmp_pa
     _no_dciodvfy_errors(rt_out)
     assert mask.any() and np.array_equal(read_rtstruct(rt_out, series)["organ"], mask > 0)
     # bad input: exit 2, one line, nothing written
-    r = run_cli_here("data", "convert-rtstruct", tmp_path / "ct", rt, "--output", tmp_path / "x", "--roi", "liver")
+    r = run_cli("data", "convert-rtstruct", tmp_path / "ct", rt, "--output", tmp_path / "x", "--roi", "liver")
     assert r.returncode == 2 and "'liver'" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "x").exists()
-    r = run_cli_here("data", "convert-rtstruct", tmp_path / "ct", series.meta["dicom_files"][0],
+    r = run_cli("data", "convert-rtstruct", tmp_path / "ct", series.meta["dicom_files"][0],
                      "--output", tmp_path / "x")
     assert r.returncode == 2 and "not an RT Structure Set" in r.stderr and not (tmp_path / "x").exists()
     other = pydicom.dcmread(rt)
     other.StructureSetROISequence[0].ReferencedFrameOfReferenceUID = "1.2.3.4"
     other.save_as(tmp_path / "other.dcm")
-    r = run_cli_here("data", "convert-rtstruct", tmp_path / "ct", tmp_path / "other.dcm", "--output", tmp_path / "x")
+    r = run_cli("data", "convert-rtstruct", tmp_path / "ct", tmp_path / "other.dcm", "--output", tmp_path / "x")
     assert r.returncode == 2 and "Frame of Reference" in r.stderr and not (tmp_path / "x").exists()
 
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, run_cli_here
+from conftest import run_cli
 
 from medfound.data.phantoms import make_phantom
 
@@ -55,7 +55,7 @@ def test_sam_train_resume_export_and_segment(dataset, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["kind"] == "sam-conv" and cfg["training"]["steps"] == 3 and cfg["inference"]["box_zoom"] > 1
     assert (run / "previews" / "prompts.png").is_file() and "--datasets" in cfg["command"]
-    assert run_cli_here(*args, "--steps", "2").returncode == 2  # refuses to overwrite a run
+    assert run_cli(*args, "--steps", "2").returncode == 2  # refuses to overwrite a run
     img = dataset / "imagesTr" / "case1_0000.nii.gz"
     for extra in (["--box", "10,10,30,30"], ["--point", "20,20,1"], ["--box", "10,10,30,30", "--propagate"]):
         r = run_cli("sam", "segment", "--model", run, "--input", img, "--output", tmp_path / "o", "--slice", "8", *extra)
@@ -80,11 +80,11 @@ def test_sam_train_ddp_two_cpu_processes(dataset, tmp_path):
 
 
 def test_sam_train_bad_input(dataset, tmp_path):
-    r = run_cli_here("sam", "train", "--out", tmp_path / "x")
+    r = run_cli("sam", "train", "--out", tmp_path / "x")
     assert r.returncode == 2 and "--datasets or --bank" in r.stderr
-    r = run_cli_here("sam", "train", "--datasets", tmp_path / "missing", "--out", tmp_path / "y")
+    r = run_cli("sam", "train", "--datasets", tmp_path / "missing", "--out", tmp_path / "y")
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli_here("sam", "train", "--datasets", dataset, "--out", tmp_path / "z", "--image-size", "100")
+    r = run_cli("sam", "train", "--datasets", dataset, "--out", tmp_path / "z", "--image-size", "100")
     assert r.returncode == 2 and "multiple of 32" in r.stderr
 
 
