@@ -3,13 +3,18 @@ import sys
 import warnings
 from pathlib import Path
 
-# Under pytest-xdist each worker gets its share of the cores (set before numpy and torch load, and
-# inherited by the CLI subprocesses the tests start): a worker per core, each with every core's
-# threads, oversubscribes the machine and ran the suite a third slower.
+# Under pytest-xdist each CLI call a test makes gets its worker's share of the cores (set before
+# numpy and torch load, and inherited by the CLI processes): a worker per core, each with every
+# core's threads, oversubscribes the machine and ran the suite a third slower. The worker's own torch
+# stays on one thread, so that CLI calls can be forked from it (see ``_can_fork``).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, _threads)
+    if sys.platform == "linux":
+        import torch
+
+        torch.set_num_threads(1)
 
 import pytest
 
@@ -65,13 +70,13 @@ _HEAVY = ("torch", "numpy", "scipy.ndimage", "monai", "lightning.pytorch", "peft
 
 def _can_fork() -> bool:
     """A forked child may run torch only where the parent never started an OpenMP team: GNU OpenMP's
-    thread pool does not survive ``fork`` (the child hangs in its first parallel region). Under
-    pytest-xdist on a machine with as many cores as workers each worker has one thread, so none."""
+    thread pool does not survive ``fork`` (the child hangs in its first parallel region). A pytest-xdist
+    worker on Linux keeps torch on one thread, so it never starts one; its children start their own."""
     if sys.platform != "linux" or not os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         return False
     import torch
 
-    return torch.get_num_threads() == 1 and os.environ.get("OMP_NUM_THREADS") == "1"
+    return torch.get_num_threads() == 1
 
 
 def run_cli(*args: str, cwd=None, env: dict | None = None, timeout: float = 600):
@@ -152,6 +157,9 @@ def _run_main_and_exit(argv: list[str], cwd, env: dict | None, out_fd: int, err_
                 if isinstance(h, logging.StreamHandler) and h.stream in old:
                     h.setStream(sys.stderr if h.stream in (old[1], old[3]) else sys.stdout)
         os.environ.update(env or {})
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # the worker's share of the cores
         if cwd is not None:
             os.chdir(cwd)
         import importlib.util
