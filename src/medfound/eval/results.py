@@ -72,6 +72,11 @@ class Data:
         return {r["structure"]: r["group"] for r in _rows(self.root / "incontext" / "validation_through_plane_results.csv")}
 
 
+def _summary_if(d: Data, name: str) -> dict[tuple[str, int], dict]:
+    """``d.summary(name)``, or nothing where that experiment has not been run."""
+    return d.summary(name) if (d.root / "incontext" / f"{name}_summary.csv").is_file() else {}
+
+
 def _cell(summary: dict, method: str, size: int, ci: bool = False) -> str:
     r = summary.get((method, size))
     if r is None:
@@ -126,6 +131,9 @@ def nm_summary(d: Data) -> str:
             ["in-context, no smoothing across slices", *(_cell(base, "incontext", s, ci=True) for s in (8, 16))],
             ["registered label fusion (no model)", *(_cell(base, "registered-label-fusion", s, ci=True) for s in (8, 16))],
             ["label fusion (image similarity)", *(_cell(base, "label-fusion", s, ci=True) for s in (8, 16))]]
+    unet = _summary_if(d, "heldout_neuromorphometrics_vs_finetuning")
+    if unet:
+        rows.append(["U-Net trained on the example slices (200 steps)", *(_cell(unet, "finetune", s, ci=True) for s in (8, 16))])
     return _table(["method", "8 supports", "16 supports"], rows)
 
 
@@ -316,39 +324,43 @@ def label_efficiency_paired(d: Data) -> str:
 
 
 #: (who drew the masks, file stem in data/incontext) of the prompt-defined example sets measured
-PROMPT_SETS = (("the shipped small SAM", "heldout_aal_support_prompts", "2: build"),
-               ("LiteMedSAM, decoder adapted", "heldout_aal_support_prompts_litemedsam_adapted", "1 + 2"),
-               ("LiteMedSAM, LoRA in the encoder + decoder", "heldout_aal_support_prompts_litemedsam_lora", "1 + 2"))
+PROMPT_SETS = (("the shipped small SAM", "support_prompts", "2: build"),
+               ("LiteMedSAM, decoder adapted", "support_prompts_litemedsam_adapted", "1 + 2"),
+               ("LiteMedSAM, LoRA in the encoder + decoder", "support_prompts_litemedsam_lora", "1 + 2"))
+#: (name, file-stem part) of the held-out label sets the in-context rows are scored on (supports: Colin27 AAL)
+HELDOUT_LABELS = (("AAL", "aal"), ("Neuromorphometrics", "neuromorphometrics"))
 
 
-def _prompt_set(d: Data, stem: str, supports: int, part: str = "results") -> Path:
+def _prompt_set(d: Data, atlas: str, stem: str, supports: int, part: str = "results") -> Path:
     """One CSV (``part``: results or sam_masks) of a prompt-defined example set of ``supports`` slices
-    (16: the stem alone)."""
+    scored on the held-out ``atlas`` labels (16 supports: no size in the name)."""
+    stem = f"heldout_{atlas}_{stem}"
     return d.root / "incontext" / (f"{stem}_{part}.csv" if supports == 16 else f"{stem}_{supports}supports_{part}.csv")
 
 
 def support_prompts(d: Data) -> str:
     """Example sets given as boxes (a SAM draws the masks) against the same sets' true masks."""
     body = []
-    for supports in (16, 8):
-        first = True
-        for who, stem, _ in PROMPT_SETS:
-            path = _prompt_set(d, stem, supports)
-            if not path.is_file():
-                continue
-            rows = _rows(path)
-            sam = _rows(_prompt_set(d, stem, supports, "sam_masks"))
-            mask = [float(r["mask_defined_dice"]) for r in rows]
-            prompt = [float(r["prompt_defined_dice"]) for r in rows]
-            if first:
-                body.append(["true masks", supports, _ci(summarise(mask)), "—", "1"])
-                first = False
-            body.append([f"boxes, masks drawn by {who}", supports, _ci(summarise(prompt)),
-                         _ci(summarise([b - a for a, b in zip(mask, prompt)]), signed=True),
-                         _ci(summarise([float(r["dice"]) for r in sam]))])
+    for labels, atlas in HELDOUT_LABELS:
+        for supports in (16, 8):
+            first = True
+            for who, stem, _ in PROMPT_SETS:
+                path = _prompt_set(d, atlas, stem, supports)
+                if not path.is_file():
+                    continue
+                rows = _rows(path)
+                sam = _rows(_prompt_set(d, atlas, stem, supports, "sam_masks"))
+                mask = [float(r["mask_defined_dice"]) for r in rows]
+                prompt = [float(r["prompt_defined_dice"]) for r in rows]
+                if first:
+                    body.append([labels, "true masks", supports, _ci(summarise(mask)), "—", "1"])
+                    first = False
+                body.append([labels, f"boxes, masks drawn by {who}", supports, _ci(summarise(prompt)),
+                             _ci(summarise([b - a for a, b in zip(mask, prompt)]), signed=True),
+                             _ci(summarise([float(r["dice"]) for r in sam]))])
     if not body:
         return "_(no data yet: run the command above)_"
-    return _table(["example set", "supports per structure", "3D Dice on MNI152 (95 % CI)",
+    return _table(["held-out labels", "example set", "supports per structure", "3D Dice on MNI152 (95 % CI)",
                    "minus true masks (paired by structure)", "the drawn masks' 2D Dice on the prompted slices"], body)
 
 
@@ -632,22 +644,21 @@ def tried_gmiseg(d: Data) -> str:
 def paths_incontext(d: Data) -> str:
     aal, aal_base = d.summary("heldout_aal_shipped"), d.summary("heldout_aal_no_smoothing")
     nm, nm_base = d.summary("heldout_neuromorphometrics_shipped"), d.summary("heldout_neuromorphometrics_no_smoothing")
-    ft = d.summary("heldout_vs_finetuning")
+    ft = (d.summary("heldout_vs_finetuning"), _summary_if(d, "heldout_neuromorphometrics_vs_finetuning"))
     rows = [["conv in-context model (shipped)", "2: build", *(_cell(t, "incontext", n, ci=True) for t in (aal, nm) for n in (8, 16))],
             ["registered label fusion (no model)", "—", *(_cell(t, "registered-label-fusion", n, ci=True)
                                                         for t in (aal_base, nm_base) for n in (8, 16))],
             ["U-Net trained on the example slices (from-scratch CNN floor)", "—",
-             _cell(ft, "finetune", 8, ci=True), _cell(ft, "finetune", 16, ci=True), "not measured", "not measured"],
+             *(_cell(t, "finetune", n, ci=True) if t else "not measured" for t in ft for n in (8, 16))],
             ["in-context on LiteMedSAM's encoder with LoRA (GMISeg, an hour of CPU training)", "1: adapt",
-             *(_cell(d.summary(name), "incontext", n, ci=True) if (d.root / "incontext" / f"{name}_summary.csv").is_file()
-               else "not measured" for _, name in GMISEG_HELDOUT.values() for n in (8, 16))]]
+             *(_cell(_summary_if(d, name), "incontext", n, ci=True) if _summary_if(d, name) else "not measured"
+               for _, name in GMISEG_HELDOUT.values() for n in (8, 16))]]
     for who, stem, which in PROMPT_SETS:
-        paths = [_prompt_set(d, stem, n) for n in (8, 16)]
+        paths = [_prompt_set(d, atlas, stem, n) for _, atlas in HELDOUT_LABELS for n in (8, 16)]
         if any(p.is_file() for p in paths):
             cells = [_ci(summarise([float(r["prompt_defined_dice"]) for r in _rows(p)])) if p.is_file() else "not measured"
                      for p in paths]
-            rows.append([f"conv in-context, example set given as boxes (masks drawn by {who})", which,
-                         *cells, "not measured", "not measured"])
+            rows.append([f"conv in-context, example set given as boxes (masks drawn by {who})", which, *cells])
     return _table(["model", "path", "AAL, 8 supports", "AAL, 16", "Neuromorphometrics, 8", "Neuromorphometrics, 16"], rows)
 
 
