@@ -147,8 +147,10 @@ def _run_main_and_exit(argv: list[str], cwd, env: dict | None, out_fd: int, err_
     atexit.register(multiprocessing.util._exit_function)
     code = 1
     try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # never the worker's stdin (its link to pytest)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
+        sys.stdin = open(0, closefd=False)
         old = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
         sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
         sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)
