@@ -24,8 +24,6 @@ pytestmark = pytest.mark.skipif(why_no_orthanc() is not None, reason=why_no_orth
 BIN = Path(sys.executable).parent
 
 
-
-
 def one_line_error(r, *words):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]

@@ -323,7 +323,8 @@ def label_efficiency_paired(d: Data) -> str:
     return _table(["arm", "label fraction", f"Dice minus {base} (paired by seed, 95 % CI)", "seeds it wins"], body)
 
 
-#: (who drew the masks, file stem in data/incontext) of the prompt-defined example sets measured
+#: (who drew the masks, file stem after ``heldout_{atlas}_`` in data/incontext, path) of the
+#: prompt-defined example sets measured
 PROMPT_SETS = (("the shipped small SAM", "support_prompts", "2: build"),
                ("LiteMedSAM, decoder adapted", "support_prompts_litemedsam_adapted", "1 + 2"),
                ("LiteMedSAM, LoRA in the encoder + decoder", "support_prompts_litemedsam_lora", "1 + 2"))
