@@ -646,14 +646,14 @@ def paths_incontext(d: Data) -> str:
     aal, aal_base = d.summary("heldout_aal_shipped"), d.summary("heldout_aal_no_smoothing")
     nm, nm_base = d.summary("heldout_neuromorphometrics_shipped"), d.summary("heldout_neuromorphometrics_no_smoothing")
     ft = (d.summary("heldout_vs_finetuning"), _summary_if(d, "heldout_neuromorphometrics_vs_finetuning"))
+    gmiseg = [_summary_if(d, name) for _, name in GMISEG_HELDOUT.values()]
     rows = [["conv in-context model (shipped)", "2: build", *(_cell(t, "incontext", n, ci=True) for t in (aal, nm) for n in (8, 16))],
             ["registered label fusion (no model)", "—", *(_cell(t, "registered-label-fusion", n, ci=True)
                                                         for t in (aal_base, nm_base) for n in (8, 16))],
             ["U-Net trained on the example slices (from-scratch CNN floor)", "—",
              *(_cell(t, "finetune", n, ci=True) if t else "not measured" for t in ft for n in (8, 16))],
             ["in-context on LiteMedSAM's encoder with LoRA (GMISeg, an hour of CPU training)", "1: adapt",
-             *(_cell(_summary_if(d, name), "incontext", n, ci=True) if _summary_if(d, name) else "not measured"
-               for _, name in GMISEG_HELDOUT.values() for n in (8, 16))]]
+             *(_cell(t, "incontext", n, ci=True) if t else "not measured" for t in gmiseg for n in (8, 16))]]
     for who, stem, which in PROMPT_SETS:
         paths = [_prompt_set(d, atlas, stem, n) for _, atlas in HELDOUT_LABELS for n in (8, 16)]
         if any(p.is_file() for p in paths):
