@@ -44,7 +44,7 @@ def test_released_encoder_weights_load_at_another_size():
 
 
 @needs_weights
-@pytest.mark.parametrize("mode", ["linear"])  # LoRA on TinyViT: the in-context test below (the same add_lora)
+@pytest.mark.parametrize("mode", ["linear", "lora"])
 def test_finetune_on_litemedsam_trains_reloads_and_predicts(tmp_path, mode):
     ds = write_phantom_dataset(tmp_path / "Dataset700_Ph", ("CT",), cases_per_modality=4)
     run = tmp_path / "run"
@@ -53,11 +53,12 @@ def test_finetune_on_litemedsam_trains_reloads_and_predicts(tmp_path, mode):
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["architecture"]["type"] == "tinyvit" and cfg["encoder"]["kind"] == "litemedsam"
-    assert cfg["encoder"]["features_cached"] is (mode == "linear")
+    assert cfg["encoder"]["features_cached"] is True  # the frozen encoder, or with LoRA its frozen stages 0-1
+    assert cfg["lora_stages"] == ([2, 3] if mode == "lora" else None)
     t = cfg["training"]
     if mode == "linear":
         assert t["encoder_trainable_parameters"] == 0
-    else:  # LoRA: a few adapters on the attention, everything else frozen
+    else:  # LoRA: a few adapters on stages 2-3's attention, everything else frozen
         assert 0 < t["encoder_trainable_parameters"] < t["encoder_parameters"] // 20
     model, _ = load_segmenter(run)
     state = torch.load(str(litemedsam.weights_path()), weights_only=True)
@@ -71,6 +72,29 @@ def test_finetune_on_litemedsam_trains_reloads_and_predicts(tmp_path, mode):
     src = nib.load(image_path)
     pred = nib.load(out)
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+
+
+def test_lora_on_later_stages_trains_on_the_frozen_stages_output():
+    """LoRA on stages 2-3 only: the adapters sit there alone, and the logits from the frozen stages'
+    output (what fine-tuning caches) are the model's own, with gradients reaching the adapters."""
+    from medfound.models.segmenter import add_encoder_lora, segmenter_for
+    from medfound.models.tinyvit_unet import LORA_STAGES
+
+    enc, _ = encoder_for("scratch:tinyvit", 64)
+    model = segmenter_for(add_encoder_lora(enc, 2, LORA_STAGES), 3).eval()
+    adapted = {n.split(".")[2] for n, p in model.encoder.named_parameters() if p.requires_grad}
+    assert adapted == {"2", "3"} and model.first_adapted == 2
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # non-zero adapters, so that they change the function
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        part = model.encode_frozen(x)
+    assert [tuple(t.shape) for t in part] == [(2, 128, 32, 32), (2, 16 * 16, 160)]
+    logits = model.decode_frozen(x, part)
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_full_finetune_on_a_scratch_tinyvit(tmp_path):

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from medfound.device import native_bf16
+
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds: float = 2.0) -> float:
     """Sustained GFLOP/s of a square matmul in ``dtype``: the machine's practical ceiling.
@@ -71,10 +73,10 @@ def _cpu_model() -> str:
 
 def machine() -> dict:
     """What a benchmark ran on: torch, its thread count, the CPU model, its vector extension as torch
-    sees it (AVX2 or AVX512: the same model name covers both on shared VMs, and bf16 runs natively only
-    on the second) and the GPU if there is one."""
+    sees it (AVX2 or AVX512: the same model name covers both on shared VMs), whether it computes bf16
+    natively (AMX or AVX512-BF16: ``--precision auto`` then picks bf16) and the GPU if there is one."""
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_native": native_bf16(torch.device("cpu"))}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

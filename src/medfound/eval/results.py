@@ -284,11 +284,17 @@ def tried_validation_encoder(d: Data) -> str:
     return _table(["encoder (10 CPU-minutes of training each; 16 supports, val10)", "Dice"], [[k[0], _f(v[0])] for k, v in g.items()])
 
 
+def _label_efficiency_rows(d: Data, name: str) -> list[dict]:
+    """``name`` (results.csv or summary.csv) of every label-efficiency run: ``label_efficiency/`` and
+    runs of further arms on the same splits (``label_efficiency_*/``), their rows in that order."""
+    folders = [d.root / "label_efficiency", *sorted(d.root.glob("label_efficiency_*/"))]
+    return [r for f in folders if (f / name).is_file() for r in _rows(f / name)]
+
+
 def label_efficiency(d: Data) -> str:
-    path = d.root / "label_efficiency" / "summary.csv"
-    if not path.is_file():
+    rows = _label_efficiency_rows(d, "summary.csv")
+    if not rows:
         return "_(no data yet: run the command above)_"
-    rows = _rows(path)
     fr = sorted({float(r["fraction"]) for r in rows})
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     by = {(r["arm"], float(r["fraction"])): r for r in rows}
@@ -301,10 +307,9 @@ def label_efficiency(d: Data) -> str:
 
 def label_efficiency_paired(d: Data) -> str:
     """Each arm minus the scratch arm, seed by seed (the arms of one seed share its case split)."""
-    path = d.root / "label_efficiency" / "results.csv"
-    if not path.is_file():
+    rows = _label_efficiency_rows(d, "results.csv")
+    if not rows:
         return "_(no data yet: run the command above)_"
-    rows = _rows(path)
     base = next((a for a in dict.fromkeys(r["arm"] for r in rows) if a.startswith("scratch")), None)
     if base is None:
         return "_(no scratch arm in this run)_"
@@ -587,18 +592,18 @@ def paths_prompts(d: Data) -> str:
 
 
 def paths_few_labels(d: Data) -> str:
-    path = d.root / "label_efficiency" / "summary.csv"
-    if not path.is_file():
+    rows = _label_efficiency_rows(d, "summary.csv")
+    if not rows:
         return "_(no data yet: run the command on the label-efficiency page)_"
-    kind = {"scratch": ("ViT-UNETR from scratch (floor)", "—"), "mae": ("MAE-pretrained ViT-UNETR", "2: build"),
-            "litemedsam": ("LiteMedSAM's TinyViT, frozen, U-Net decoder", "1: adapt")}
-    rows = _rows(path)
+    kind = {"scratch-full": ("ViT-UNETR from scratch (floor)", "—"), "mae-full": ("MAE-pretrained ViT-UNETR", "2: build"),
+            "litemedsam-linear": ("LiteMedSAM's TinyViT, frozen, U-Net decoder", "1: adapt"),
+            "litemedsam-lora": ("LiteMedSAM's TinyViT, LoRA on stages 2-3, U-Net decoder", "1: adapt")}
     fewest = min(float(r["fraction"]) for r in rows)
     body = []
     for r in rows:
         if float(r["fraction"]) != fewest:
             continue
-        label, p = kind.get(r["arm"].split("-")[0], (r["arm"], "?"))
+        label, p = kind.get(r["arm"], (r["arm"], "?"))
         body.append([f"{label} (`{r['arm']}`)", p, f"{float(r['test_dice_mean']):.3f} [{float(r['ci_low']):.3f}, "
                      f"{float(r['ci_high']):.3f}]", r["seeds"]])
     return _table(["encoder", "path", "test Dice, one labeled brain (95 % CI)", "seeds"], body)
@@ -673,6 +678,11 @@ def throughput(d: Data) -> str:
         out.append(f"**{f.stem}** (`{js.get('command', '')}`)\n")
         flat = {k: v for k, v in js.items() if isinstance(v, (int, float, str)) and k not in ("command",)}
         rows = [[k, v] for k, v in flat.items()]
+        m = js.get("machine")
+        if isinstance(m, dict):  # absolute times hold for this host only
+            native = {True: ", bf16 native", False: ", bf16 emulated"}.get(m.get("cpu_bf16_native"), "")
+            rows.append(["machine", ", ".join(str(m[k]) for k in ("cpu", "cpu_capability") if k in m)
+                         + f"{native}, {m.get('threads', '?')} threads, torch {m.get('torch', '?')}"])
         for r in js.get("results", []) if isinstance(js.get("results"), list) else []:
             rows.append([", ".join(f"{k} {v}" for k, v in r.items() if not isinstance(v, (int, float)) or k in ("size",)),
                          ", ".join(f"{k} {v}" for k, v in r.items() if isinstance(v, (int, float)) and k != "size")])
@@ -743,7 +753,7 @@ def _seeds_plot(d: Data, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _rows(d.root / "label_efficiency" / "results.csv")
+    rows = _label_efficiency_rows(d, "results.csv")
     fracs = sorted({float(r["fraction"]) for r in rows})
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     fig, axes = plt.subplots(1, len(fracs), figsize=(2.2 + 1.3 * len(arms) * len(fracs), 3.6), dpi=100, squeeze=False)

@@ -51,11 +51,24 @@ def size_multiple(encoder: torch.nn.Module) -> int:
     return SIZE_MULTIPLE if isinstance(encoder, TinyViTEncoder) else encoder.config.patch_size
 
 
+def add_encoder_lora(encoder: torch.nn.Module, rank: int, stages: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """LoRA of rank ``rank`` on the encoder's attention (``qkv``): every block of a ViT; a TinyViT's
+    blocks in ``stages`` only, where given (recorded as ``encoder.lora_stages``), else all of them."""
+    from medfound.models.tinyvit_unet import TinyViTEncoder
+
+    if stages and isinstance(encoder, TinyViTEncoder):
+        encoder = add_lora(encoder, rank=rank,
+                           targets=rf"tinyvit\.layers\.({'|'.join(map(str, stages))})\.blocks\.\d+\.attn\.qkv")
+        encoder.lora_stages = tuple(stages)
+        return encoder
+    return add_lora(encoder, rank=rank)
+
+
 def build_segmenter(arch: dict, n_classes: int, mode: str = "full", rank: int = 4,
-                    feature_size: int = 16) -> torch.nn.Module:
+                    feature_size: int = 16, lora_stages: tuple[int, ...] | None = None) -> torch.nn.Module:
     encoder = build_encoder(arch)
     if mode == "lora":
-        encoder = add_lora(encoder, rank=rank)
+        encoder = add_encoder_lora(encoder, rank, lora_stages)
     return segmenter_for(encoder, n_classes, feature_size=feature_size)
 
 
@@ -109,7 +122,7 @@ def load_segmenter(run: str | os.PathLike) -> tuple[ViTUNETR, dict]:
     if cfg.get("kind") != "segmenter":
         raise InputError(cfg_path, f"not a segmenter config (kind={cfg.get('kind')!r})")
     model = build_segmenter(cfg["architecture"], cfg["n_classes"], cfg["mode"], cfg.get("lora_rank", 4),
-                            cfg.get("feature_size", 16))
+                            cfg.get("feature_size", 16), cfg.get("lora_stages"))
     missing, unexpected = model.load_state_dict(load_file(str(w_path)), strict=False)
     if missing or unexpected:
         raise InputError(w_path, f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -21,6 +21,10 @@ from medfound.models.tinyvit import TinyViT, TinyViTConfig
 #: input sides must divide by this (two stride-2 merges, and the decoder's two upsamplings)
 SIZE_MULTIPLE = 16
 
+#: TinyViT stages whose attention a segmenter's LoRA adapts, as LiteMedSAM's shipped SAM adapter does:
+#: the stages before them stay as released, so fine-tuning runs them once per slice (see ``train.finetune``)
+LORA_STAGES = (2, 3)
+
 
 class TinyViTEncoder(nn.Module):
     """A TinyViT as medfound's segmenters and classifiers use an encoder:
@@ -41,6 +45,25 @@ class TinyViTEncoder(nn.Module):
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         # to_sam_input gives what TinyViT takes; it rescales each image to MedSAM's [0, 1] itself
         return self.tinyvit.features(to_sam_input(x))[1:]
+
+    def frozen_part(self, x: torch.Tensor, first: int) -> list[torch.Tensor]:
+        """What does not change while only stages ``first``.. train: the pyramid levels before stage
+        ``first`` (maps) and stage ``first``'s input (tokens (B, N, C)); :meth:`features_from` goes on."""
+        t = self.tinyvit
+        h, levels = t.stem(to_sam_input(x)), []
+        for i in range(first):
+            out, h = t.run_stage(i, h)
+            if i >= 1:  # stage 0 is not a pyramid level (see the module docstring)
+                levels.append(out)
+        return [*levels, h]
+
+    def features_from(self, part: list[torch.Tensor], first: int) -> list[torch.Tensor]:
+        """:meth:`features` from what :meth:`frozen_part` returned for the same ``first``."""
+        *levels, h = part
+        for i in range(first, len(self.tinyvit.layers)):
+            out, h = self.tinyvit.run_stage(i, h)
+            levels.append(out)
+        return levels
 
     @property
     def pooled_dim(self) -> int:
@@ -83,6 +106,20 @@ class TinyViTUNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.encoder.features(x)
+
+    @property
+    def first_adapted(self) -> int | None:
+        """The first stage LoRA adapts when it was given stages (``LORA_STAGES``), else None."""
+        stages = getattr(self.encoder, "lora_stages", None)
+        return min(stages) if stages else None
+
+    def encode_frozen(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's part before :attr:`first_adapted`, computed once per slice in fine-tuning."""
+        return self.encoder.frozen_part(x, self.first_adapted)
+
+    def decode_frozen(self, x: torch.Tensor, part: list[torch.Tensor]) -> torch.Tensor:
+        """Logits from :meth:`encode_frozen`'s output: the adapted stages, then the decoder."""
+        return self.decode(x, self.encoder.features_from([t.to(x.dtype) for t in part], self.first_adapted))
 
     def decode(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         s2, s4a, s4b = (t.to(x.dtype) for t in feats)

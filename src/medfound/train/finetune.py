@@ -2,13 +2,14 @@
 
 Modes: ``full`` (everything trains; the encoder at ``encoder_lr_scale`` x the decoder's rate, after
 ``encoder_warmup`` steps frozen), ``linear`` (encoder frozen: the decoder alone) and ``lora`` (rank-r
-adapters on the encoder's attention, the decoder trains). Validation Dice on held-back *cases* picks
+adapters on the encoder's attention - a TinyViT's stages 2-3 - the decoder trains). Validation Dice on held-back *cases* picks
 the exported weights; test data never enters this function.
 
 The encoder is a ViT (MAE run, scratch, SAM's) under UNETR, or LiteMedSAM's TinyViT under a U-Net
 decoder on its feature pyramid. A frozen TinyViT (``linear``) embeds each training and validation
 slice once and the decoder trains on those features, without augmentation: its full-resolution first
-stage makes it far too slow to run at every step on a CPU.
+stage makes it far too slow to run at every step on a CPU. With LoRA on its stages 2-3 only the
+frozen stages before them are run once per slice the same way, and each step runs stages 2-3.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from medfound.data.labeled import SliceDataset, case_slices, label_lut, split_cases, training_classes
 from medfound.data.nnunet import NnUNetDataset
 from medfound.errors import InputError
-from medfound.models.lora import add_lora, count_parameters
-from medfound.models.segmenter import encoder_for, save_segmenter, segmenter_for, size_multiple
+from medfound.models.lora import count_parameters
+from medfound.models.segmenter import add_encoder_lora, encoder_for, save_segmenter, segmenter_for, size_multiple
+from medfound.models.tinyvit_unet import LORA_STAGES, TinyViTEncoder
 from medfound.train.checkpoint import AtomicCheckpointIO, accelerator_device, lightning_precision, training_precision
 
 
@@ -78,8 +80,10 @@ class SegModule(L.LightningModule):
                 p.requires_grad = not frozen
 
     def _logits(self, batch) -> torch.Tensor:
-        x, y, *feats = batch  # feats: a frozen encoder's cached features (FeatureCache)
-        return self.model.decode(x, feats) if feats else self.model(x)
+        x, y, *feats = batch  # feats: the frozen encoder (or its frozen stages) cached (FeatureCache)
+        if not feats:
+            return self.model(x)
+        return self.model.decode_frozen(x, feats) if self.cfg.mode == "lora" else self.model.decode(x, feats)
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(self._logits(batch), batch[1])
@@ -115,11 +119,12 @@ class SegModule(L.LightningModule):
 
 
 class FeatureCache(Dataset):
-    """(image, label, *features) with a frozen encoder's features computed once per slice, in fp16.
+    """(image, label, *features) with what ``encode`` returns (a frozen encoder's features, or its
+    frozen stages' output) computed once per slice, in fp16.
 
     Features are kept in memory (about 2 MB per 128 px slice for TinyViT's stages 1-3)."""
 
-    def __init__(self, slices: SliceDataset, model: nn.Module, batch_size: int = 16, what: str = "embedding slices",
+    def __init__(self, slices: SliceDataset, encode, batch_size: int = 16, what: str = "embedding slices",
                  progress: bool = True, device: str | torch.device = "cpu"):
         from medfound.progress import Progress
 
@@ -129,7 +134,7 @@ class FeatureCache(Dataset):
         with torch.no_grad(), Progress(what, n, enabled=progress) as bar:
             for i in range(0, n, batch_size):
                 x = torch.stack([slices[j][0] for j in range(i, min(n, i + batch_size))]).to(device)
-                chunks.append([f.half().cpu() for f in model.encode(x)])
+                chunks.append([f.half().cpu() for f in encode(x)])
                 bar.advance(len(x))
         self.features = [torch.cat(level) for level in zip(*chunks)]
 
@@ -154,7 +159,10 @@ def validation_interval(max_steps: int, every: int | None = None) -> int:
 
 
 def caches_features(model: nn.Module, cfg: FinetuneConfig) -> bool:
-    """Whether training embeds each slice once: a frozen encoder with a separate decoder."""
+    """Whether training embeds each slice once: a frozen encoder with a separate decoder, or LoRA on
+    a TinyViT's later stages only (what comes before them is frozen)."""
+    if cfg.mode == "lora":
+        return getattr(model, "first_adapted", None) is not None
     return cfg.mode == "linear" and hasattr(model, "encode")
 
 
@@ -164,7 +172,7 @@ def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tup
         for p in encoder.parameters():
             p.requires_grad = False
     elif cfg.mode == "lora":
-        encoder = add_lora(encoder, rank=cfg.rank)
+        encoder = add_encoder_lora(encoder, cfg.rank, LORA_STAGES if isinstance(encoder, TinyViTEncoder) else None)
     elif cfg.mode != "full":
         raise InputError(None, f"--mode must be full, linear or lora, got {cfg.mode!r}")
     torch.manual_seed(cfg.seed)
@@ -197,8 +205,9 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
     if cached:
         device = accelerator_device(cfg.accelerator)
         model.eval().to(device)
-        train_set = FeatureCache(train_set, model, what="embedding training slices", progress=cfg.progress, device=device)
-        val_set = FeatureCache(val_set, model, what="embedding validation slices", progress=cfg.progress, device=device)
+        encode = model.encode_frozen if cfg.mode == "lora" else model.encode
+        train_set = FeatureCache(train_set, encode, what="embedding training slices", progress=cfg.progress, device=device)
+        val_set = FeatureCache(val_set, encode, what="embedding validation slices", progress=cfg.progress, device=device)
         model.cpu().train()
         workers = 0  # the features are in this process's memory
     train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
@@ -232,6 +241,7 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
         "classes": {str(c): {"label": v, "name": n} for c, (v, n) in enumerate(sorted(classes.items()), start=1)},
         "mode": cfg.mode,
         "lora_rank": cfg.rank if cfg.mode == "lora" else None,
+        "lora_stages": list(getattr(model.encoder, "lora_stages", ())) or None,
         "image_size": size,
         "axis": cfg.axis,
         "normalisation": "medfound.data.normalize by modality",
