@@ -76,7 +76,7 @@ def finetune(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model.safetensors, config.json, checkpoints/, logs/.")],
     encoder: Annotated[str, typer.Option(help="An exported MAE run folder, litemedsam (LiteMedSAM's TinyViT, released weights), or scratch (scratch:vit-small, scratch:tinyvit ...).")] = "scratch",
-    mode: Annotated[str, typer.Option(help="full, linear (frozen encoder) or lora.")] = "full",
+    mode: Annotated[str, typer.Option(help="full, linear (frozen encoder) or lora (on a TinyViT: its stages 2-3, the frozen stages cached).")] = "full",
     rank: Annotated[int, typer.Option(help="LoRA rank (--mode lora).")] = 4,
     label_fraction: Annotated[float, typer.Option(help="Fraction of the non-validation cases whose labels are used.")] = 1.0,
     val_fraction: Annotated[float, typer.Option(help="Fraction of cases held back for validation (by case).")] = 0.2,
