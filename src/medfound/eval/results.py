@@ -133,7 +133,7 @@ def nm_summary(d: Data) -> str:
             ["label fusion (image similarity)", *(_cell(base, "label-fusion", s, ci=True) for s in (8, 16))]]
     unet = _summary_if(d, "heldout_neuromorphometrics_vs_finetuning")
     if unet:
-        rows.append(["U-Net trained on the example slices (200 steps, one seed)", *(_cell(unet, "finetune", s, ci=True) for s in (8, 16))])
+        rows.append(["U-Net trained on the example slices (200 steps, 2 seeds)", *(_cell(unet, "finetune", s, ci=True) for s in (8, 16))])
     return _table(["method", "8 supports", "16 supports"], rows)
 
 
