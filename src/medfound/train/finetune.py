@@ -2,8 +2,8 @@
 
 Modes: ``full`` (everything trains; the encoder at ``encoder_lr_scale`` x the decoder's rate, after
 ``encoder_warmup`` steps frozen), ``linear`` (encoder frozen: the decoder alone) and ``lora`` (rank-r
-adapters on the encoder's attention - a TinyViT's stages 2-3 - the decoder trains). Validation Dice on held-back *cases* picks
-the exported weights; test data never enters this function.
+adapters on the encoder's attention - a TinyViT's stages 2-3 - the decoder trains). Validation Dice
+on held-back *cases* picks the exported weights; test data never enters this function.
 
 The encoder is a ViT (MAE run, scratch, SAM's) under UNETR, or LiteMedSAM's TinyViT under a U-Net
 decoder on its feature pyramid. A frozen TinyViT (``linear``) embeds each training and validation
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,8 +125,8 @@ class FeatureCache(Dataset):
 
     Features are kept in memory (about 2 MB per 128 px slice for TinyViT's stages 1-3)."""
 
-    def __init__(self, slices: SliceDataset, encode, batch_size: int = 16, what: str = "embedding slices",
-                 progress: bool = True, device: str | torch.device = "cpu"):
+    def __init__(self, slices: SliceDataset, encode: Callable[[torch.Tensor], list[torch.Tensor]], batch_size: int = 16,
+                 what: str = "embedding slices", progress: bool = True, device: str | torch.device = "cpu"):
         from medfound.progress import Progress
 
         self.slices = slices
@@ -206,8 +207,10 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
         device = accelerator_device(cfg.accelerator)
         model.eval().to(device)
         encode = model.encode_frozen if cfg.mode == "lora" else model.encode
-        train_set = FeatureCache(train_set, encode, what="embedding training slices", progress=cfg.progress, device=device)
-        val_set = FeatureCache(val_set, encode, what="embedding validation slices", progress=cfg.progress, device=device)
+        train_set = FeatureCache(train_set, encode, what="embedding training slices", progress=cfg.progress,
+                                 device=device)
+        val_set = FeatureCache(val_set, encode, what="embedding validation slices", progress=cfg.progress,
+                               device=device)
         model.cpu().train()
         workers = 0  # the features are in this process's memory
     train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
