@@ -193,7 +193,7 @@ def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"),
     peft — the mask decoder trains; the prompt encoder on request. ``stages`` (TinyViT only) limits
     the adapters to those stages' attention (1-3; stage 0 is convolutional); empty: every stage."""
     from medfound.models.lora import add_lora, add_qv_lora
-    from medfound.models.tinyvit import TinyViT
+    from medfound.models.tinyvit import TinyViT, stage_attention
 
     tinyvit = isinstance(sam.image_encoder, TinyViT)
     if stages and not tinyvit:
@@ -212,8 +212,7 @@ def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"),
         if tuple(targets) == ("q", "v"):
             add_qv_lora(sam.image_encoder, rank)
         elif stages:
-            add_lora(sam.image_encoder, rank=rank, targets=rf"layers\.({'|'.join(map(str, stages))})"
-                                                          rf"\.blocks\.\d+\.attn\.({'|'.join(targets)})")
+            add_lora(sam.image_encoder, rank=rank, targets=stage_attention(stages, tuple(targets)))
         else:
             add_lora(sam.image_encoder, rank=rank, targets=targets)
     for p in sam.prompt_encoder.parameters():

@@ -50,6 +50,13 @@ class TinyViTConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+def stage_attention(stages: tuple[int, ...], names: tuple[str, ...] = ("qkv",)) -> str:
+    """The modules ``names`` of the attention of every block in ``stages``, as a pattern of names
+    inside a TinyViT (peft's ``target_modules`` as one regular expression): where LoRA goes when only
+    some stages are adapted."""
+    return rf"layers\.({'|'.join(map(str, stages))})\.blocks\.\d+\.attn\.({'|'.join(names)})"
+
+
 def token_side(x: torch.Tensor) -> int:
     """The side of the square map that tokens (B, side*side, C) come from."""
     side = math.isqrt(x.shape[1])

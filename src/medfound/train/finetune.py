@@ -35,7 +35,7 @@ from medfound.data.nnunet import NnUNetDataset
 from medfound.errors import InputError
 from medfound.models.lora import count_parameters
 from medfound.models.segmenter import add_encoder_lora, encoder_for, save_segmenter, segmenter_for, size_multiple
-from medfound.models.tinyvit_unet import LORA_STAGES, TinyViTEncoder
+from medfound.models.tinyvit_unet import LORA_STAGES
 from medfound.train.checkpoint import AtomicCheckpointIO, accelerator_device, lightning_precision, training_precision
 
 
@@ -173,7 +173,7 @@ def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tup
         for p in encoder.parameters():
             p.requires_grad = False
     elif cfg.mode == "lora":
-        encoder = add_encoder_lora(encoder, cfg.rank, LORA_STAGES if isinstance(encoder, TinyViTEncoder) else None)
+        encoder = add_encoder_lora(encoder, cfg.rank, LORA_STAGES)  # the stages apply to a TinyViT only
     elif cfg.mode != "full":
         raise InputError(None, f"--mode must be full, linear or lora, got {cfg.mode!r}")
     torch.manual_seed(cfg.seed)
