@@ -97,6 +97,29 @@ def test_lora_on_later_stages_trains_on_the_frozen_stages_output():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_lora_stages_are_chosen_recorded_and_checked(tmp_path):
+    """--lora-stages 1,3: adapters on those stages' attention alone, recorded, rebuilt on reload;
+    a stage without attention, a mode without LoRA or a ViT encoder is refused before anything is written."""
+    ds = write_phantom_dataset(tmp_path / "Dataset700_Ph", ("CT",), cases_per_modality=4)
+    common = ("finetune", "--dataset", ds.root, "--max-steps", "2", "--batch-size", "2", "--image-size", "32",
+              "--val-every", "2")
+    run = tmp_path / "run"
+    r = run_cli(*common, "--output", run, "--encoder", "scratch:tinyvit", "--mode", "lora", "--lora-stages", "3,1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, cfg = load_segmenter(run)
+    assert cfg["lora_stages"] == [1, 3] and cfg["encoder"]["features_cached"] is True
+    adapted = {n.split(".")[2] for n, _ in model.encoder.named_parameters() if "lora_" in n}
+    assert adapted == {"1", "3"} and model.first_adapted == 1
+    for args, why in [(("--encoder", "scratch:tinyvit", "--mode", "lora", "--lora-stages", "0"), "1..3"),
+                      (("--encoder", "scratch:tinyvit", "--mode", "linear", "--lora-stages", "2"), "--mode lora"),
+                      (("--encoder", "scratch:vit-micro", "--mode", "lora", "--lora-stages", "2"), "TinyViT"),
+                      (("--encoder", "scratch:tinyvit", "--mode", "lora", "--lora-stages", "2-3"), "integers")]:
+        bad = tmp_path / f"bad{len(why)}"
+        r = run_cli(*common, "--output", bad, *args)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert len(r.stderr.strip().splitlines()) == 1 and not bad.exists()
+
+
 def test_full_finetune_on_a_scratch_tinyvit(tmp_path):
     ds = write_phantom_dataset(tmp_path / "Dataset700_Ph", ("CT",), cases_per_modality=4)
     r = run_cli("finetune", "--dataset", ds.root, "--output", tmp_path / "run", "--encoder", "scratch:tinyvit",

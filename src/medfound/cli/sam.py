@@ -42,7 +42,7 @@ def sam_finetune(
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: adapters.safetensors, config.json, checkpoints/.")],
     rank: Annotated[int, typer.Option(help="LoRA rank on the image encoder's attention; 0 adapts the mask decoder alone on the frozen encoder (each slice embedded once).")] = 4,
     lora_targets: Annotated[str, typer.Option(help="q,v (query and value of the fused qkv, as SAMed) or module names: qkv,proj.")] = "q,v",
-    lora_stages: Annotated[Optional[str], typer.Option(help="LiteMedSAM only: adapt the attention of these TinyViT stages (e.g. 2,3; 1-3, default all); the stages before them stay frozen and are computed once per slice.")] = None,
+    lora_stages: Annotated[Optional[str], typer.Option(help="LiteMedSAM only: adapt the attention of these TinyViT stages (comma-separated, each 1-3, e.g. 2,3; default all); the stages before them stay frozen and are computed once per slice.")] = None,
     image_size: Annotated[int, typer.Option(help="Input size (1024 as released; 256/512 for speed).")] = 256,
     prompt: Annotated[str, typer.Option(help="Simulated prompts: box, point or both.")] = "both",
     train_prompt_encoder: Annotated[bool, typer.Option(help="Train the prompt encoder too.")] = False,

@@ -17,6 +17,7 @@ from medfound.cli.common import (
     PushOpt,
     RtstructOpt,
     StrategyOpt,
+    _ints,
     app,
     check_push,
     classify_app,
@@ -76,8 +77,9 @@ def finetune(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model.safetensors, config.json, checkpoints/, logs/.")],
     encoder: Annotated[str, typer.Option(help="An exported MAE run folder, litemedsam (LiteMedSAM's TinyViT, released weights), or scratch (scratch:vit-small, scratch:tinyvit ...).")] = "scratch",
-    mode: Annotated[str, typer.Option(help="full, linear (frozen encoder) or lora (on a TinyViT: its stages 2-3, the frozen stages cached).")] = "full",
+    mode: Annotated[str, typer.Option(help="full, linear (frozen encoder) or lora (on a TinyViT: the stages --lora-stages names, the frozen ones before them cached).")] = "full",
     rank: Annotated[int, typer.Option(help="LoRA rank (--mode lora).")] = 4,
+    lora_stages: Annotated[Optional[str], typer.Option(help="--mode lora on a TinyViT: the stages whose attention is adapted, comma-separated, each 1-3 (default 2,3); the stages before the first are frozen and computed once per slice.")] = None,
     label_fraction: Annotated[float, typer.Option(help="Fraction of the non-validation cases whose labels are used.")] = 1.0,
     val_fraction: Annotated[float, typer.Option(help="Fraction of cases held back for validation (by case).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed (case split, initialisation, augmentation).")] = 0,
@@ -100,7 +102,11 @@ def finetune(
     if max_steps < 1 or batch_size < 1 or rank < 1 or not 0 < val_fraction < 1:
         raise InputError(None, "--max-steps, --batch-size, --rank must be positive and --val-fraction in (0, 1)")
     dev = device_count(devices)
-    cfg = FinetuneConfig(mode=mode, rank=rank, label_fraction=label_fraction, val_fraction=val_fraction, seed=seed,
+    if lora_stages and mode != "lora":
+        raise InputError(None, "--lora-stages needs --mode lora")
+    stages = tuple(sorted(set(_ints(lora_stages, "--lora-stages")))) if lora_stages else None
+    cfg = FinetuneConfig(mode=mode, rank=rank, lora_stages=stages, label_fraction=label_fraction,
+                         val_fraction=val_fraction, seed=seed,
                          max_steps=max_steps, batch_size=batch_size, lr=lr, encoder_lr_scale=encoder_lr_scale,
                          image_size=image_size, val_every=val_every, precision=precision, accelerator=accelerator,
                          devices=dev, num_nodes=num_nodes, strategy=strategy)

@@ -193,16 +193,13 @@ def add_sam_lora(sam: Sam, rank: int = 4, targets: tuple[str, ...] = ("q", "v"),
     peft — the mask decoder trains; the prompt encoder on request. ``stages`` (TinyViT only) limits
     the adapters to those stages' attention (1-3; stage 0 is convolutional); empty: every stage."""
     from medfound.models.lora import add_lora, add_qv_lora
-    from medfound.models.tinyvit import TinyViT, stage_attention
+    from medfound.models.tinyvit import TinyViT, check_attention_stages, stage_attention
 
     tinyvit = isinstance(sam.image_encoder, TinyViT)
     if stages and not tinyvit:
         raise InputError(None, "--lora-stages applies to LiteMedSAM's TinyViT encoder only")
     if stages and rank > 0:
-        n = len(sam.image_encoder.layers)
-        if any(s < 1 or s >= n for s in stages):
-            raise InputError(None, f"--lora-stages must lie in 1..{n - 1} (TinyViT's attention stages), got "
-                                   f"{','.join(map(str, stages))}")
+        check_attention_stages(stages, len(sam.image_encoder.layers))
     if rank == 0:  # the mask decoder alone adapts; the encoder stays as released
         for p in sam.image_encoder.parameters():
             p.requires_grad = False

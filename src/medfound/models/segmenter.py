@@ -54,10 +54,11 @@ def size_multiple(encoder: torch.nn.Module) -> int:
 def add_encoder_lora(encoder: torch.nn.Module, rank: int, stages: tuple[int, ...] | None = None) -> torch.nn.Module:
     """LoRA of rank ``rank`` on the encoder's attention (``qkv``): every block of a ViT; a TinyViT's
     blocks in ``stages`` only, where given (recorded as ``encoder.lora_stages``), else all of them."""
-    from medfound.models.tinyvit import stage_attention
+    from medfound.models.tinyvit import check_attention_stages, stage_attention
     from medfound.models.tinyvit_unet import TinyViTEncoder
 
     if stages and isinstance(encoder, TinyViTEncoder):
+        check_attention_stages(tuple(stages), len(encoder.tinyvit.layers))
         encoder = add_lora(encoder, rank=rank, targets=r"tinyvit\." + stage_attention(stages))
         encoder.lora_stages = tuple(stages)
         return encoder

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medfound.errors import InputError
 from medfound.models.onednn import conv2d_act, linear_act
 
 
@@ -55,6 +56,14 @@ def stage_attention(stages: tuple[int, ...], names: tuple[str, ...] = ("qkv",)) 
     inside a TinyViT (peft's ``target_modules`` as one regular expression): where LoRA goes when only
     some stages are adapted."""
     return rf"layers\.({'|'.join(map(str, stages))})\.blocks\.\d+\.attn\.({'|'.join(names)})"
+
+
+def check_attention_stages(stages: tuple[int, ...], n_stages: int) -> None:
+    """An InputError unless every stage in ``stages`` has attention (1..n-1: stage 0 is convolutional),
+    so that LoRA on them adapts something."""
+    if not stages or any(s < 1 or s >= n_stages for s in stages):
+        raise InputError(None, f"--lora-stages must lie in 1..{n_stages - 1} (TinyViT's attention stages), got "
+                               f"{','.join(map(str, stages)) or 'none'}")
 
 
 def token_side(x: torch.Tensor) -> int:

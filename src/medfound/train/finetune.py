@@ -35,7 +35,7 @@ from medfound.data.nnunet import NnUNetDataset
 from medfound.errors import InputError
 from medfound.models.lora import count_parameters
 from medfound.models.segmenter import add_encoder_lora, encoder_for, save_segmenter, segmenter_for, size_multiple
-from medfound.models.tinyvit_unet import LORA_STAGES
+from medfound.models.tinyvit_unet import LORA_STAGES, TinyViTEncoder
 from medfound.train.checkpoint import AtomicCheckpointIO, accelerator_device, lightning_precision, training_precision
 
 
@@ -43,6 +43,7 @@ from medfound.train.checkpoint import AtomicCheckpointIO, accelerator_device, li
 class FinetuneConfig:
     mode: str = "full"
     rank: int = 4
+    lora_stages: tuple[int, ...] | None = None  # a TinyViT's adapted stages (None: LORA_STAGES)
     label_fraction: float = 1.0
     val_fraction: float = 0.2
     seed: int = 0
@@ -173,7 +174,10 @@ def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tup
         for p in encoder.parameters():
             p.requires_grad = False
     elif cfg.mode == "lora":
-        encoder = add_encoder_lora(encoder, cfg.rank, LORA_STAGES)  # the stages apply to a TinyViT only
+        if cfg.lora_stages and not isinstance(encoder, TinyViTEncoder):
+            raise InputError(None, "--lora-stages applies to a TinyViT encoder only (litemedsam, scratch:tinyvit)")
+        # a ViT is adapted in every block; the stages apply to a TinyViT only
+        encoder = add_encoder_lora(encoder, cfg.rank, cfg.lora_stages or LORA_STAGES)
     elif cfg.mode != "full":
         raise InputError(None, f"--mode must be full, linear or lora, got {cfg.mode!r}")
     torch.manual_seed(cfg.seed)
