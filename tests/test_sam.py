@@ -98,6 +98,28 @@ def test_embedding_cache_reuses_encoder(tiny_pth):
     assert z.encoder_calls == 3  # another window, another slice: new crops
 
 
+def test_flip_averages_the_mirrored_answer(tiny_pth):
+    """--flip: the answer is the mean over the slice and its mirror image, so it is itself mirror-
+    equivariant: the mirrored image with mirrored prompts gives the mirrored mask (2D and volumes)."""
+    import dataclasses
+
+    from medfound.data.phantoms import make_phantom
+    from medfound.infer.sam_segment import SamSession
+
+    sam, _ = load_sam(tiny_pth, 64)
+    sam.eval()
+    volume, _ = make_phantom("CT", shape=(64, 64, 4))
+    for image, k in ((volume, 2), (dataclasses.replace(volume, array=volume.array[..., 1]), 0)):
+        mirror = dataclasses.replace(image, array=np.ascontiguousarray(image.array[::-1]))
+        plain, a, b = (SamSession(sam, im, 64, flip=f) for im, f in ((image, False), (image, True), (mirror, True)))
+        box, point = (10, 12, 30, 40), (20, 25)
+        la = a.logits(k, box=box, points=[point], labels=[1])
+        lb = b.logits(k, box=(63 - 30, 12, 63 - 10, 40), points=[(63 - 20, 25)], labels=[1])
+        assert la.shape == image.array.shape[:2] and np.allclose(la, lb[::-1], atol=1e-4)
+        assert not np.allclose(la, plain.logits(k, box=box, points=[point], labels=[1]), atol=1e-4)
+        assert a.encoder_calls + a.mirrored.encoder_calls == 2  # one embedding of each view
+
+
 @pytest.mark.slow
 def test_vit_b_official_layout_at_256(tmp_path):
     torch.save(build_sam("vit_b", 1024).state_dict(), tmp_path / "vit_b.pth")
@@ -182,3 +204,9 @@ def test_sam_evaluate_named_structures(tmp_path):
     other = (tmp_path / "f_structures.csv").read_text().splitlines()[1:]
     assert [x for x in rows if "ellipse" in x] == [x for x in other if "ellipse" in x]
     assert [x for x in rows if ",box," in x] != [x for x in other if ",box," in x]
+    # --flip: the same boxes answered with mirror averaging (the shipped SAM zooms to each box's crop)
+    r = run_cli("sam", "evaluate", "--dataset", ds.root, "--label", "organ", "--flip", "--output", tmp_path / "g.csv")
+    assert r.returncode == 0, r.stderr
+    flipped = (tmp_path / "g_structures.csv").read_text().splitlines()[1:]
+    assert [x for x in flipped if "ellipse" in x] == [x for x in other if "ellipse" in x]
+    assert [x for x in flipped if ",box," in x] != [x for x in other if ",box," in x]

@@ -128,6 +128,7 @@ MaxMinutesOpt = Annotated[Optional[float], typer.Option(help="Stop and export af
 # The trainer options of every training command, defined once (Lightning's names and meanings).
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where the devices compute it natively: a GPU, a CPU with AMX or AVX512-BF16; else 32, since other CPUs emulate bf16 about 10x slower), bf16 (mixed, bf16 autocast) or 32.")]
 SamPrecisionOpt = Annotated[Optional[str], typer.Option(help="auto (bf16 where the device computes it natively: a GPU, a CPU with AMX or AVX512-BF16), bf16 or 32 (default: the model's own, 32 for every shipped SAM). bf16 roughly halves LiteMedSAM's time on a CPU and moves its masks a little.")]
+SamFlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Average each answer with the answer on the mirrored slice (prompts mirrored too), as nnU-Net mirrors at test time; twice the cost (default: the model's own setting).")]
 AcceleratorOpt = Annotated[str, typer.Option(help="cpu, gpu or auto.")]
 DevicesOpt = Annotated[str, typer.Option(help="Devices per node (number or auto).")]
 NumNodesOpt = Annotated[int, typer.Option(help="Nodes (torchrun or SLURM sets the rest).")]

@@ -23,6 +23,7 @@ from medfound.cli.common import (
     PushOpt,
     ResumeOpt,
     RtstructOpt,
+    SamFlipOpt,
     SamPrecisionOpt,
     StepSeedOpt,
     StrategyOpt,
@@ -148,6 +149,7 @@ def sam_segment(
     push: PushOpt = False,
     device: DeviceOpt = "auto",
     precision: SamPrecisionOpt = None,
+    flip: SamFlipOpt = None,
 ) -> None:
     """Segment one structure with a box and/or points on a slice (or through a volume)."""
     import numpy as np
@@ -183,7 +185,7 @@ def sam_segment(
     slice_index = slice_index or 0
     dev = inference_device(device)
     sam, cfg = load_sam_model(model, base, image_size)
-    session = SamSession.for_model(sam.to(dev), cfg, image, axis=axis, precision=precision)
+    session = SamSession.for_model(sam.to(dev), cfg, image, axis=axis, precision=precision, flip=flip)
     if propagate:
         from medfound.progress import Progress
 
@@ -234,6 +236,7 @@ def sam_evaluate(
     per_structure: Annotated[bool, typer.Option(help="Evaluate a LoRA run per structure like any SAM (instead of base vs adapted on its validation cases).")] = False,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Also score a box propagated through the volume (the slowest prompt).")] = True,
     precision: SamPrecisionOpt = None,
+    flip: SamFlipOpt = None,
 ) -> None:
     """Dice by prompt type. A LoRA run: un-adapted base vs adapted, same prompts (box, 1/3/5 points).
     Any other SAM: per structure through the interactive session - box, one click, box + corrective
@@ -244,8 +247,8 @@ def sam_evaluate(
     from medfound.models.sam import load_sam, load_sam_model
 
     adapted, cfg = load_sam_model(model, base)
-    if precision:
-        cfg = {**cfg, "inference": {**cfg.get("inference", {}), "precision": precision}}
+    overrides = {k: v for k, v in (("precision", precision), ("flip", flip)) if v is not None}
+    cfg = {**cfg, "inference": {**cfg.get("inference", {}), **overrides}}
     ds = NnUNetDataset.open(dataset)
     if not cfg.get("adapted") or per_structure or label:
         if structures not in ("heldout", "trained", "all"):

@@ -9,11 +9,14 @@ slice: small structures get the whole input, and the mask comes back at the slic
 An encoder that runs at any input size (LiteMedSAM's TinyViT) may take that crop at a smaller side
 (``box_size`` in its config): a crop around one structure needs fewer pixels than the whole slice.
 On a volume, a box on one slice can be propagated: each neighbour is prompted with the box of the
-mask found on the slice before it, until the structure ends.
+mask found on the slice before it, until the structure ends. With ``flip`` every answer is the mean
+of the model's logits on the slice and on its mirror image (the prompts mirrored with it), the
+test-time mirroring nnU-Net applies, at twice the cost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import numpy as np
@@ -63,8 +66,10 @@ class SamSession:
 
     def __init__(self, sam, image: MedImage, image_size: int, axis: int = 2, cache_size: int = 64,
                  modality: str | None = None, box_zoom: float | None = None, precision: str = "32",
-                 box_size: int | None = None):
+                 box_size: int | None = None, flip: bool = False):
         self.sam, self.image, self.size, self.axis = sam, image, image_size, axis
+        self.flip = flip
+        self._mirror: SamSession | None = None  # the mirrored image's session (``flip``)
         self.box_zoom = box_zoom
         self.box_size = box_size or image_size  # the input side of a box's zoomed crop
         self.bounds = intensity_bounds(image.array, modality or image.modality)
@@ -76,12 +81,14 @@ class SamSession:
         self.precision = inference_precision(precision, self.device)
 
     @classmethod
-    def for_model(cls, sam, config: dict, image: MedImage, axis: int = 2, precision: str | None = None) -> SamSession:
+    def for_model(cls, sam, config: dict, image: MedImage, axis: int = 2, precision: str | None = None,
+                  flip: bool | None = None) -> SamSession:
         """A session with the input size and inference settings a loaded model's config gives
-        (``precision``, when given, overrides the model's own)."""
+        (``precision`` and ``flip``, when given, override the model's own)."""
         settings = config.get("inference", {})
         return cls(sam, image, config["image_size"], axis=axis, box_zoom=settings.get("box_zoom"),
-                   precision=precision or settings.get("precision", "32"), box_size=settings.get("box_size"))
+                   precision=precision or settings.get("precision", "32"), box_size=settings.get("box_size"),
+                   flip=bool(settings.get("flip", False)) if flip is None else flip)
 
     def _autocast(self):
         """bf16 autocast around the networks when the session runs in bf16 (masks come back in fp32)."""
@@ -132,6 +139,27 @@ class SamSession:
     def logits(self, k: int = 0, box=None, points=None, labels=None) -> np.ndarray:
         """Mask logits on the slice's pixels (what :meth:`segment` thresholds at 0)."""
         box, points, labels = check_prompts(self.slice_shape(k), box, points, labels)
+        out = self._logits(k, box, points, labels)
+        if self.flip:  # x -> w - 1 - x: the slice's first axis reversed, its prompts with it
+            w = self.slice_shape(k)[0] - 1
+            mbox = None if box is None else (w - box[2], box[1], w - box[0], box[3])
+            mpoints = None if points is None else [(w - x, y) for x, y in points]
+            out = 0.5 * (out + self.mirrored._logits(k, mbox, mpoints, labels)[::-1])
+        return out
+
+    @property
+    def mirrored(self) -> SamSession:
+        """A session on the image mirrored along its slices' first axis (a view, no copy)."""
+        if self._mirror is None:
+            along = 0 if self.image.ndim == 2 else [d for d in range(3) if d != self.axis][0]
+            image = dataclasses.replace(self.image, array=np.flip(self.image.array, along))
+            self._mirror = SamSession(self.sam, image, self.size, axis=self.axis, cache_size=self.cache_size,
+                                      box_zoom=self.box_zoom, precision=self.precision, box_size=self.box_size)
+            self._mirror.bounds = self.bounds
+        return self._mirror
+
+    def _logits(self, k: int, box, points, labels) -> np.ndarray:
+        """:meth:`logits` of one view, for checked prompts."""
         if box is not None and self.box_zoom:
             return self._logits_zoomed(k, box, points, labels)
         emb, geom = self.embedding(k)
