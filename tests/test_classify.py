@@ -1,6 +1,7 @@
 """Classification from an image,label CSV: linear probe and fine-tuning, then predict."""
 
 import csv
+import json
 
 import numpy as np
 from PIL import Image
@@ -45,3 +46,16 @@ def test_classify_bad_csv(tmp_path):
     (tmp_path / "x.csv").write_text("path,y\na.png,1\n")
     r = run_cli("classify", "train", "--csv", tmp_path / "x.csv", "--out", tmp_path / "o")
     assert r.returncode == 2 and "image,label" in r.stderr
+
+
+def test_classify_ddp_two_cpu_processes(tmp_path):
+    """Distributed data parallel over 2 CPU processes (gloo): one run folder, written and reported once."""
+    path = _csv(tmp_path)
+    run = tmp_path / "ddp"
+    r = run_cli("classify", "train", "--csv", path, "--out", run, "--encoder", "scratch:vit-micro", "--mode", "full",
+                "--max-steps", "4", "--batch-size", "2", "--image-size", "48", "--accelerator", "cpu",
+                "--devices", "2", "--strategy", "ddp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["training"]["world_size"] == 2 and cfg["training"]["global_batch"] == 4
+    assert r.stdout.count("balanced accuracy") == 1

@@ -65,6 +65,20 @@ def test_finetune_modes_export_and_reload(dataset, tmp_path, mode):
     assert list(run.glob("failure_*.png"))
 
 
+def test_finetune_ddp_two_cpu_processes(dataset, tmp_path):
+    """Distributed data parallel over 2 CPU processes (gloo): the run, its model card and the report
+    come from rank 0 alone."""
+    run = tmp_path / "ddp"
+    r = run_cli("finetune", "--dataset", dataset, "--out", run, *FT, "--accelerator", "cpu", "--devices", "2",
+                "--strategy", "ddp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["training"]["world_size"] == 2 and cfg["training"]["global_batch"] == 8
+    assert r.stdout.count("best validation Dice") == 1 and (run / "model_card.md").is_file()
+    model, _ = load_segmenter(run)
+    assert model(torch.rand(1, 1, 48, 48)).shape == (1, 4, 48, 48)
+
+
 def test_predict_nifti_and_dicom_keep_geometry(dataset, tmp_path):
     run = tmp_path / "run"
     assert run_cli("finetune", "--dataset", dataset, "--out", run, *FT).returncode == 0

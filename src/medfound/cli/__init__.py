@@ -29,6 +29,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="pydicom")  # odd-but-readable tags: not the user's concern
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes
+    import logging
+
+    # Lightning advertises a cloud logger at every training start; its device lines stay
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
     from medfound.cli.aliases import canonical_argv
 
     sys.argv[1:] = canonical_argv(sys.argv[1:])  # older spellings of an option (--out, --steps ...) still work

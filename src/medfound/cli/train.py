@@ -111,6 +111,8 @@ def finetune(
                          image_size=image_size, val_every=val_every, precision=precision, accelerator=accelerator,
                          devices=dev, num_nodes=num_nodes, strategy=strategy)
     config = run_finetune(dataset, out, encoder, cfg)
+    if not config:  # another rank of a distributed run: rank 0 writes and reports
+        return
     from medfound.eval.model_card import write_model_card
 
     write_model_card(out, dataset, config["data"]["val_cases"])
@@ -204,15 +206,23 @@ def classify_train(
     val_fraction: Annotated[float, typer.Option(help="Share of each class held out for validation.")] = 0.2,
     image_size: Annotated[Optional[int], typer.Option(help="Image size (default: the encoder's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    precision: PrecisionOpt = "32",
+    accelerator: AcceleratorOpt = "auto",
+    devices: DevicesOpt = "1",
+    num_nodes: NumNodesOpt = 1,
+    strategy: StrategyOpt = "auto",
 ) -> None:
     """Train a linear probe or fine-tune a classifier from an image,label CSV."""
     from medfound.train.classify import ClassifyConfig, run_classify
 
     if max_steps < 1 or batch_size < 1 or not 0 < val_fraction < 1:
         raise InputError(None, "--max-steps, --batch-size >= 1 and --val-fraction in (0, 1)")
-    cfg = run_classify(csv_path, out, encoder, ClassifyConfig(mode=mode, max_steps=max_steps, batch_size=batch_size,
-                                                              lr=lr, val_fraction=val_fraction, image_size=image_size,
-                                                              seed=seed))
+    cfg = run_classify(csv_path, out, encoder, ClassifyConfig(
+        mode=mode, max_steps=max_steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+        image_size=image_size, seed=seed, precision=precision, accelerator=accelerator,
+        devices=device_count(devices), num_nodes=num_nodes, strategy=strategy))
+    if not cfg:  # another rank of a distributed run: rank 0 writes and reports
+        return
     v = cfg["validation"]
     print(f"{out}: validation accuracy {v['accuracy']:.3f}, balanced accuracy {v['balanced_accuracy']:.3f} "
           f"({cfg['data']['val_images']} images)")

@@ -30,6 +30,7 @@ from medfound.errors import InputError
 from medfound.io import read_image
 from medfound.io.atomic import atomic_file, write_text
 from medfound.models.segmenter import build_encoder, encoder_for
+from medfound.train.checkpoint import lightning_precision, training_precision
 
 
 class ViTClassifier(nn.Module):
@@ -88,7 +89,11 @@ class ClassifyConfig:
     val_fraction: float = 0.2
     seed: int = 0
     image_size: int | None = None
+    precision: str = "32"
     accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
     progress: bool = True
 
 
@@ -114,7 +119,7 @@ class ClassifierModule(L.LightningModule):
         t = torch.cat([b for _, b in self._val])
         self._val.clear()
         recalls = [float((p[t == c] == c).float().mean()) for c in t.unique()]
-        self.log("val/balanced_accuracy", float(np.mean(recalls)), prog_bar=True)
+        self.log("val/balanced_accuracy", float(np.mean(recalls)), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -138,6 +143,8 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
 
 
 def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: str, cfg: ClassifyConfig) -> dict:
+    """Train and export ``OUT/model.safetensors`` + ``OUT/config.json`` with the validation scores;
+    returns the config (an empty dict on the other ranks of a distributed run)."""
     out = Path(out)
     rows = read_label_csv(csv_path)
     names = sorted({l for _, l in rows})
@@ -158,12 +165,16 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
     train_dl = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=min(cfg.batch_size, len(tr)), shuffle=True, drop_last=True)
     val_dl = DataLoader(TensorDataset(x[va], y[va]), batch_size=64)
     module = ClassifierModule(model, cfg)
-    trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=1, logger=False,
+    trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
+                        num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                        precision=lightning_precision(cfg.precision, cfg.accelerator), logger=False,
                         enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
                         check_val_every_n_epoch=None, val_check_interval=min(50, cfg.max_steps), num_sanity_val_steps=0)
     t0 = time.time()
     trainer.fit(module, train_dl, val_dl)
-    model.eval()
+    if not trainer.is_global_zero:
+        return {}  # rank 0 alone scores, exports and reports
+    model.cpu().eval()
     with torch.no_grad():
         pred = model(x[va]).argmax(1)
     recalls = [float((pred[y[va] == c] == c).float().mean()) for c in y[va].unique()]
@@ -172,7 +183,9 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
               "mode": cfg.mode, "image_size": size, "encoder": {"source": encoder, "kind": enc_cfg.get("kind")},
               "data": {"csv": str(csv_path), "train_images": len(tr), "val_images": len(va)},
               "validation": {"accuracy": float((pred == y[va]).float().mean()), "balanced_accuracy": float(np.mean(recalls))},
-              "training": {"steps": int(trainer.global_step), "seconds": round(time.time() - t0, 1)}}
+              "training": {"steps": int(trainer.global_step), "seconds": round(time.time() - t0, 1),
+                           "precision": training_precision(cfg.precision, cfg.accelerator),
+                           "world_size": trainer.world_size, "global_batch": train_dl.batch_size * trainer.world_size}}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))

@@ -186,7 +186,8 @@ def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tup
 
 def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: str, cfg: FinetuneConfig,
                  cases: list[str] | None = None) -> dict:
-    """Fine-tune and export ``OUT/model.safetensors`` + ``OUT/config.json``; returns the config.
+    """Fine-tune and export ``OUT/model.safetensors`` + ``OUT/config.json``; returns the config (an
+    empty dict on the other ranks of a distributed run).
     ``cases`` restricts the training cases the split draws from (an experiment's test cases stay out)."""
     out = Path(out)
     ds = NnUNetDataset.open(dataset)
@@ -258,14 +259,16 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
                  "label_fraction": cfg.label_fraction, "train_slices": int(sum(len(c.images) for c in train)),
                  "heldout_labels_excluded": ds.heldout},
         "training": {"steps": int(trainer.global_step), "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                     "world_size": trainer.world_size, "global_batch": cfg.batch_size * trainer.world_size,
                      "precision": training_precision(cfg.precision, cfg.accelerator),
                      "best_val_dice": float(best.best_model_score) if best.best_model_score is not None else None,
                      "trainable_parameters": trainable, "total_parameters": total,
                      "encoder_trainable_parameters": enc_trainable, "encoder_parameters": enc_total,
                      "seconds": round(time.time() - t0, 1)},
     }
-    if trainer.is_global_zero:
-        save_segmenter(model, out, config)
+    if not trainer.is_global_zero:
+        return {}  # rank 0 alone exports and reports
+    save_segmenter(model, out, config)
     return config
 
 

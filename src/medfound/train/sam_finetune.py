@@ -244,7 +244,8 @@ def _start_from(sam, run: str, base_info: dict) -> None:
 
 def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os.PathLike, cfg: SamFinetuneConfig,
                      resume: bool = False) -> dict:
-    """Adapt ``base`` on one dataset or several (a list); returns the run's config."""
+    """Adapt ``base`` on one dataset or several (a list); returns the run's config (an empty dict on
+    the other ranks of a distributed run)."""
     from torch.utils.data import ConcatDataset
 
     out = Path(out)
@@ -299,8 +300,9 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
                            "total_parameters": total, "seconds": round(time.time() - t0, 1)}}
     if cfg.box_zoom:  # answered as trained: a box on its zoomed crop
         config["inference"] = {"box_zoom": cfg.box_zoom, "box_size": cfg.box_size or cfg.image_size}
-    if trainer.is_global_zero:
-        with atomic_file(out / ADAPTER_FILE) as tmp:
-            save_file(trained_state(sam), str(tmp), metadata={"producer": "medfound", "kind": "sam-lora"})
-        write_text(out / "config.json", json.dumps(config, indent=2))
+    if not trainer.is_global_zero:
+        return {}  # rank 0 alone exports and reports
+    with atomic_file(out / ADAPTER_FILE) as tmp:
+        save_file(trained_state(sam), str(tmp), metadata={"producer": "medfound", "kind": "sam-lora"})
+    write_text(out / "config.json", json.dumps(config, indent=2))
     return config
