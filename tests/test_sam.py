@@ -76,6 +76,19 @@ def test_finetune_adapters_reload_segment(tiny_pth, tmp_path):
     assert len(lines) == 1 + 2 * 4 and lines[0] == "model,prompt,dice_mean,dice_std,n"
 
 
+def test_finetune_ddp_two_cpu_processes(tiny_pth, tmp_path):
+    """sam finetune over 2 CPU processes (gloo): the adapters are written and reported by rank 0 alone."""
+    ds = write_phantom_dataset(tmp_path / "ph", ("CT",), cases_per_modality=3)
+    run = tmp_path / "ddp"
+    r = run_cli("sam", "finetune", "--dataset", ds.root, "--base", tiny_pth, "--out", run, "--image-size", "64",
+                "--max-steps", "2", "--batch-size", "2", "--rank", "2", "--accelerator", "cpu", "--devices", "2",
+                "--strategy", "ddp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("adapters") == 1 and (run / "adapters.safetensors").is_file()
+    t = load_sam_model(run)[1]["training"]
+    assert t["steps"] == 2 and t["world_size"] == 2 and t["global_batch"] == 4
+
+
 def test_embedding_cache_reuses_encoder(tiny_pth):
     from medfound.data.phantoms import make_phantom
     from medfound.infer.sam_segment import SamSession

@@ -297,6 +297,7 @@ def run_sam_finetune(dataset: str | os.PathLike | list, base: str, out: str | os
                                      "samples": len(p[0]), "cases": p[2]} for p in parts],
                        "excluded_labels": list(cfg.exclude_labels)},
               "training": {"steps": int(trainer.global_step), "trainable_parameters": trainable,
+                           "world_size": trainer.world_size, "global_batch": cfg.batch_size * trainer.world_size,
                            "total_parameters": total, "seconds": round(time.time() - t0, 1)}}
     if cfg.box_zoom:  # answered as trained: a box on its zoomed crop
         config["inference"] = {"box_zoom": cfg.box_zoom, "box_size": cfg.box_size or cfg.image_size}
