@@ -162,14 +162,16 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
     tr, va = stratified_split(y.tolist(), cfg.val_fraction, cfg.seed)
     L.seed_everything(cfg.seed, verbose=False)
     model = ViTClassifier(enc, len(names))
-    train_dl = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=min(cfg.batch_size, len(tr)), shuffle=True, drop_last=True)
-    val_dl = DataLoader(TensorDataset(x[va], y[va]), batch_size=64)
     module = ClassifierModule(model, cfg)
     trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
                         num_nodes=cfg.num_nodes, strategy=cfg.strategy,
                         precision=lightning_precision(cfg.precision, cfg.accelerator), logger=False,
                         enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
                         check_val_every_n_epoch=None, val_check_interval=min(50, cfg.max_steps), num_sanity_val_steps=0)
+    # each rank reads its share of the images: a batch no larger than that share, so none is empty
+    batch = min(cfg.batch_size, max(1, len(tr) // trainer.world_size))
+    train_dl = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=batch, shuffle=True, drop_last=True)
+    val_dl = DataLoader(TensorDataset(x[va], y[va]), batch_size=64)
     t0 = time.time()
     trainer.fit(module, train_dl, val_dl)
     if not trainer.is_global_zero:

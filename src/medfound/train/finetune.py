@@ -218,9 +218,6 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
                                device=device)
         model.cpu().train()
         workers = 0  # the features are in this process's memory
-    train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-                          num_workers=workers, persistent_workers=workers > 0)
-    val_dl = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=0)
     module = SegModule(model, cfg, len(classes) + 1)
     out.mkdir(parents=True, exist_ok=True)
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/dice", mode="max",
@@ -232,6 +229,10 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
                         callbacks=[best], logger=CSVLogger(str(out), name="logs", version=""),
                         plugins=[AtomicCheckpointIO()], enable_progress_bar=cfg.progress,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1)
+    share = len(train_set) // trainer.world_size  # each rank's slices: a full last batch only where one fits
+    train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=share > cfg.batch_size,
+                          num_workers=workers, persistent_workers=workers > 0)
+    val_dl = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=0)
     t0 = time.time()
     trainer.fit(module, train_dl, val_dl)
     if best.best_model_path:
