@@ -48,7 +48,7 @@ def sam_finetune(
     prompt: Annotated[str, typer.Option(help="Simulated prompts: box, point or both.")] = "both",
     train_prompt_encoder: Annotated[bool, typer.Option(help="Train the prompt encoder too.")] = False,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Slices per device per step.")] = 4,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
     precision: PrecisionOpt = "32",
