@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import run_cli
@@ -29,13 +30,28 @@ def _csv(tmp_path, n=12):
     return tmp_path / "labels.csv"
 
 
-def test_linear_probe_and_full(tmp_path):
+def test_linear_probe_lora_and_full(tmp_path):
     path = _csv(tmp_path)
-    for mode in ("linear", "full"):
+    for mode in ("linear", "lora", "full"):
         r = run_cli("classify", "train", "--csv", path, "--out", tmp_path / mode, "--encoder", "scratch:vit-micro",
                     "--mode", mode, "--max-steps", "30", "--batch-size", "4", "--image-size", "48")
         assert r.returncode == 0, r.stderr[-2000:]
         assert "balanced accuracy" in r.stdout
+    # LoRA: the adapters trained alone, then folded in; the run loads as a plain classifier and scores
+    # its validation images as training reported
+    from medfound.train.classify import classify_paths, load_classifier, stratified_split
+
+    cfg = json.loads((tmp_path / "lora" / "config.json").read_text())
+    assert cfg["lora_rank"] == 4 and cfg["training"]["trainable_parameters"] < 20_000
+    model, _ = load_classifier(tmp_path / "lora")
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    names = sorted({r["label"] for r in rows})
+    _, val = stratified_split([names.index(r["label"]) for r in rows], 0.2, 0)
+    got = classify_paths(tmp_path / "lora", [tmp_path / rows[i]["image"] for i in val])
+    accuracy = np.mean([label == rows[i]["label"] for (_, label, _), i in zip(got, val)])
+    assert accuracy == pytest.approx(cfg["validation"]["accuracy"])
     r = run_cli("classify", "predict", "--model", tmp_path / "full", "--input", tmp_path, "--out", tmp_path / "p.csv")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
@@ -59,3 +75,24 @@ def test_classify_ddp_two_cpu_processes(tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["training"]["world_size"] == 2 and cfg["training"]["global_batch"] == 4
     assert r.stdout.count("balanced accuracy") == 1
+
+
+def test_merged_adapters_load_into_the_plain_architecture():
+    """plain_state: adapters folded in, saved under the unadapted names, give the adapted function."""
+    import torch
+
+    from medfound.models.lora import add_lora, merge_lora, plain_state
+    from medfound.models.segmenter import build_encoder, encoder_for
+
+    enc, _ = encoder_for("scratch:vit-micro", 48)
+    arch = {"type": "vit", **enc.config.as_dict()}
+    enc = add_lora(enc, rank=2).eval()
+    for n, p in enc.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # non-zero adapters: they change the function
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        adapted = enc(x)
+        plain = build_encoder(arch).eval()
+        plain.load_state_dict(plain_state(merge_lora(enc)))  # strict: every name matches
+        assert torch.allclose(plain(x), adapted, atol=1e-5)

@@ -134,10 +134,11 @@ def test_classifier_on_a_tinyvit(tmp_path):
 
     path = _csv(tmp_path)
     r = run_cli("classify", "train", "--csv", path, "--out", tmp_path / "c", "--encoder", "scratch:tinyvit",
-                "--mode", "linear", "--max-steps", "4", "--batch-size", "4", "--image-size", "32")
+                "--mode", "lora", "--max-steps", "4", "--batch-size", "4", "--image-size", "32")
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert cfg["architecture"]["type"] == "tinyvit"
+    assert cfg["architecture"]["type"] == "tinyvit" and cfg["lora_stages"] == [2, 3]
+    assert 0 < cfg["training"]["trainable_parameters"] < 100_000  # the adapters and the head
     r = run_cli("classify", "predict", "--model", tmp_path / "c", "--input", tmp_path, "--out", tmp_path / "p.csv")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 12

@@ -37,6 +37,16 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
+def plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a module whose adapters are merged (:func:`merge_lora`), under the names the
+    module has without adapters: it loads into the unadapted architecture."""
+    from peft.tuners.lora import LoraLayer
+
+    if any(isinstance(m, LoraLayer) and not m.merged for m in module.modules()):
+        raise ValueError("merge the adapters first (merge_lora)")
+    return {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if "lora_" not in k}
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in module.parameters())

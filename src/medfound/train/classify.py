@@ -1,4 +1,6 @@
-"""Classification heads on the same encoders: a linear probe (frozen encoder) or full fine-tuning.
+"""Classification heads on the same encoders: a linear probe (frozen encoder), LoRA on the encoder's
+attention, or full fine-tuning. LoRA adapters are folded into the weights they adapt when the run is
+exported, so every classifier run loads as a plain encoder and head.
 
 Input is a CSV ``image,label`` (paths relative to the CSV). Each image becomes one normalised square
 slice: 2D images as they are, volumes by their middle slice along the axial (canonical RAS) axis.
@@ -29,7 +31,9 @@ from medfound.data.slicing import to_square
 from medfound.errors import InputError
 from medfound.io import read_image
 from medfound.io.atomic import atomic_file, write_text
-from medfound.models.segmenter import build_encoder, encoder_for
+from medfound.models.lora import count_parameters, merge_lora, plain_state
+from medfound.models.segmenter import add_encoder_lora, build_encoder, encoder_for
+from medfound.models.tinyvit_unet import LORA_STAGES
 from medfound.train.checkpoint import lightning_precision, training_precision
 
 
@@ -83,6 +87,7 @@ def image_to_square(path: Path, size: int) -> np.ndarray:
 @dataclass
 class ClassifyConfig:
     mode: str = "linear"
+    rank: int = 4  # LoRA rank (mode lora)
     max_steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
@@ -152,11 +157,13 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
         raise InputError(csv_path, "need at least 2 classes")
     enc, enc_cfg = encoder_for(encoder, cfg.image_size)
     size = cfg.image_size or int(enc_cfg.get("image_size", 224))
-    if cfg.mode not in ("linear", "full"):
-        raise InputError(None, f"--mode must be linear or full, got {cfg.mode!r}")
+    if cfg.mode not in ("linear", "lora", "full"):
+        raise InputError(None, f"--mode must be linear, lora or full, got {cfg.mode!r}")
     if cfg.mode == "linear":
         for p in enc.parameters():
             p.requires_grad = False
+    elif cfg.mode == "lora":  # a ViT's every block; a TinyViT's later stages, as for segmentation
+        enc = add_encoder_lora(enc, cfg.rank, LORA_STAGES)
     x = torch.from_numpy(np.stack([image_to_square(p, size) for p, _ in rows])[:, None])
     y = torch.tensor([names.index(l) for _, l in rows])
     tr, va = stratified_split(y.tolist(), cfg.val_fraction, cfg.seed)
@@ -177,20 +184,25 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
     if not trainer.is_global_zero:
         return {}  # rank 0 alone scores, exports and reports
     model.cpu().eval()
+    trainable, _ = count_parameters(model)
+    merge_lora(model)  # the adapters folded in: the exported weights are a plain encoder's
     with torch.no_grad():
         pred = model(x[va]).argmax(1)
     recalls = [float((pred[y[va] == c] == c).float().mean()) for c in y[va].unique()]
     arch = enc.architecture() if hasattr(enc, "architecture") else {"type": "vit", **enc.config.as_dict()}
     config = {"kind": "classifier", "architecture": arch, "classes": names,
-              "mode": cfg.mode, "image_size": size, "encoder": {"source": encoder, "kind": enc_cfg.get("kind")},
+              "mode": cfg.mode, "lora_rank": cfg.rank if cfg.mode == "lora" else None,
+              "lora_stages": list(getattr(enc, "lora_stages", ())) or None,
+              "image_size": size, "encoder": {"source": encoder, "kind": enc_cfg.get("kind")},
               "data": {"csv": str(csv_path), "train_images": len(tr), "val_images": len(va)},
               "validation": {"accuracy": float((pred == y[va]).float().mean()), "balanced_accuracy": float(np.mean(recalls))},
               "training": {"steps": int(trainer.global_step), "seconds": round(time.time() - t0, 1),
+                           "trainable_parameters": trainable,
                            "precision": training_precision(cfg.precision, cfg.accelerator),
                            "world_size": trainer.world_size, "global_batch": train_dl.batch_size * trainer.world_size}}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in plain_state(model).items()}, str(tmp))
     write_text(out / "config.json", json.dumps(config, indent=2))
     return config
 
