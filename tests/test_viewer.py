@@ -41,6 +41,21 @@ def client(data, tmp_path_factory):
     return TestClient(app, headers={"x-medfound-token": app.state.token})
 
 
+def test_sam_flip_reaches_the_session(data, tmp_path):
+    """serve --sam-flip: the viewer's SAM answers with mirror averaging."""
+    from fastapi.testclient import TestClient
+
+    from medfound.viewer.app import create_app
+
+    _, _, study, _ = data
+    app = create_app(tmp_path / "work", sam="tiny", sam_flip=True)
+    client = TestClient(app, headers={"x-medfound-token": app.state.token})
+    sid = _upload(client, study).json()["id"]
+    r = client.post(f"/api/studies/{sid}/sam", json={"slice": 5, "points": [[20, 8, 1]], "label": 1})
+    assert r.status_code == 200, r.text
+    assert app.state.store.get(sid).sam_session.flip is True
+
+
 def _upload(client, path: Path):
     return client.post("/api/studies", files=[("files", (path.name, path.read_bytes()))])
 

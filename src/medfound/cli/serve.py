@@ -26,6 +26,7 @@ def serve(
     idle_minutes: Annotated[float, typer.Option(help="Close a study (and remove its files) after this long without a request.")] = 60,
     pacs: Annotated[Optional[str], typer.Option("--pacs", help="DICOMweb service root (dicomweb+http://HOST:PORT/dicom-web) whose studies the page may list and open; credentials from the environment or netrc.")] = None,
     device: DeviceOpt = "auto",
+    sam_flip: Annotated[Optional[bool], typer.Option("--sam-flip/--no-sam-flip", help="Average each SAM answer with its answer on the mirrored slice (twice the cost; on the validation structures it helps a click alone and leaves a box as it is; default: the SAM's own setting).")] = None,
 ) -> None:
     """Web viewer: scroll a study, prompt SAM, segment from an example set, download the mask.
 
@@ -68,7 +69,7 @@ def serve(
     hosts = None if host in ("0.0.0.0", "::") else sorted({host, "localhost", "127.0.0.1", "::1"})
     app_ = create_app(work, support, model, sam, incontext_model, max_upload_mb, max_voxels=max_voxels,
                       memory_mb=memory_mb, idle_minutes=idle_minutes, allowed_hosts=hosts,
-                      device=dev, pacs=pacs)
+                      device=dev, pacs=pacs, sam_flip=sam_flip)
     print(f"medfound viewer on http://{host}:{port}/  (studies in {work})", flush=True)
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -127,14 +127,15 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
                sam: str | None = None, incontext_model: Path | None = None, max_upload_mb: float = 512,
                max_voxels: int = 100_000_000, memory_mb: float = 4096, idle_minutes: float = 60,
                allowed_hosts: list[str] | None = None, token: str | None = None, device: str = "cpu",
-               pacs: str | None = None) -> FastAPI:
+               pacs: str | None = None, sam_flip: bool | None = None) -> FastAPI:
     """Build the app. ``supports``: nnU-Net example sets offered by name; ``models``: fine-tuned segmenter
     runs; ``sam``: a SAM run/checkpoint/variant for box and point prompts (None: the packaged small SAM).
     Limits: bytes per upload, voxels per image, memory of all open studies, idle minutes before a study
     is closed. ``allowed_hosts``: Host names answered (None: any); ``token``: the page's token that every
     state-changing request must carry in ``x-medfound-token`` (default: a new random one, ``app.state.token``).
     ``device``: where the models run. ``pacs``: a DICOMweb service root whose studies the page may list
-    and open (only this one: the page never names a server itself)."""
+    and open (only this one: the page never names a server itself). ``sam_flip``: mirror averaging of
+    every SAM answer (None: the SAM's own setting)."""
     # No /api/docs page: FastAPI's loads its assets from a CDN, blank on an offline machine.
     app = FastAPI(title="medfound viewer", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.token = token or secrets.token_urlsafe(24)
@@ -166,6 +167,8 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
                 from medfound.models.sam import load_sam_model
 
                 model, cfg = load_sam_model(sam)
+                if sam_flip is not None:
+                    cfg = {**cfg, "inference": {**cfg.get("inference", {}), "flip": sam_flip}}
                 state["sam"] = (model.to(device), cfg)
         return state["sam"]
 
