@@ -189,3 +189,8 @@ def _ints(text: str, what: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InputError(None, f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _lora_stages(text: str | None) -> tuple[int, ...] | None:
+    """``--lora-stages`` as sorted distinct stage numbers (None where not given); the model checks them."""
+    return tuple(sorted(set(_ints(text, "--lora-stages")))) if text else None

@@ -28,7 +28,7 @@ from medfound.cli.common import (
     StepSeedOpt,
     StrategyOpt,
     WarmupOpt,
-    _ints,
+    _lora_stages,
     _step_training,
     device_count,
     sam_app,
@@ -72,7 +72,7 @@ def sam_finetune(
     dev = device_count(devices)
     cfg = run_sam_finetune(dataset[0] if len(dataset) == 1 else dataset, base, out, SamFinetuneConfig(
         exclude_labels=tuple(exclude_label or ()), max_minutes=max_minutes, init=init, box_zoom=box_zoom, box_size=box_size,
-        rank=rank, targets=tuple(t.strip() for t in lora_targets.split(",")), lora_stages=tuple(sorted(set(_ints(lora_stages, '--lora-stages')))) if lora_stages else (),
+        rank=rank, targets=tuple(t.strip() for t in lora_targets.split(",")), lora_stages=_lora_stages(lora_stages) or (),
         image_size=image_size, prompt=prompt, train_prompt_encoder=train_prompt_encoder,
         max_steps=max_steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, precision=precision,
         accelerator=accelerator, devices=dev, num_nodes=num_nodes, strategy=strategy, seed=seed), resume=resume)

@@ -17,7 +17,7 @@ from medfound.cli.common import (
     PushOpt,
     RtstructOpt,
     StrategyOpt,
-    _ints,
+    _lora_stages,
     app,
     check_push,
     classify_app,
@@ -104,8 +104,7 @@ def finetune(
     dev = device_count(devices)
     if lora_stages and mode != "lora":
         raise InputError(None, "--lora-stages needs --mode lora")
-    stages = tuple(sorted(set(_ints(lora_stages, "--lora-stages")))) if lora_stages else None
-    cfg = FinetuneConfig(mode=mode, rank=rank, lora_stages=stages, label_fraction=label_fraction,
+    cfg = FinetuneConfig(mode=mode, rank=rank, lora_stages=_lora_stages(lora_stages), label_fraction=label_fraction,
                          val_fraction=val_fraction, seed=seed,
                          max_steps=max_steps, batch_size=batch_size, lr=lr, encoder_lr_scale=encoder_lr_scale,
                          image_size=image_size, val_every=val_every, precision=precision, accelerator=accelerator,

@@ -66,13 +66,14 @@ class SamSession:
 
     def __init__(self, sam, image: MedImage, image_size: int, axis: int = 2, cache_size: int = 64,
                  modality: str | None = None, box_zoom: float | None = None, precision: str = "32",
-                 box_size: int | None = None, flip: bool = False):
+                 box_size: int | None = None, flip: bool = False, bounds: tuple[float, float] | None = None):
         self.sam, self.image, self.size, self.axis = sam, image, image_size, axis
         self.flip = flip
         self._mirror: SamSession | None = None  # the mirrored image's session (``flip``)
         self.box_zoom = box_zoom
         self.box_size = box_size or image_size  # the input side of a box's zoomed crop
-        self.bounds = intensity_bounds(image.array, modality or image.modality)
+        # the intensity window (given by a session on the same voxels, e.g. mirrored, to skip the percentiles)
+        self.bounds = bounds if bounds is not None else intensity_bounds(image.array, modality or image.modality)
         self._cache: OrderedDict[int, tuple[torch.Tensor, SquareGeometry]] = OrderedDict()
         self.cache_size = cache_size
         self._crop: tuple[tuple, torch.Tensor, SquareGeometry] | None = None  # the last box crop's embedding
@@ -154,8 +155,8 @@ class SamSession:
             along = 0 if self.image.ndim == 2 else [d for d in range(3) if d != self.axis][0]
             image = dataclasses.replace(self.image, array=np.flip(self.image.array, along))
             self._mirror = SamSession(self.sam, image, self.size, axis=self.axis, cache_size=self.cache_size,
-                                      box_zoom=self.box_zoom, precision=self.precision, box_size=self.box_size)
-            self._mirror.bounds = self.bounds
+                                      box_zoom=self.box_zoom, precision=self.precision, box_size=self.box_size,
+                                      bounds=self.bounds)
         return self._mirror
 
     def _logits(self, k: int, box, points, labels) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Modes: ``full`` (everything trains; the encoder at ``encoder_lr_scale`` x the decoder's rate, after
 ``encoder_warmup`` steps frozen), ``linear`` (encoder frozen: the decoder alone) and ``lora`` (rank-r
-adapters on the encoder's attention - a TinyViT's stages 2-3 - the decoder trains). Validation Dice
-on held-back *cases* picks the exported weights; test data never enters this function.
+adapters on the encoder's attention - a TinyViT's ``lora_stages``, 2-3 by default - the decoder
+trains). Validation Dice on held-back *cases* picks the exported weights; test data never enters
+this function.
 
 The encoder is a ViT (MAE run, scratch, SAM's) under UNETR, or LiteMedSAM's TinyViT under a U-Net
 decoder on its feature pyramid. A frozen TinyViT (``linear``) embeds each training and validation

@@ -167,8 +167,6 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
                 from medfound.models.sam import load_sam_model
 
                 model, cfg = load_sam_model(sam)
-                if sam_flip is not None:
-                    cfg = {**cfg, "inference": {**cfg.get("inference", {}), "flip": sam_flip}}
                 state["sam"] = (model.to(device), cfg)
         return state["sam"]
 
@@ -278,7 +276,7 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
             pts = [p[:2] for p in (req.points or [])] or None
             labs = [p[2] for p in (req.points or [])] or None
             if st.sam_session is None:
-                st.sam_session = SamSession.for_model(model, _cfg, st.view, axis=2)
+                st.sam_session = SamSession.for_model(model, _cfg, st.view, axis=2, flip=sam_flip)
             # the session checks the prompt (InputError -> 400) before anything below changes the mask
             m = st.sam_session.segment(req.slice, box=req.box, points=pts, labels=labs)
             st.push_undo([req.slice])
