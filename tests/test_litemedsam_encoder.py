@@ -129,16 +129,51 @@ def test_full_finetune_on_a_scratch_tinyvit(tmp_path):
     assert cfg["mode"] == "full" and model(torch.rand(1, 1, 32, 32)).shape == (1, cfg["n_classes"], 32, 32)
 
 
+@pytest.mark.parametrize("mode", ["linear", "lora"])
+def test_classifier_trains_on_what_its_frozen_encoder_gives_once(mode):
+    """A linear probe's pooled features, or a TinyViT's stages before LoRA's, computed once per image
+    (what classify train caches), give the classifier's own logits; gradients reach what trains."""
+    from medfound.models.sam import to_sam_input
+    from medfound.models.segmenter import add_encoder_lora
+    from medfound.models.tinyvit_unet import LORA_STAGES
+    from medfound.train.classify import ViTClassifier
+
+    enc, _ = encoder_for("scratch:tinyvit", 64)
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():  # the pyramid is TinyViT's own stages 1-3
+        pyramid = zip(enc.features(x), enc.tinyvit.features(to_sam_input(x))[1:], strict=True)
+        assert all(torch.allclose(a, b) for a, b in pyramid)
+    if mode == "lora":
+        enc = add_encoder_lora(enc, 2, LORA_STAGES)
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    else:
+        enc.requires_grad_(False)
+    model = ViTClassifier(enc, 2).eval()
+    assert model.caches(mode) and not model.caches("full")
+    with torch.no_grad():
+        part = model.frozen_part(x, mode)
+    logits = model.forward_frozen(part, mode)
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    logits.square().mean().backward()
+    trained = [p for n, p in model.named_parameters() if "lora_" in n or n.startswith("head.")]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
 def test_classifier_on_a_tinyvit(tmp_path):
     from test_classify import _csv
 
     path = _csv(tmp_path)
     r = run_cli("classify", "train", "--csv", path, "--out", tmp_path / "c", "--encoder", "scratch:tinyvit",
-                "--mode", "lora", "--max-steps", "4", "--batch-size", "4", "--image-size", "32")
+                "--mode", "lora", "--lora-stages", "3", "--max-steps", "4", "--batch-size", "4", "--image-size", "32")
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert cfg["architecture"]["type"] == "tinyvit" and cfg["lora_stages"] == [2, 3]
+    assert cfg["architecture"]["type"] == "tinyvit" and cfg["lora_stages"] == [3]
     assert 0 < cfg["training"]["trainable_parameters"] < 100_000  # the adapters and the head
+    bad = run_cli("classify", "train", "--csv", path, "--out", tmp_path / "bad", "--encoder", "scratch:tinyvit",
+                  "--mode", "linear", "--lora-stages", "2")
+    assert bad.returncode == 2 and "--mode lora" in bad.stderr and not (tmp_path / "bad").exists()
     r = run_cli("classify", "predict", "--model", tmp_path / "c", "--input", tmp_path, "--out", tmp_path / "p.csv")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 12
@@ -148,14 +183,22 @@ def test_label_efficiency_with_several_encoders(tmp_path):
     ds = write_phantom_dataset(tmp_path / "Dataset700_Ph", ("CT",), cases_per_modality=4)
     enc = tmp_path / "mae"
     save_encoder(ViTEncoder(VIT_CONFIGS["vit-micro"]), enc, {"image_size": 32})
-    r = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"scratch,{enc},scratch:tinyvit=linear",
+    r = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder",
+                f"scratch,{enc},scratch:tinyvit=linear+lora", "--lora-stages", "3,1",
                 "--output", tmp_path / "exp", "--fractions", "1", "--seeds", "1", "--max-steps", "2",
                 "--image-size", "32", "--batch-size", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
-    assert [r["arm"] for r in rows] == ["scratch-full", "mae-full", "scratch-tinyvit-linear"]
+    assert [r["arm"] for r in rows] == ["scratch-full", "mae-full", "scratch-tinyvit-linear",
+                                        "scratch-tinyvit-lora-stages-1-3"]
+    assert [r["lora_stages"] for r in rows] == ["", "", "", "1-3"]
     scratch = json.loads((tmp_path / "exp" / "runs" / "scratch-full_f1_s0" / "config.json").read_text())
     assert scratch["architecture"]["width"] == VIT_CONFIGS["vit-micro"].width  # shaped like the MAE run
+    lora = json.loads((tmp_path / "exp" / "runs" / "scratch-tinyvit-lora-stages-1-3_f1_s0" / "config.json").read_text())
+    assert lora["lora_stages"] == [1, 3]
+    bad = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"scratch,{enc}=lora",
+                  "--lora-stages", "2", "--output", tmp_path / "exp2")
+    assert bad.returncode == 2 and "TinyViT" in bad.stderr and not (tmp_path / "exp2").exists()
     bad = run_cli("experiment", "label-efficiency", "--dataset", ds.root, "--encoder", f"{enc}=sideways",
                        "--output", tmp_path / "exp2")
     assert bad.returncode == 2 and "sideways" in bad.stderr and not (tmp_path / "exp2").exists()

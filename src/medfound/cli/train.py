@@ -198,8 +198,9 @@ def classify_train(
     csv_path: Annotated[Path, typer.Option("--csv", help="CSV with columns image,label (paths relative to the CSV).")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model.safetensors + config.json.")],
     encoder: Annotated[str, typer.Option(help="Exported MAE run, litemedsam, or scratch (scratch:tinyvit ...).")] = "scratch",
-    mode: Annotated[str, typer.Option(help="linear (probe, frozen encoder), lora (adapters of --rank on the attention: a ViT's every block, a TinyViT's stages 2-3; folded into the weights on export) or full.")] = "linear",
+    mode: Annotated[str, typer.Option(help="linear (probe, frozen encoder), lora (adapters of --rank on the attention: a ViT's every block, a TinyViT's --lora-stages; folded into the weights on export) or full.")] = "linear",
     rank: Annotated[int, typer.Option(help="LoRA rank (--mode lora).")] = 4,
+    lora_stages: Annotated[Optional[str], typer.Option(help="--mode lora on a TinyViT: the stages whose attention is adapted, comma-separated, each 1-3 (default 2,3); the stages before the first run once per image.")] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Images per device per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
@@ -217,8 +218,10 @@ def classify_train(
 
     if max_steps < 1 or batch_size < 1 or rank < 1 or not 0 < val_fraction < 1:
         raise InputError(None, "--max-steps, --batch-size, --rank >= 1 and --val-fraction in (0, 1)")
+    if lora_stages and mode != "lora":
+        raise InputError(None, "--lora-stages needs --mode lora")
     cfg = run_classify(csv_path, out, encoder, ClassifyConfig(
-        mode=mode, rank=rank, max_steps=max_steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+        mode=mode, rank=rank, lora_stages=_lora_stages(lora_stages), max_steps=max_steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
         image_size=image_size, seed=seed, precision=precision, accelerator=accelerator,
         devices=device_count(devices), num_nodes=num_nodes, strategy=strategy))
     if not cfg:  # another rank of a distributed run: rank 0 writes and reports

@@ -30,12 +30,14 @@ class Arm:
     name: str
     encoder: str
     mode: str
+    lora_stages: tuple[int, ...] | None = None  # a TinyViT LoRA arm's adapted stages (None: the default)
 
 
 MODES = ("full", "linear", "lora")
 
 
-def arms_for(encoder: str, modes: list[str], scratch: str | None = None) -> list[Arm]:
+def arms_for(encoder: str, modes: list[str], scratch: str | None = None,
+             lora_stages: tuple[int, ...] | None = None) -> list[Arm]:
     """The arms of a label-efficiency experiment.
 
     One MAE run (``--encoder RUN``): ``pretrained-MODE`` for each mode, plus ``scratch-full`` (a fresh
@@ -43,7 +45,29 @@ def arms_for(encoder: str, modes: list[str], scratch: str | None = None) -> list
     and mode, named by the entry (``scratch-full``, ``RUNNAME-MODE``, ``litemedsam-MODE``); ``scratch``
     is a fresh encoder shaped like the first run of the list (vit-tiny without one) and trains fully;
     ``ENTRY=MODE[+MODE]`` sets an entry's own modes (``litemedsam=linear``).
+
+    ``lora_stages`` are the stages a TinyViT's LoRA arms adapt (``litemedsam``, ``scratch:tinyvit``);
+    other than the default (``LORA_STAGES``) they name the arm (``litemedsam-lora-stages-1-2-3``), so
+    that its runs never mix with the default's in one output folder.
     """
+    arms = _arms(encoder, modes, scratch)
+    if lora_stages:
+        from medfound.models.tinyvit import TINYVIT_ENCODERS, TinyViTConfig, check_attention_stages
+        from medfound.models.tinyvit_unet import LORA_STAGES
+
+        tiny = [a for a in arms if a.mode == "lora" and a.encoder in TINYVIT_ENCODERS]
+        if not tiny:
+            raise InputError(None, "--lora-stages applies to TinyViT arms in lora mode "
+                                   "(--encoder litemedsam=lora or scratch:tinyvit=lora)")
+        stages = tuple(sorted(set(lora_stages)))
+        check_attention_stages(stages, len(TinyViTConfig().depths))
+        suffix = "" if stages == LORA_STAGES else "-stages-" + "-".join(map(str, stages))
+        arms = [Arm(a.name + suffix, a.encoder, a.mode, stages) if a in tiny else a for a in arms]
+    return arms
+
+
+def _arms(encoder: str, modes: list[str], scratch: str | None) -> list[Arm]:
+    """:func:`arms_for` before the LoRA stages."""
     entries = [e.strip() for e in encoder.split(",") if e.strip()]
     if not entries:
         raise InputError(None, "--encoder is empty")
@@ -114,12 +138,12 @@ def dice_on(model_run: Path, ds: NnUNetDataset, cases: list[str], split: str,
 def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[float], seeds: int,
                      out: str | os.PathLike, modes: list[str] = ("full",), max_steps: int = 300,
                      ood_dataset: str | os.PathLike | None = None, base: FinetuneConfig | None = None,
-                     scratch: str | None = None, log=print) -> dict:
+                     scratch: str | None = None, log=print, lora_stages: tuple[int, ...] | None = None) -> dict:
     out = Path(out)
     ds = NnUNetDataset.open(dataset)
     ood = NnUNetDataset.open(ood_dataset) if ood_dataset else None
     train_pool, test_cases, split = test_split(ds)
-    arms = arms_for(encoder, list(modes), scratch)
+    arms = arms_for(encoder, list(modes), scratch, lora_stages)
     results: list[dict] = []
     summary: list[dict] = []
     meta = {"dataset": str(ds.root), "test_cases": test_cases, "test_split": split, "train_pool": train_pool,
@@ -130,7 +154,8 @@ def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[f
             for arm in arms:
                 run = out / "runs" / f"{arm.name}_f{frac:g}_s{seed}"
                 cfg = FinetuneConfig(**{**(base.__dict__ if base else {}), "mode": arm.mode, "label_fraction": frac,
-                                        "seed": seed, "max_steps": max_steps, "progress": False})
+                                        "seed": seed, "max_steps": max_steps, "progress": False,
+                                        "lora_stages": arm.lora_stages})
                 log(f"[experiment] {arm.name} fraction {frac:g} seed {seed} ...")
                 c = run_finetune(ds.root, run, arm.encoder, cfg, cases=train_pool)
                 _, rows = write_model_card(run, ds.root, test_cases, split, what="test cases (never trained or selected on)")
@@ -138,7 +163,8 @@ def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[f
                 row = {"arm": arm.name, "encoder": arm.encoder, "mode": arm.mode, "fraction": frac, "seed": seed,
                        "labeled_cases": len(c["data"]["train_cases"]), "val_dice": c["training"]["best_val_dice"],
                        "test_dice": dice, "seconds": c["training"]["seconds"],
-                       "trainable_parameters": c["training"]["trainable_parameters"]}
+                       "trainable_parameters": c["training"]["trainable_parameters"],
+                       "lora_stages": "-".join(map(str, c.get("lora_stages") or ()))}
                 if ood is not None:
                     row["ood_dice"], _ = dice_on(run, ood, ood.cases(), "Tr")
                 results.append(row)

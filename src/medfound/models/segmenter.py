@@ -65,6 +65,24 @@ def add_encoder_lora(encoder: torch.nn.Module, rank: int, stages: tuple[int, ...
     return add_lora(encoder, rank=rank)
 
 
+def adapt_encoder(encoder: torch.nn.Module, mode: str, rank: int = 4,
+                  lora_stages: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """The encoder as training in ``mode`` changes it: ``full`` as it is, ``linear`` frozen, ``lora``
+    with adapters of ``rank`` (a ViT's every block; a TinyViT's ``lora_stages``, default
+    ``LORA_STAGES``). InputError for another mode, or for stages on an encoder that has none."""
+    from medfound.models.tinyvit_unet import LORA_STAGES, TinyViTEncoder
+
+    if mode == "linear":
+        return encoder.requires_grad_(False)
+    if mode == "lora":
+        if lora_stages and not isinstance(encoder, TinyViTEncoder):
+            raise InputError(None, "--lora-stages applies to a TinyViT encoder only (litemedsam, scratch:tinyvit)")
+        return add_encoder_lora(encoder, rank, lora_stages or LORA_STAGES)
+    if mode != "full":
+        raise InputError(None, f"--mode must be full, linear or lora, got {mode!r}")
+    return encoder
+
+
 def build_segmenter(arch: dict, n_classes: int, mode: str = "full", rank: int = 4,
                     feature_size: int = 16, lora_stages: tuple[int, ...] | None = None) -> torch.nn.Module:
     encoder = build_encoder(arch)

@@ -43,13 +43,13 @@ class TinyViTEncoder(nn.Module):
         return {"type": "tinyvit", **self.config.as_dict()}
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # to_sam_input gives what TinyViT takes; it rescales each image to MedSAM's [0, 1] itself
-        return self.tinyvit.features(to_sam_input(x))[1:]
+        return self.features_from(self.frozen_part(x, 0), 0)
 
     def frozen_part(self, x: torch.Tensor, first: int) -> list[torch.Tensor]:
         """What does not change while only stages ``first``.. train: the pyramid levels before stage
         ``first`` (maps) and stage ``first``'s input (tokens (B, N, C)); :meth:`features_from` goes on."""
         t = self.tinyvit
+        # to_sam_input gives what TinyViT takes; it rescales each image to MedSAM's [0, 1] itself
         h, levels = t.stem(to_sam_input(x)), []
         for i in range(first):
             out, h = t.run_stage(i, h)
@@ -62,7 +62,8 @@ class TinyViTEncoder(nn.Module):
         *levels, h = part
         for i in range(first, len(self.tinyvit.layers)):
             out, h = self.tinyvit.run_stage(i, h)
-            levels.append(out)
+            if i >= 1:
+                levels.append(out)
         return levels
 
     @property
@@ -71,8 +72,12 @@ class TinyViTEncoder(nn.Module):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> (B, 480): the two deepest stages averaged over space (a classifier's input)."""
-        f = self.features(x)
-        return torch.cat([f[-1].mean(dim=(2, 3)), f[-2].mean(dim=(2, 3))], dim=1)
+        return self.pool(self.features(x))
+
+    @staticmethod
+    def pool(features: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`pooled` from the pyramid :meth:`features` returns."""
+        return torch.cat([features[-1].mean(dim=(2, 3)), features[-2].mean(dim=(2, 3))], dim=1)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.features(x)

@@ -6,7 +6,9 @@ Input is a CSV ``image,label`` (paths relative to the CSV). Each image becomes o
 slice: 2D images as they are, volumes by their middle slice along the axial (canonical RAS) axis.
 The head reads the mean of the patch tokens joined with the class token, as MAE's linear probes do
 (a TinyViT: its two deepest stages averaged over space).
-Rows are split into training and validation by a seeded shuffle stratified by class.
+Rows are split into training and validation by a seeded shuffle stratified by class. What training
+leaves frozen - the whole encoder of a linear probe, a TinyViT's stages before those LoRA adapts -
+runs once per image, and the steps read its cached output.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -32,9 +35,9 @@ from medfound.errors import InputError
 from medfound.io import read_image
 from medfound.io.atomic import atomic_file, write_text
 from medfound.models.lora import count_parameters, merge_lora, plain_state
-from medfound.models.segmenter import add_encoder_lora, build_encoder, encoder_for
-from medfound.models.tinyvit_unet import LORA_STAGES
-from medfound.train.checkpoint import lightning_precision, training_precision
+from medfound.models.segmenter import adapt_encoder, build_encoder, encoder_for
+from medfound.train.checkpoint import accelerator_device, lightning_precision, training_precision
+from medfound.train.finetune import FeatureCache
 
 
 class ViTClassifier(nn.Module):
@@ -56,6 +59,27 @@ class ViTClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.features(x)))
+
+    def caches(self, mode: str) -> bool:
+        """Whether training in ``mode`` leaves part of the encoder frozen, so that it can run once per
+        image (:meth:`frozen_part`): all of it (``linear``), or a TinyViT's stages before LoRA's."""
+        return mode == "linear" or (mode == "lora" and bool(getattr(self.encoder, "lora_stages", None)))
+
+    def frozen_part(self, x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+        """What training in ``mode`` does not change (see :meth:`caches`): the pooled features, or
+        the TinyViT's output before its first adapted stage."""
+        if mode == "linear":
+            return [self.features(x)]
+        return self.encoder.frozen_part(x, min(self.encoder.lora_stages))
+
+    def forward_frozen(self, part: list[torch.Tensor], mode: str) -> torch.Tensor:
+        """Logits from what :meth:`frozen_part` returned for the same ``mode``."""
+        if mode == "linear":
+            (pooled,) = part
+        else:
+            stages = self.encoder.lora_stages
+            pooled = self.encoder.pool(self.encoder.features_from([t.float() for t in part], min(stages)))
+        return self.head(self.norm(pooled.float()))
 
 
 def read_label_csv(path: str | os.PathLike) -> list[tuple[Path, str]]:
@@ -88,6 +112,7 @@ def image_to_square(path: Path, size: int) -> np.ndarray:
 class ClassifyConfig:
     mode: str = "linear"
     rank: int = 4  # LoRA rank (mode lora)
+    lora_stages: tuple[int, ...] | None = None  # a TinyViT's adapted stages (None: LORA_STAGES)
     max_steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
@@ -109,15 +134,17 @@ class ClassifierModule(L.LightningModule):
         self.loss = nn.CrossEntropyLoss()
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def _logits(self, batch) -> torch.Tensor:
+        x, _, *part = batch  # part: the frozen encoder's output, cached (see ViTClassifier.frozen_part)
+        return self.model.forward_frozen(part, self.cfg.mode) if part else self.model(x)
+
     def training_step(self, batch, _):
-        x, y = batch
-        loss = self.loss(self.model(x), y)
+        loss = self.loss(self._logits(batch), batch[1])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, _):
-        x, y = batch
-        self._val.append((self.model(x).argmax(1).cpu(), y.cpu()))
+        self._val.append((self._logits(batch).argmax(1).cpu(), batch[1].cpu()))
 
     def on_validation_epoch_end(self):
         p = torch.cat([a for a, _ in self._val])
@@ -157,18 +184,22 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
         raise InputError(csv_path, "need at least 2 classes")
     enc, enc_cfg = encoder_for(encoder, cfg.image_size)
     size = cfg.image_size or int(enc_cfg.get("image_size", 224))
-    if cfg.mode not in ("linear", "lora", "full"):
-        raise InputError(None, f"--mode must be linear, lora or full, got {cfg.mode!r}")
-    if cfg.mode == "linear":
-        for p in enc.parameters():
-            p.requires_grad = False
-    elif cfg.mode == "lora":  # a ViT's every block; a TinyViT's later stages, as for segmentation
-        enc = add_encoder_lora(enc, cfg.rank, LORA_STAGES)
+    enc = adapt_encoder(enc, cfg.mode, cfg.rank, cfg.lora_stages)  # LoRA: a TinyViT's later stages, as for segmentation
     x = torch.from_numpy(np.stack([image_to_square(p, size) for p, _ in rows])[:, None])
     y = torch.tensor([names.index(l) for _, l in rows])
     tr, va = stratified_split(y.tolist(), cfg.val_fraction, cfg.seed)
     L.seed_everything(cfg.seed, verbose=False)
     model = ViTClassifier(enc, len(names))
+    train_set, val_set = TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
+    if model.caches(cfg.mode):  # some of the encoder is frozen: embed each image once
+        device = accelerator_device(cfg.accelerator)
+        model.eval().to(device)
+        encode = partial(model.frozen_part, mode=cfg.mode)
+        train_set = FeatureCache(train_set, encode, what="embedding training images", progress=cfg.progress,
+                                 device=device)
+        val_set = FeatureCache(val_set, encode, what="embedding validation images", progress=cfg.progress,
+                               device=device)
+        model.cpu().train()
     module = ClassifierModule(model, cfg)
     trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
                         num_nodes=cfg.num_nodes, strategy=cfg.strategy,
@@ -177,8 +208,8 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
                         check_val_every_n_epoch=None, val_check_interval=min(50, cfg.max_steps), num_sanity_val_steps=0)
     # each rank reads its share of the images: a batch no larger than that share, so none is empty
     batch = min(cfg.batch_size, max(1, len(tr) // trainer.world_size))
-    train_dl = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=batch, shuffle=True, drop_last=True)
-    val_dl = DataLoader(TensorDataset(x[va], y[va]), batch_size=64)
+    train_dl = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True)
+    val_dl = DataLoader(val_set, batch_size=64)
     t0 = time.time()
     trainer.fit(module, train_dl, val_dl)
     if not trainer.is_global_zero:

@@ -35,8 +35,7 @@ from medfound.data.labeled import SliceDataset, case_slices, label_lut, split_ca
 from medfound.data.nnunet import NnUNetDataset
 from medfound.errors import InputError
 from medfound.models.lora import count_parameters
-from medfound.models.segmenter import add_encoder_lora, encoder_for, save_segmenter, segmenter_for, size_multiple
-from medfound.models.tinyvit_unet import LORA_STAGES, TinyViTEncoder
+from medfound.models.segmenter import adapt_encoder, encoder_for, save_segmenter, segmenter_for, size_multiple
 from medfound.train.checkpoint import AtomicCheckpointIO, accelerator_device, lightning_precision, training_precision
 
 
@@ -171,16 +170,7 @@ def caches_features(model: nn.Module, cfg: FinetuneConfig) -> bool:
 
 def prepare_model(encoder_spec: str, n_classes: int, cfg: FinetuneConfig) -> tuple[nn.Module, dict]:
     encoder, enc_cfg = encoder_for(encoder_spec, cfg.image_size)
-    if cfg.mode == "linear":
-        for p in encoder.parameters():
-            p.requires_grad = False
-    elif cfg.mode == "lora":
-        if cfg.lora_stages and not isinstance(encoder, TinyViTEncoder):
-            raise InputError(None, "--lora-stages applies to a TinyViT encoder only (litemedsam, scratch:tinyvit)")
-        # a ViT is adapted in every block; the stages apply to a TinyViT only
-        encoder = add_encoder_lora(encoder, cfg.rank, cfg.lora_stages or LORA_STAGES)
-    elif cfg.mode != "full":
-        raise InputError(None, f"--mode must be full, linear or lora, got {cfg.mode!r}")
+    encoder = adapt_encoder(encoder, cfg.mode, cfg.rank, cfg.lora_stages)
     torch.manual_seed(cfg.seed)
     return segmenter_for(encoder, n_classes), enc_cfg
 
