@@ -597,7 +597,8 @@ def paths_few_labels(d: Data) -> str:
         return "_(no data yet: run the command on the label-efficiency page)_"
     kind = {"scratch-full": ("ViT-UNETR from scratch (floor)", "—"), "mae-full": ("MAE-pretrained ViT-UNETR", "2: build"),
             "litemedsam-linear": ("LiteMedSAM's TinyViT, frozen, U-Net decoder", "1: adapt"),
-            "litemedsam-lora": ("LiteMedSAM's TinyViT, LoRA on stages 2-3, U-Net decoder", "1: adapt")}
+            "litemedsam-lora": ("LiteMedSAM's TinyViT, LoRA on stages 2-3, U-Net decoder", "1: adapt"),
+            "litemedsam-lora-stages-1-2-3": ("LiteMedSAM's TinyViT, LoRA on stages 1-3, U-Net decoder", "1: adapt")}
     fewest = min(float(r["fraction"]) for r in rows)
     body = []
     for r in rows:
