@@ -161,6 +161,19 @@ def test_classifier_trains_on_what_its_frozen_encoder_gives_once(mode):
     assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
 
 
+def test_tinyvit_norms_stay_frozen_when_a_distributed_run_syncs_batch_norms():
+    """Lightning's sync_batchnorm (classify train on GPUs) turns every BatchNorm into SyncBatchNorm;
+    TinyViT's keep the released statistics in training all the same, and answer as before."""
+    enc, _ = encoder_for("scratch:tinyvit", 32)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        before = enc.eval().features(x)
+        synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(enc).train()
+        norms = [m for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+        assert norms and not any(m.training for m in norms)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(synced.features(x), before, strict=True))
+
+
 def test_classifier_on_a_tinyvit(tmp_path):
     from test_classify import _csv
 

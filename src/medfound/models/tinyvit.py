@@ -283,10 +283,11 @@ class TinyViT(nn.Module):
 
     def train(self, mode: bool = True) -> TinyViT:
         """Batch norms keep the released statistics in training too: LoRA fine-tuning saves only the
-        adapters and trained parts, so statistics that drifted in training would be lost on reload."""
+        adapters and trained parts, so statistics that drifted in training would be lost on reload.
+        Also where a distributed run has made them SyncBatchNorm (Lightning's ``sync_batchnorm``)."""
         super().train(mode)
         for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
         return self
 

@@ -201,8 +201,10 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
                                device=device)
         model.cpu().train()
     module = ClassifierModule(model, cfg)
+    # the head's feature norm sees every rank's batch in a distributed run; torch syncs it on GPUs only
+    gpu = accelerator_device(cfg.accelerator).type == "cuda"
     trainer = L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
-                        num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                        num_nodes=cfg.num_nodes, strategy=cfg.strategy, sync_batchnorm=gpu,
                         precision=lightning_precision(cfg.precision, cfg.accelerator), logger=False,
                         enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
                         check_val_every_n_epoch=None, val_check_interval=min(50, cfg.max_steps), num_sanity_val_steps=0)
