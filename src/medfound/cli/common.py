@@ -191,6 +191,9 @@ def _ints(text: str, what: str) -> list[int]:
         raise InputError(None, f"{what} must be comma-separated integers, got {text!r}") from None
 
 
-def _lora_stages(text: str | None) -> tuple[int, ...] | None:
-    """``--lora-stages`` as sorted distinct stage numbers (None where not given); the model checks them."""
+def _lora_stages(text: str | None, mode: str = "lora") -> tuple[int, ...] | None:
+    """``--lora-stages`` as sorted distinct stage numbers (None where not given); the model checks them.
+    A command with a ``--mode`` passes it: the stages need ``lora``."""
+    if text and mode != "lora":
+        raise InputError(None, "--lora-stages needs --mode lora")
     return tuple(sorted(set(_ints(text, "--lora-stages")))) if text else None

@@ -102,9 +102,7 @@ def finetune(
     if max_steps < 1 or batch_size < 1 or rank < 1 or not 0 < val_fraction < 1:
         raise InputError(None, "--max-steps, --batch-size, --rank must be positive and --val-fraction in (0, 1)")
     dev = device_count(devices)
-    if lora_stages and mode != "lora":
-        raise InputError(None, "--lora-stages needs --mode lora")
-    cfg = FinetuneConfig(mode=mode, rank=rank, lora_stages=_lora_stages(lora_stages), label_fraction=label_fraction,
+    cfg = FinetuneConfig(mode=mode, rank=rank, lora_stages=_lora_stages(lora_stages, mode), label_fraction=label_fraction,
                          val_fraction=val_fraction, seed=seed,
                          max_steps=max_steps, batch_size=batch_size, lr=lr, encoder_lr_scale=encoder_lr_scale,
                          image_size=image_size, val_every=val_every, precision=precision, accelerator=accelerator,
@@ -218,10 +216,8 @@ def classify_train(
 
     if max_steps < 1 or batch_size < 1 or rank < 1 or not 0 < val_fraction < 1:
         raise InputError(None, "--max-steps, --batch-size, --rank >= 1 and --val-fraction in (0, 1)")
-    if lora_stages and mode != "lora":
-        raise InputError(None, "--lora-stages needs --mode lora")
     cfg = run_classify(csv_path, out, encoder, ClassifyConfig(
-        mode=mode, rank=rank, lora_stages=_lora_stages(lora_stages), max_steps=max_steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+        mode=mode, rank=rank, lora_stages=_lora_stages(lora_stages, mode), max_steps=max_steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
         image_size=image_size, seed=seed, precision=precision, accelerator=accelerator,
         devices=device_count(devices), num_nodes=num_nodes, strategy=strategy))
     if not cfg:  # another rank of a distributed run: rank 0 writes and reports

@@ -37,7 +37,7 @@ from medfound.io.atomic import atomic_file, write_text
 from medfound.models.lora import count_parameters, merge_lora, plain_state
 from medfound.models.segmenter import adapt_encoder, build_encoder, encoder_for
 from medfound.train.checkpoint import accelerator_device, lightning_precision, training_precision
-from medfound.train.finetune import FeatureCache
+from medfound.train.finetune import cache_frozen
 
 
 class ViTClassifier(nn.Module):
@@ -192,14 +192,8 @@ def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: s
     model = ViTClassifier(enc, len(names))
     train_set, val_set = TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
     if model.caches(cfg.mode):  # some of the encoder is frozen: embed each image once
-        device = accelerator_device(cfg.accelerator)
-        model.eval().to(device)
-        encode = partial(model.frozen_part, mode=cfg.mode)
-        train_set = FeatureCache(train_set, encode, what="embedding training images", progress=cfg.progress,
-                                 device=device)
-        val_set = FeatureCache(val_set, encode, what="embedding validation images", progress=cfg.progress,
-                               device=device)
-        model.cpu().train()
+        train_set, val_set = cache_frozen(model, partial(model.frozen_part, mode=cfg.mode), train_set, val_set,
+                                          cfg.accelerator, cfg.progress, items="images")
     module = ClassifierModule(model, cfg)
     # the head's feature norm sees every rank's batch in a distributed run; torch syncs it on GPUs only
     gpu = accelerator_device(cfg.accelerator).type == "cuda"

@@ -148,6 +148,20 @@ class FeatureCache(Dataset):
         return (x, y, *(f[i] for f in self.features))
 
 
+def cache_frozen(model: nn.Module, encode: Callable[[torch.Tensor], list[torch.Tensor]], train_set: Dataset,
+                 val_set: Dataset, accelerator: str = "auto", progress: bool = True,
+                 items: str = "slices") -> tuple[FeatureCache, FeatureCache]:
+    """The training and validation sets with ``encode``'s output (what training leaves frozen) added
+    to every item, computed once on the device that will train; ``model`` is back on the CPU in
+    training mode afterwards, for Lightning to place."""
+    device = accelerator_device(accelerator)
+    model.eval().to(device)
+    cached = tuple(FeatureCache(s, encode, what=f"embedding {which} {items}", progress=progress, device=device)
+                   for s, which in ((train_set, "training"), (val_set, "validation")))
+    model.cpu().train()
+    return cached
+
+
 def validation_interval(max_steps: int, every: int | None = None) -> int:
     """Steps between validations. Without `every`, about five evenly spaced validations whose last falls on
     the final step, so the best checkpoint is chosen among them and no trained steps go unvalidated."""
@@ -200,14 +214,8 @@ def run_finetune(dataset: str | os.PathLike, out: str | os.PathLike, encoder: st
     val_set: Dataset = SliceDataset(val, augment=False)
     workers = cfg.num_workers
     if cached:
-        device = accelerator_device(cfg.accelerator)
-        model.eval().to(device)
         encode = model.encode_frozen if cfg.mode == "lora" else model.encode
-        train_set = FeatureCache(train_set, encode, what="embedding training slices", progress=cfg.progress,
-                                 device=device)
-        val_set = FeatureCache(val_set, encode, what="embedding validation slices", progress=cfg.progress,
-                               device=device)
-        model.cpu().train()
+        train_set, val_set = cache_frozen(model, encode, train_set, val_set, cfg.accelerator, cfg.progress)
         workers = 0  # the features are in this process's memory
     module = SegModule(model, cfg, len(classes) + 1)
     out.mkdir(parents=True, exist_ok=True)
