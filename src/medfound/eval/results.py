@@ -598,7 +598,8 @@ def paths_few_labels(d: Data) -> str:
     kind = {"scratch-full": ("ViT-UNETR from scratch (floor)", "—"), "mae-full": ("MAE-pretrained ViT-UNETR", "2: build"),
             "litemedsam-linear": ("LiteMedSAM's TinyViT, frozen, U-Net decoder", "1: adapt"),
             "litemedsam-lora": ("LiteMedSAM's TinyViT, LoRA on stages 2-3, U-Net decoder", "1: adapt"),
-            "litemedsam-lora-stages-1-2-3": ("LiteMedSAM's TinyViT, LoRA on stages 1-3, U-Net decoder", "1: adapt")}
+            "litemedsam-lora-stages-1-2-3": ("LiteMedSAM's TinyViT, LoRA on stages 1-3, U-Net decoder", "1: adapt"),
+            "litemedsam-full": ("LiteMedSAM's TinyViT, fine-tuned fully, U-Net decoder", "1: adapt")}
     fewest = min(float(r["fraction"]) for r in rows)
     body = []
     for r in rows:
@@ -756,9 +757,14 @@ def _seeds_plot(d: Data, path: Path) -> None:
 
     rows = _label_efficiency_rows(d, "results.csv")
     fracs = sorted({float(r["fraction"]) for r in rows})
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    fig, axes = plt.subplots(1, len(fracs), figsize=(2.2 + 1.3 * len(arms) * len(fracs), 3.6), dpi=100, squeeze=False)
+    # each panel shows the arms run at its fraction, sized to them
+    arms_at = {f: list(dict.fromkeys(r["arm"] for r in rows if float(r["fraction"]) == f)) for f in fracs}
+    widths = [len(arms_at[f]) + 0.5 for f in fracs]
+    fig, axes = plt.subplots(1, len(fracs), figsize=(2.2 + 1.3 * sum(widths), 3.6), dpi=100, squeeze=False,
+                             sharey=True, gridspec_kw={"width_ratios": widths})
+    axes[0][0].set_ylabel("test Dice (one dot per seed)")
     for ax, frac in zip(axes[0], fracs):
+        arms = arms_at[frac]
         for i, arm in enumerate(arms):
             ys = [float(r["test_dice"]) for r in rows if r["arm"] == arm and float(r["fraction"]) == frac]
             ax.scatter([i] * len(ys), ys, s=18, alpha=0.7)
@@ -766,7 +772,6 @@ def _seeds_plot(d: Data, path: Path) -> None:
                 ax.hlines(np.mean(ys), i - 0.3, i + 0.3, color="k", lw=1.5)
         ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
         ax.set_title(f"label fraction {frac:g}", fontsize=10)
-        ax.set_ylabel("test Dice (one dot per seed)")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

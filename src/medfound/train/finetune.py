@@ -9,7 +9,7 @@ this function.
 The encoder is a ViT (MAE run, scratch, SAM's) under UNETR, or LiteMedSAM's TinyViT under a U-Net
 decoder on its feature pyramid. A frozen TinyViT (``linear``) embeds each training and validation
 slice once and the decoder trains on those features, without augmentation: its full-resolution first
-stage makes it far too slow to run at every step on a CPU. With LoRA on its stages 2-3 only the
+stage makes it slow to run at every step on a CPU. With LoRA on its stages 2-3 only the
 frozen stages before them are run once per slice the same way, and each step runs stages 2-3.
 """
 
