@@ -26,7 +26,7 @@ from medfound.errors import InputError
 @experiment_app.command("label-efficiency")
 def experiment_label_efficiency(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net dataset (imagesTs/labelsTs are the test set if present).")],
-    encoder: Annotated[str, typer.Option("--encoder", help="An MAE run (arms pretrained-MODE and scratch-full), or a comma-separated list of arms: scratch, RUN, litemedsam, scratch:tinyvit; ENTRY=MODE sets an entry's mode (litemedsam=linear).")],
+    encoder: Annotated[str, typer.Option("--encoder", help="An MAE run (arms pretrained-MODE and scratch-full), or a comma-separated list of arms: scratch, RUN, litemedsam, scratch:tinyvit, scratch:unet (a ResNet-18 U-Net, the CNN floor); ENTRY=MODE sets an entry's mode (litemedsam=linear).")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Folder: results.csv, summary.csv, label_efficiency.png, runs/.")],
     fractions: Annotated[str, typer.Option(help="Comma-separated label fractions.")] = "0.05,0.1,0.25,0.5,1",
     seeds: Annotated[int, typer.Option(help="Seeds per fraction and arm.")] = 3,

@@ -76,7 +76,7 @@ def pretrain(
 def finetune(
     dataset: Annotated[Path, typer.Option("--dataset", help="nnU-Net v2 raw dataset folder.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model.safetensors, config.json, checkpoints/, logs/.")],
-    encoder: Annotated[str, typer.Option(help="An exported MAE run folder, litemedsam (LiteMedSAM's TinyViT, released weights), or scratch (scratch:vit-small, scratch:tinyvit ...).")] = "scratch",
+    encoder: Annotated[str, typer.Option(help="An exported MAE run folder, litemedsam (LiteMedSAM's TinyViT, released weights), or scratch (scratch:vit-small, scratch:tinyvit ...; scratch:unet: a ResNet-18 U-Net, the CNN floor, --mode full).")] = "scratch",
     mode: Annotated[str, typer.Option(help="full, linear (frozen encoder) or lora (on a TinyViT: the stages --lora-stages names, the frozen ones before them cached).")] = "full",
     rank: Annotated[int, typer.Option(help="LoRA rank (--mode lora).")] = 4,
     lora_stages: Annotated[Optional[str], typer.Option(help="--mode lora on a TinyViT: the stages whose attention is adapted, comma-separated, each 1-3 (default 2,3); the stages before the first are frozen and computed once per slice.")] = None,

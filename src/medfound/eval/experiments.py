@@ -21,6 +21,7 @@ from medfound.eval.metrics import case_metrics, summarise
 from medfound.eval.model_card import write_model_card
 from medfound.infer.predict import predict_image
 from medfound.io.atomic import write_csv, write_text
+from medfound.models.cnn_unet import CNN_ENCODERS
 from medfound.models.segmenter import load_segmenter
 from medfound.train.finetune import FinetuneConfig, run_finetune
 
@@ -83,6 +84,8 @@ def _arms(encoder: str, modes: list[str], scratch: str | None) -> list[Arm]:
         bad = [m for m in entry_modes if m not in MODES]
         if bad:
             raise InputError(None, f"--encoder {entry!r}: modes are {', '.join(MODES)}, got {', '.join(bad)}")
+        if spec in CNN_ENCODERS and entry_modes != ["full"]:
+            raise InputError(None, f"--encoder {entry!r}: a CNN from scratch trains fully (drop '={own}')")
         if spec == "scratch":
             name, spec = "scratch", scratch or (f"scratch:{runs[0]}" if runs else "scratch:vit-tiny")
         elif spec.startswith("scratch:"):

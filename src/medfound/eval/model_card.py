@@ -63,6 +63,8 @@ def _architecture(cfg: dict) -> str:
     if cfg["architecture"]["type"] == "tinyvit":
         return (f"U-Net on a TinyViT feature pyramid (stages {'/'.join(map(str, enc['embed_dims']))} wide, "
                 f"{'/'.join(map(str, enc['depths']))} blocks)")
+    if cfg["architecture"]["type"] == "cnn":
+        return f"U-Net on a {enc['backbone']} encoder (MONAI FlexibleUNet), trained from scratch"
     return (f"ViT-UNETR segmenter: {cfg['architecture']['type']} encoder {enc['width']} wide x {enc['depth']} blocks "
             f"(patch {enc['patch_size']})")
 

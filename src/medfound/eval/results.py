@@ -595,7 +595,8 @@ def paths_few_labels(d: Data) -> str:
     rows = _label_efficiency_rows(d, "summary.csv")
     if not rows:
         return "_(no data yet: run the command on the label-efficiency page)_"
-    kind = {"scratch-full": ("ViT-UNETR from scratch (floor)", "—"), "mae-full": ("MAE-pretrained ViT-UNETR", "2: build"),
+    kind = {"scratch-full": ("ViT-UNETR from scratch (floor)", "—"),
+            "scratch-unet-full": ("U-Net on a ResNet-18 from scratch (CNN floor)", "—"), "mae-full": ("MAE-pretrained ViT-UNETR", "2: build"),
             "litemedsam-linear": ("LiteMedSAM's TinyViT, frozen, U-Net decoder", "1: adapt"),
             "litemedsam-lora": ("LiteMedSAM's TinyViT, LoRA on stages 2-3, U-Net decoder", "1: adapt"),
             "litemedsam-lora-stages-1-2-3": ("LiteMedSAM's TinyViT, LoRA on stages 1-3, U-Net decoder", "1: adapt"),
@@ -608,6 +609,7 @@ def paths_few_labels(d: Data) -> str:
         label, p = kind.get(r["arm"], (r["arm"], "?"))
         body.append([f"{label} (`{r['arm']}`)", p, f"{float(r['test_dice_mean']):.3f} [{float(r['ci_low']):.3f}, "
                      f"{float(r['ci_high']):.3f}]", r["seeds"]])
+    body.sort(key=lambda row: {"—": 0, "2: build": 1}.get(row[1], 2))  # floors, then build, then adapt
     return _table(["encoder", "path", "test Dice, one labeled brain (95 % CI)", "seeds"], body)
 
 

@@ -23,7 +23,7 @@ MODEL_FILE = "model.safetensors"
 
 
 def build_encoder(arch: dict) -> torch.nn.Module:
-    """An encoder of the recorded architecture (``vit``, ``sam`` or ``tinyvit``), random weights."""
+    """An encoder of the recorded architecture (``vit``, ``sam``, ``tinyvit`` or ``cnn``), random weights."""
     if arch.get("type") == "sam":
         from medfound.models.sam_encoder import build_sam_encoder
 
@@ -32,13 +32,21 @@ def build_encoder(arch: dict) -> torch.nn.Module:
         from medfound.models.tinyvit_unet import build_tinyvit_encoder
 
         return build_tinyvit_encoder(arch)
+    if arch.get("type") == "cnn":
+        from medfound.models.cnn_unet import build_cnn_encoder
+
+        return build_cnn_encoder(arch)
     return ViTEncoder(ViTConfig(**{k: v for k, v in arch.items() if k != "type"}))
 
 
 def segmenter_for(encoder: torch.nn.Module, n_classes: int, feature_size: int = 16) -> torch.nn.Module:
-    """The decoder that fits the encoder: UNETR on a plain ViT's token grid, a U-Net on TinyViT's pyramid."""
+    """The decoder that fits the encoder: UNETR on a plain ViT's token grid, a U-Net on TinyViT's pyramid
+    or on a ResNet's."""
+    from medfound.models.cnn_unet import CNNEncoder, CNNUNet
     from medfound.models.tinyvit_unet import TinyViTEncoder, TinyViTUNet
 
+    if isinstance(encoder, CNNEncoder):
+        return CNNUNet(encoder, n_classes)
     if isinstance(encoder, TinyViTEncoder):
         return TinyViTUNet(encoder, n_classes, feature_size=feature_size)
     return ViTUNETR(encoder, n_classes, feature_size=feature_size)
@@ -46,8 +54,11 @@ def segmenter_for(encoder: torch.nn.Module, n_classes: int, feature_size: int = 
 
 def size_multiple(encoder: torch.nn.Module) -> int:
     """What the slice side must divide by for this encoder."""
+    from medfound.models import cnn_unet
     from medfound.models.tinyvit_unet import SIZE_MULTIPLE, TinyViTEncoder
 
+    if isinstance(encoder, cnn_unet.CNNEncoder):
+        return cnn_unet.SIZE_MULTIPLE
     return SIZE_MULTIPLE if isinstance(encoder, TinyViTEncoder) else encoder.config.patch_size
 
 
@@ -69,9 +80,13 @@ def adapt_encoder(encoder: torch.nn.Module, mode: str, rank: int = 4,
                   lora_stages: tuple[int, ...] | None = None) -> torch.nn.Module:
     """The encoder as training in ``mode`` changes it: ``full`` as it is, ``linear`` frozen, ``lora``
     with adapters of ``rank`` (a ViT's every block; a TinyViT's ``lora_stages``, default
-    ``LORA_STAGES``). InputError for another mode, or for stages on an encoder that has none."""
+    ``LORA_STAGES``). InputError for another mode, for stages on an encoder that has none, or for a
+    from-scratch CNN in any mode but ``full`` (nothing pretrained to freeze or adapt)."""
+    from medfound.models.cnn_unet import CNNEncoder
     from medfound.models.tinyvit_unet import LORA_STAGES, TinyViTEncoder
 
+    if isinstance(encoder, CNNEncoder) and mode != "full":
+        raise InputError(None, f"--encoder scratch:unet is a CNN trained from scratch: --mode full, not {mode!r}")
     if mode == "linear":
         return encoder.requires_grad_(False)
     if mode == "lora":
@@ -94,8 +109,10 @@ def build_segmenter(arch: dict, n_classes: int, mode: str = "full", rank: int = 
 def encoder_for(name_or_run: str, image_size: int | None = None) -> tuple[torch.nn.Module, dict]:
     """``scratch`` / ``scratch:vit-small`` / ``scratch:RUN`` -> a fresh encoder (RUN's shape);
     ``litemedsam`` -> LiteMedSAM's TinyViT with its released weights (``scratch:tinyvit``: the same
-    network, random); ``sam:PATH.pth`` / ``sam:vit_b`` -> SAM's image encoder; anything else -> an
+    network, random); ``scratch:unet`` -> a ResNet-18 U-Net's encoder (the CNN a user would train
+    instead, see ``models.cnn_unet``); ``sam:PATH.pth`` / ``sam:vit_b`` -> SAM's image encoder; anything else -> an
     exported MAE run."""
+    from medfound.models.cnn_unet import CNN_ENCODERS, CNNEncoder
     from medfound.models.export import load_encoder
     from medfound.models.tinyvit import TINYVIT_ENCODERS
 
@@ -103,6 +120,9 @@ def encoder_for(name_or_run: str, image_size: int | None = None) -> tuple[torch.
         from medfound.models.tinyvit_unet import litemedsam_encoder
 
         return litemedsam_encoder(image_size, pretrained=name_or_run == "litemedsam")
+    if name_or_run in CNN_ENCODERS:
+        torch.manual_seed(0)
+        return CNNEncoder(), {"kind": "scratch", "image_size": 128}
     if name_or_run.startswith("sam:"):
         from medfound.models.sam_encoder import sam_encoder
 

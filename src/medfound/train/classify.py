@@ -34,6 +34,7 @@ from medfound.data.slicing import to_square
 from medfound.errors import InputError
 from medfound.io import read_image
 from medfound.io.atomic import atomic_file, write_text
+from medfound.models.cnn_unet import CNN_ENCODERS
 from medfound.models.lora import count_parameters, merge_lora, plain_state
 from medfound.models.segmenter import adapt_encoder, build_encoder, encoder_for
 from medfound.train.checkpoint import accelerator_device, lightning_precision, training_precision
@@ -177,6 +178,8 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
 def run_classify(csv_path: str | os.PathLike, out: str | os.PathLike, encoder: str, cfg: ClassifyConfig) -> dict:
     """Train and export ``OUT/model.safetensors`` + ``OUT/config.json`` with the validation scores;
     returns the config (an empty dict on the other ranks of a distributed run)."""
+    if encoder in CNN_ENCODERS:
+        raise InputError(None, f"--encoder {encoder} is a segmentation network; classify takes a ViT or TinyViT encoder")
     out = Path(out)
     rows = read_label_csv(csv_path)
     names = sorted({l for _, l in rows})
