@@ -33,7 +33,8 @@ class CNNConfig:
 
 
 class CNNEncoder(nn.Module):
-    """The ResNet contracting path: slices (B, 1, S, S) -> features at 1, 1/2, ..., 1/32 of the side."""
+    """The ResNet contracting path: slices (B, 1, S, S) -> five maps at 1/2, 1/4, ..., 1/32 of the side
+    (64, 64, 128, 256, 512 channels for ResNet-18)."""
 
     def __init__(self, cfg: CNNConfig = CNNConfig()):
         super().__init__()
