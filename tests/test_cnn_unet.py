@@ -67,3 +67,12 @@ def test_label_efficiency_takes_the_cnn_as_an_arm():
         ("litemedsam-linear", "litemedsam", "linear")]
     with pytest.raises(InputError, match="trains fully"):
         arms_for("scratch:unet=lora", ["full"])
+
+
+def test_an_encoder_rate_other_than_the_default_names_the_full_arms():
+    arms = arms_for("scratch:unet,litemedsam=linear", ["full"], encoder_lr_scale=1.0)
+    assert [(a.name, a.encoder_lr_scale) for a in arms] == [("scratch-unet-full-encoder-lr-1", 1.0),
+                                                            ("litemedsam-linear", None)]
+    assert [a.name for a in arms_for("scratch:unet", ["full"], encoder_lr_scale=0.3)] == ["scratch-unet-full"]
+    with pytest.raises(InputError, match="> 0"):
+        arms_for("scratch:unet", ["full"], encoder_lr_scale=0.0)

@@ -38,6 +38,7 @@ def experiment_label_efficiency(
     lr: Annotated[float, typer.Option(help="Decoder learning rate.")] = 1e-3,
     precision: PrecisionOpt = "auto",
     lora_stages: Annotated[Optional[str], typer.Option(help="The stages a TinyViT's LoRA arms adapt (litemedsam=lora), comma-separated, each 1-3 (default 2,3); other stages name the arm (litemedsam-lora-stages-1-2-3).")] = None,
+    encoder_lr_scale: Annotated[Optional[float], typer.Option(help="Encoder lr = --lr x this in the arms that train fully (default 0.3, as finetune); another value names those arms (scratch-unet-full-encoder-lr-1).")] = None,
 ) -> None:
     """Dice vs label fraction, pretrained vs scratch (and LoRA vs full), with seeds and CIs."""
     from medfound.eval.experiments import arms_for, label_efficiency
@@ -54,11 +55,11 @@ def experiment_label_efficiency(
     if any(m not in ("full", "linear", "lora") for m in mode_list):
         raise InputError(None, f"--modes takes full, linear, lora; got {modes!r}")
     stages = _lora_stages(lora_stages)
-    arms_for(encoder, mode_list, lora_stages=stages)  # bad --encoder lists fail before anything trains
+    arms_for(encoder, mode_list, lora_stages=stages, encoder_lr_scale=encoder_lr_scale)  # bad lists fail before anything trains
     lightning_precision(precision)  # a bad --precision fails before anything trains
     base = FinetuneConfig(image_size=image_size, batch_size=batch_size, lr=lr, precision=precision)
     summary = label_efficiency(dataset, encoder, fr, seeds, out, mode_list, max_steps, ood_dataset, base,
-                               lora_stages=stages)
+                               lora_stages=stages, encoder_lr_scale=encoder_lr_scale)
     for r in summary:
         extra = f"  OOD {r['ood_dice_mean']:.3f}" if "ood_dice_mean" in r else ""
         print(f"{r['arm']:18s} fraction {r['fraction']:<5g} ({r['labeled_cases']} cases): Dice "

@@ -32,13 +32,14 @@ class Arm:
     encoder: str
     mode: str
     lora_stages: tuple[int, ...] | None = None  # a TinyViT LoRA arm's adapted stages (None: the default)
+    encoder_lr_scale: float | None = None  # a full arm's encoder rate / the decoder's (None: the default)
 
 
 MODES = ("full", "linear", "lora")
 
 
 def arms_for(encoder: str, modes: list[str], scratch: str | None = None,
-             lora_stages: tuple[int, ...] | None = None) -> list[Arm]:
+             lora_stages: tuple[int, ...] | None = None, encoder_lr_scale: float | None = None) -> list[Arm]:
     """The arms of a label-efficiency experiment.
 
     One MAE run (``--encoder RUN``): ``pretrained-MODE`` for each mode, plus ``scratch-full`` (a fresh
@@ -49,9 +50,16 @@ def arms_for(encoder: str, modes: list[str], scratch: str | None = None,
 
     ``lora_stages`` are the stages a TinyViT's LoRA arms adapt (``litemedsam``, ``scratch:tinyvit``);
     other than the default (``LORA_STAGES``) they name the arm (``litemedsam-lora-stages-1-2-3``), so
-    that its runs never mix with the default's in one output folder.
+    that its runs never mix with the default's in one output folder. So does an ``encoder_lr_scale``
+    other than fine-tuning's default, on the arms that train fully (``scratch-unet-full-encoder-lr-1``).
     """
     arms = _arms(encoder, modes, scratch)
+    if encoder_lr_scale is not None:
+        if not encoder_lr_scale > 0:
+            raise InputError(None, f"--encoder-lr-scale must be > 0, got {encoder_lr_scale}")
+        if encoder_lr_scale != FinetuneConfig.encoder_lr_scale:
+            arms = [Arm(f"{a.name}-encoder-lr-{encoder_lr_scale:g}", a.encoder, a.mode, a.lora_stages, encoder_lr_scale)
+                    if a.mode == "full" else a for a in arms]
     if lora_stages:
         from medfound.models.tinyvit import TINYVIT_ENCODERS, TinyViTConfig, check_attention_stages
         from medfound.models.tinyvit_unet import LORA_STAGES
@@ -141,12 +149,13 @@ def dice_on(model_run: Path, ds: NnUNetDataset, cases: list[str], split: str,
 def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[float], seeds: int,
                      out: str | os.PathLike, modes: list[str] = ("full",), max_steps: int = 300,
                      ood_dataset: str | os.PathLike | None = None, base: FinetuneConfig | None = None,
-                     scratch: str | None = None, log=print, lora_stages: tuple[int, ...] | None = None) -> dict:
+                     scratch: str | None = None, log=print, lora_stages: tuple[int, ...] | None = None,
+                     encoder_lr_scale: float | None = None) -> dict:
     out = Path(out)
     ds = NnUNetDataset.open(dataset)
     ood = NnUNetDataset.open(ood_dataset) if ood_dataset else None
     train_pool, test_cases, split = test_split(ds)
-    arms = arms_for(encoder, list(modes), scratch, lora_stages)
+    arms = arms_for(encoder, list(modes), scratch, lora_stages, encoder_lr_scale)
     results: list[dict] = []
     summary: list[dict] = []
     meta = {"dataset": str(ds.root), "test_cases": test_cases, "test_split": split, "train_pool": train_pool,
@@ -158,7 +167,8 @@ def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[f
                 run = out / "runs" / f"{arm.name}_f{frac:g}_s{seed}"
                 cfg = FinetuneConfig(**{**(base.__dict__ if base else {}), "mode": arm.mode, "label_fraction": frac,
                                         "seed": seed, "max_steps": max_steps, "progress": False,
-                                        "lora_stages": arm.lora_stages})
+                                        "lora_stages": arm.lora_stages,
+                                        **({"encoder_lr_scale": arm.encoder_lr_scale} if arm.encoder_lr_scale else {})})
                 log(f"[experiment] {arm.name} fraction {frac:g} seed {seed} ...")
                 c = run_finetune(ds.root, run, arm.encoder, cfg, cases=train_pool)
                 _, rows = write_model_card(run, ds.root, test_cases, split, what="test cases (never trained or selected on)")
@@ -167,7 +177,8 @@ def label_efficiency(dataset: str | os.PathLike, encoder: str, fractions: list[f
                        "labeled_cases": len(c["data"]["train_cases"]), "val_dice": c["training"]["best_val_dice"],
                        "test_dice": dice, "seconds": c["training"]["seconds"],
                        "trainable_parameters": c["training"]["trainable_parameters"],
-                       "lora_stages": "-".join(map(str, c.get("lora_stages") or ()))}
+                       "lora_stages": "-".join(map(str, c.get("lora_stages") or ())),
+                       "encoder_lr_scale": cfg.encoder_lr_scale if arm.mode == "full" else ""}
                 if ood is not None:
                     row["ood_dice"], _ = dice_on(run, ood, ood.cases(), "Tr")
                 results.append(row)
