@@ -76,7 +76,7 @@ def arms_for(encoder: str, modes: list[str], scratch: str | None = None,
 
 
 def _arms(encoder: str, modes: list[str], scratch: str | None) -> list[Arm]:
-    """:func:`arms_for` before the LoRA stages."""
+    """:func:`arms_for` before the encoder rate and the LoRA stages name any arm."""
     entries = [e.strip() for e in encoder.split(",") if e.strip()]
     if not entries:
         raise InputError(None, "--encoder is empty")

@@ -597,7 +597,8 @@ def paths_few_labels(d: Data) -> str:
         return "_(no data yet: run the command on the label-efficiency page)_"
     kind = {"scratch-full": ("ViT-UNETR from scratch (floor)", "—"),
             "scratch-unet-full": ("U-Net on a ResNet-18 from scratch, encoder at 0.3 × the decoder's rate", "—"),
-            "scratch-unet-full-encoder-lr-1": ("U-Net on a ResNet-18 from scratch, one rate (CNN floor)", "—"), "mae-full": ("MAE-pretrained ViT-UNETR", "2: build"),
+            "scratch-unet-full-encoder-lr-1": ("U-Net on a ResNet-18 from scratch, one rate (CNN floor)", "—"),
+            "mae-full": ("MAE-pretrained ViT-UNETR", "2: build"),
             "litemedsam-linear": ("LiteMedSAM's TinyViT, frozen, U-Net decoder", "1: adapt"),
             "litemedsam-lora": ("LiteMedSAM's TinyViT, LoRA on stages 2-3, U-Net decoder", "1: adapt"),
             "litemedsam-lora-stages-1-2-3": ("LiteMedSAM's TinyViT, LoRA on stages 1-3, U-Net decoder", "1: adapt"),
