@@ -69,6 +69,12 @@ def test_sam_train_resume_export_and_segment(dataset, tmp_path):
     assert lines[0].startswith("prompt,dice_mean") and len(lines) == 1 + 5
     per = (tmp_path / "e_structures.csv").read_text()
     assert "Left-Thalamus" in per and "organ" not in per
+    # both pieces of the (kidney-shaped) structure boxed alone: two more prompts, the others unchanged
+    r = run_cli("sam", "evaluate", "--model", run, "--dataset", dataset, "--out", tmp_path / "p.csv", "--box-per-piece")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pieces = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(pieces) == 1 + 7 and set(lines) < set(pieces)
+    assert any(p.startswith("box per piece,") for p in pieces) and any(p.startswith("box per piece (inscribed") for p in pieces)
 
 
 def test_sam_train_ddp_two_cpu_processes(dataset, tmp_path):
@@ -108,3 +114,35 @@ def test_packaged_sam_segments_an_unseen_structure_from_a_box():
     assert not m[: max(0, box[0] - 20)].any()  # nothing far outside the box
     one = session.segment(k, points=[tuple(_interior_point(truth))], labels=[1])
     assert one.any() and (one & truth).sum() > 0.8 * one.sum()  # a click is ambiguous: a part of the organ
+
+
+def test_sam_segment_unites_one_box_per_piece(tmp_path):
+    """Both kidneys of a phantom: one box around each piece, answered alone and united, finds both;
+    a point beside several boxes is refused before anything is written."""
+    from scipy import ndimage
+
+    from medfound.eval.sam_eval import _dice
+    from medfound.io import write_image
+
+    image, label = make_phantom("CT", shape=(96, 80, 12), seed=4242)
+    image.format = "nifti"
+    img = write_image(image, tmp_path / "ct.nii.gz")
+    k = int(np.argmax((label == 2).sum((0, 1))))
+    pieces, n = ndimage.label(label[:, :, k] == 2)
+    assert n == 2
+    boxes = []
+    for i in (1, 2):
+        xs, ys = np.nonzero(pieces == i)
+        boxes += ["--box", f"{xs.min() - 2},{ys.min() - 2},{xs.max() + 2},{ys.max() + 2}"]
+    r = run_cli("sam", "segment", "--input", img, "--slice", str(k), *boxes, "--output", tmp_path / "o")
+    assert r.returncode == 0 and "2 boxes" in r.stderr, r.stderr[-2000:]
+    mask = np.asarray(nib.load(tmp_path / "o" / "ct.nii.gz").dataobj)[:, :, k] > 0
+    assert all((mask & (pieces == i)).sum() > 0.5 * (pieces == i).sum() for i in (1, 2))  # both kidneys
+    assert _dice(mask, pieces > 0) > 0.6
+    r = run_cli("sam", "segment", "--input", img, "--slice", str(k), *boxes, "--propagate", "--output", tmp_path / "v")
+    assert r.returncode == 0 and "propagated" in r.stderr, r.stderr[-2000:]
+    vol = np.asarray(nib.load(tmp_path / "v" / "ct.nii.gz").dataobj) > 0
+    assert vol.any((0, 1)).sum() > 1 and all((vol[:, :, k] & (pieces == i)).any() for i in (1, 2))
+    r = run_cli("sam", "segment", "--input", img, "--slice", str(k), *boxes, "--point", "36,50,1",
+                "--output", tmp_path / "p")
+    assert r.returncode == 2 and "--point goes with one --box" in r.stderr and not (tmp_path / "p").exists()

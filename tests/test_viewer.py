@@ -56,6 +56,31 @@ def test_sam_flip_reaches_the_session(data, tmp_path):
     assert app.state.store.get(sid).sam_session.flip is True
 
 
+def test_sam_box_with_add_keeps_the_other_piece(data, tmp_path):
+    """A second box with ``add`` (shift-drag) is another piece of the label: the first piece stays;
+    without it the box replaces the label on that slice, as before."""
+    from fastapi.testclient import TestClient
+
+    from medfound.viewer.app import create_app
+
+    _, _, study, _ = data
+    app = create_app(tmp_path / "work")  # the shipped small SAM: it answers a box near the box
+    client = TestClient(app, headers={"x-medfound-token": app.state.token})
+    sid = _upload(client, study).json()["id"]
+    st = app.state.store.get(sid)
+    st.mask_slice(5)[:3, :3] = 3  # a first piece, far from the box below
+    r = client.post(f"/api/studies/{sid}/sam", json={"slice": 5, "box": [30, 4, 40, 12], "label": 3, "add": True})
+    assert r.status_code == 200, r.text
+    assert (st.mask_slice(5)[:3, :3] == 3).all() and (st.mask_slice(5) == 3).sum() >= r.json()["pixels"]
+    before = st.mask_slice(5).copy()
+    r = client.post(f"/api/studies/{sid}/sam", json={"slice": 5, "box": [30, 4, 40, 12], "label": 3})
+    assert r.status_code == 200, r.text
+    assert (st.mask_slice(5) == 3).sum() == r.json()["pixels"] > 0  # the label is this answer alone
+    assert not (st.mask_slice(5)[:3, :3] == 3).any()
+    assert client.post(f"/api/studies/{sid}/undo").status_code == 200
+    assert np.array_equal(st.mask_slice(5), before)  # undo brings the piece back
+
+
 def _upload(client, path: Path):
     return client.post("/api/studies", files=[("files", (path.name, path.read_bytes()))])
 

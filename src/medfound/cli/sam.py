@@ -137,11 +137,11 @@ def sam_segment(
     input: Annotated[Path, typer.Option("--input", "-i", help="Image file, DICOM series folder, or DICOMweb series (dicomweb+http://HOST:PORT/dicom-web/studies/UID/series/UID).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the mask (CASE.nii.gz in the input's geometry).")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="litemedsam, litemedsam-adapted (its mask decoder adapted by medfound), litemedsam-lora (that decoder with LoRA on TinyViT stages 2-3), a SAM run folder (`sam train` / `sam finetune`), an official .pth, or a variant name (default: the small SAM shipped with medfound).")] = None,
-    box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in the slice's voxel indices (x along the first array axis i, y along the second j; the viewer's convention too).")] = None,
+    box: Annotated[Optional[list[str]], typer.Option(help="x0,y0,x1,y1 in the slice's voxel indices (x along the first array axis i, y along the second j; the viewer's convention too). Repeat for a structure in several pieces (both kidneys): each box is answered alone and the masks are united.")] = None,
     point: Annotated[Optional[list[str]], typer.Option(help="x,y,label (1 inside, 0 outside); repeatable.")] = None,
     slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice index along --axis, in the image's own voxel indices as 3D Slicer and ITK-SNAP number them (required for 3D inputs).")] = None,
     axis: Annotated[int, typer.Option(help="Slice axis of the stored array (3D inputs).")] = 2,
-    propagate: Annotated[bool, typer.Option(help="Carry the box through neighbouring slices.")] = False,
+    propagate: Annotated[bool, typer.Option(help="Carry the box (each box) through neighbouring slices.")] = False,
     base: Annotated[Optional[str], typer.Option(help="Where the run's base checkpoint is now, if moved.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size for a plain checkpoint (default: its own).")] = None,
     dicom_seg: DicomSegOpt = False,
@@ -161,12 +161,14 @@ def sam_segment(
     from medfound.io.formats import case_name
     from medfound.models.sam import load_sam_model
 
-    b = _xy(box, 4, "--box") if box else None
+    boxes = [_xy(b, 4, "--box") for b in (box or [])]
     pts = [_xy(p, 3, "--point") for p in (point or [])]
-    if b is None and not pts:
+    if not boxes and not pts:
         raise InputError(None, "give --box and/or --point")
-    if propagate and b is None:
+    if propagate and not boxes:
         raise InputError(None, "--propagate needs a --box")
+    if len(boxes) > 1 and pts:
+        raise InputError(None, "--point goes with one --box: with several boxes each piece is answered by its box alone")
     if axis not in (0, 1, 2):
         raise InputError(None, f"--axis must be 0, 1 or 2, got {axis}")
     from medfound.cli.common import check_push, push_results
@@ -189,10 +191,17 @@ def sam_segment(
     if propagate:
         from medfound.progress import Progress
 
-        with Progress("propagating the box", session.n_slices, enabled=True) as bar:
-            vol = session.propagate(slice_index, b, progress=lambda note: bar.advance(1, note))
+        vol = np.zeros(image.shape, bool)
+        for n, b in enumerate(boxes, start=1):
+            what = "propagating the box" + (f" ({n} of {len(boxes)})" if len(boxes) > 1 else "")
+            with Progress(what, session.n_slices, enabled=True) as bar:
+                vol |= session.propagate(slice_index, b, progress=lambda note: bar.advance(1, note))
     else:
-        m2 = session.segment(slice_index, box=b, points=[p[:2] for p in pts] or None, labels=[int(p[2]) for p in pts] or None)
+        if pts:
+            m2 = session.segment(slice_index, box=boxes[0] if boxes else None, points=[p[:2] for p in pts],
+                                 labels=[int(p[2]) for p in pts])
+        else:  # one structure in as many pieces as boxes: each answered alone, then united
+            m2 = np.logical_or.reduce([session.segment(slice_index, box=b) for b in boxes])
         vol = np.zeros(image.shape, bool)
         if image.ndim == 2:
             vol = m2
@@ -212,7 +221,8 @@ def sam_segment(
         written = formats.write(mask, image, stage, name, {1: "structure"}, extension=ext)
     path, *dicom_objects = final_paths(written, stage, output)
     on = int(np.any(vol, axis=tuple(d for d in range(vol.ndim) if d != axis)).sum()) if vol.ndim == 3 else int(vol.any())
-    prompt = " + ".join(p for p, given in (("box", b is not None), (f"{len(pts)} point(s)", bool(pts))) if given)
+    prompt = " + ".join(p for p, given in (("box" if len(boxes) < 2 else f"{len(boxes)} boxes", bool(boxes)),
+                                            (f"{len(pts)} point(s)", bool(pts))) if given)
     summarise(name, mask, image, {1: "structure"},
               f"{Path(model).name if model else 'the shipped small SAM'} on {dev.type}, {prompt}"
               + (f" on slice {slice_index}" if image.ndim == 3 else "") + (", propagated" if propagate else ""),
@@ -235,6 +245,7 @@ def sam_evaluate(
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Only these structures (names); repeat. Overrides --structures.")] = None,
     per_structure: Annotated[bool, typer.Option(help="Evaluate a LoRA run per structure like any SAM (instead of base vs adapted on its validation cases).")] = False,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Also score a box propagated through the volume (the slowest prompt).")] = True,
+    box_per_piece: Annotated[bool, typer.Option("--box-per-piece", help="Also score one box per connected piece of a structure on a slice, answered alone and united (as `sam segment --box B1 --box B2`), against their inscribed ellipses.")] = False,
     precision: SamPrecisionOpt = None,
     flip: SamFlipOpt = None,
 ) -> None:
@@ -262,7 +273,8 @@ def sam_evaluate(
         if not chosen:
             raise InputError(ds.root, f"no {structures} structures in this dataset")
         cases = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()] or ds.cases()
-        rows = structure_prompt_dice(adapted, cfg, ds, cases, {v: n for n, v in chosen.items()}, seed, propagate=propagate)
+        rows = structure_prompt_dice(adapted, cfg, ds, cases, {v: n for n, v in chosen.items()}, seed, propagate=propagate,
+                                     per_piece=box_per_piece)
         if not rows:
             raise InputError(ds.root, "none of the chosen structures is present on any slice")
         summary = summarise_prompts(rows)
@@ -272,6 +284,8 @@ def sam_evaluate(
             print(f"{r['prompt']:36s} Dice {r['dice_mean']:.3f} (95 % CI {r['ci95_low']:.3f}-{r['ci95_high']:.3f}, n={r['n']})")
         print(out)
         return
+    if box_per_piece:
+        raise InputError(None, "--box-per-piece scores structures one by one: add --per-structure for a LoRA run")
     cases = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()] or cfg["data"]["val_cases"]
     base_model, _ = load_sam(base or cfg["base"]["base"], cfg["image_size"])
     rows = compare({"base": base_model.eval(), "lora": adapted}, ds, cases, cfg["image_size"], out, seed)

@@ -169,6 +169,7 @@ def finetune_summary(d: Data) -> str:
 
 SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics"),
                 ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"),
+                ("phantoms of 5 modalities (synthetic)", "Phantoms"),
                 ("validation: non-held-out AAL, never trained on", "validation"))
 SAM_MODELS = (("small SAM (default)", "smallsam"), ("`litemedsam` (zero-shot)", "litemedsam"),
               ("`litemedsam-adapted` (decoder trained on box crops)", "litemedsam_decoder"),

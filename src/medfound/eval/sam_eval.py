@@ -75,18 +75,35 @@ def _box_ellipse(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
     return ((i - ci) / ri) ** 2 + ((j - cj) / rj) ** 2 <= 1
 
 
+def _piece_boxes(truth: np.ndarray, rng: np.random.Generator, min_pixels: int) -> list[np.ndarray] | None:
+    """One jittered box per connected piece of at least ``min_pixels`` (how a user boxes both kidneys);
+    None where the structure is in one piece (its box is then the whole structure's) or no piece is
+    that large."""
+    from scipy import ndimage
+
+    pieces, n = ndimage.label(truth)
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
+    big = [i + 1 for i in np.flatnonzero(sizes >= min_pixels)]
+    return [jittered_box(pieces == i, rng, max_shift=2) for i in big] if n > 1 and big else None
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(1, int(a.sum()) + int(b.sum())))
 
 
 @torch.no_grad()
 def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str], labels: dict[int, str],
-                          seed: int = 0, max_slices: int = 12, min_pixels: int = 20, propagate: bool = True) -> list[dict]:
+                          seed: int = 0, max_slices: int = 12, min_pixels: int = 20, propagate: bool = True,
+                          per_piece: bool = False) -> list[dict]:
     """Per (case, structure, prompt) Dice through the same session a user drives (full-resolution
     axial slices, box zoom as the model's config says). Prompts: a box drawn around the structure
     (each side off by up to 2 px), one click at its most interior pixel, the box plus one corrective
     click, and the box on the largest slice propagated through the volume (3D Dice). The inscribed
-    ellipse of the box is the baseline row.
+    ellipse of the box is the baseline row. ``per_piece`` adds one box per connected piece of the
+    structure on the slice (at least ``min_pixels``), each answered alone and the masks united, with
+    the union of their inscribed ellipses as its baseline: how a user prompts a structure in several
+    pieces, such as both kidneys. Where the structure is in one piece it is the box prompt itself; the
+    pieces' boxes come from a generator of their own, so the other prompts' stay put.
 
     Every slice's prompts come from a generator seeded by (seed, case, structure, slice): the box, and so
     the ellipse, is the same for every model, while the corrective click (drawn from each model's own
@@ -110,6 +127,8 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
             if not len(present):
                 continue
             scores: dict[str, list[float]] = {"box (inscribed ellipse)": [], "box": [], "1 point": [], "box + 1 click": []}
+            if per_piece:
+                scores |= {"box per piece (inscribed ellipses)": [], "box per piece": []}
             for k in np.unique(present[np.linspace(0, len(present) - 1, min(max_slices, len(present))).round().astype(int)]):
                 truth = truth3[..., k]
                 rng = np.random.default_rng([seed, ci, int(value), int(k), 0])
@@ -123,6 +142,16 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
                 if click is not None:
                     m = session.segment(int(k), box=tuple(box), points=[tuple(click[0])], labels=[click[1]])
                 scores["box + 1 click"].append(_dice(m, truth))
+                if per_piece:
+                    boxes = _piece_boxes(truth, np.random.default_rng([seed, ci, int(value), int(k), 2]), min_pixels)
+                    if boxes is None:
+                        scores["box per piece (inscribed ellipses)"].append(scores["box (inscribed ellipse)"][-1])
+                        scores["box per piece"].append(scores["box"][-1])
+                    else:
+                        ellipses = np.logical_or.reduce([_box_ellipse(truth.shape, b) for b in boxes])
+                        scores["box per piece (inscribed ellipses)"].append(_dice(ellipses, truth))
+                        united = np.logical_or.reduce([session.segment(int(k), box=tuple(b)) for b in boxes])
+                        scores["box per piece"].append(_dice(united, truth))
             for prompt, v in scores.items():
                 rows.append({"case": case, "structure": name, "prompt": prompt, "dice": float(np.mean(v)), "slices": len(v)})
             if label.ndim == 3 and propagate:

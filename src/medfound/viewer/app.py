@@ -35,6 +35,7 @@ class SamRequest(BaseModel):
     box: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None  # [i0, j0, i1, j1], slice indices
     points: list[Annotated[list[Finite], Field(min_length=3, max_length=3)]] | None = None  # [[i, j, 1 | 0], ...]
     label: int = Field(1, ge=1, le=65535)
+    add: bool = False  # keep the label's pixels on the slice: another piece of the same structure (both kidneys)
 
 
 class InContextRequest(BaseModel):
@@ -281,7 +282,8 @@ def create_app(workdir: str | Path, supports: list[Path] | None = None, models: 
             m = st.sam_session.segment(req.slice, box=req.box, points=pts, labels=labs)
             st.push_undo([req.slice])
             sl = st.mask_slice(req.slice)
-            sl[sl == req.label] = 0
+            if not req.add:
+                sl[sl == req.label] = 0
             sl[m] = req.label
             st.labels.setdefault(req.label, f"label {req.label}")
             return {"pixels": int(m.sum()), "volumes_ml": st.volumes_ml(), "undo": len(st.undo)}

@@ -93,10 +93,10 @@ async function run(label, fn) {
   finally { busy = false; }
 }
 
-async function samBox(a, b) {
+async function samBox(a, b, add) {
   const [i0, j0] = toArray(a), [i1, j1] = toArray(b);
   const box = [Math.min(i0, i1), Math.min(j0, j1), Math.max(i0, i1), Math.max(j0, j1)];
-  await run("SAM box", () => post(`/api/studies/${study.id}/sam`, {slice, box, label: +$("label").value}));
+  await run(add ? "SAM box, another piece" : "SAM box", () => post(`/api/studies/${study.id}/sam`, {slice, box, label: +$("label").value, add}));
 }
 
 $("upload").onclick = () => run("upload", async () => {
@@ -124,7 +124,7 @@ $("view").addEventListener("mousedown", (e) => { if (!study || $("tool").value !
 $("view").addEventListener("mousemove", (e) => { if (drag) { drag.to = eventPixel(e); draw(); } });
 $("view").addEventListener("mouseup", (e) => {
   if (!drag) return; const a = drag.from, b = eventPixel(e); drag = null;
-  if (Math.abs(a[0] - b[0]) > 2 && Math.abs(a[1] - b[1]) > 2) samBox(a, b);
+  if (Math.abs(a[0] - b[0]) > 2 && Math.abs(a[1] - b[1]) > 2) samBox(a, b, e.shiftKey);
 });
 $("view").addEventListener("click", (e) => {
   if (!study || $("tool").value !== "point") return;
