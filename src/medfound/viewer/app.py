@@ -35,7 +35,8 @@ class SamRequest(BaseModel):
     box: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None  # [i0, j0, i1, j1], slice indices
     points: list[Annotated[list[Finite], Field(min_length=3, max_length=3)]] | None = None  # [[i, j, 1 | 0], ...]
     label: int = Field(1, ge=1, le=65535)
-    add: bool = False  # keep the label's pixels on the slice: another piece of the same structure (both kidneys)
+    add: bool = Field(False, description="Keep the label's pixels already on the slice: the answer is another "
+                                         "piece of the same structure (both kidneys). Otherwise it replaces them.")
 
 
 class InContextRequest(BaseModel):
