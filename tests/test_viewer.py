@@ -162,7 +162,11 @@ def test_browser_box_and_example_set(data, tmp_path):
         assert "medfound default" in page.locator("#sam-note").inner_text()
         drag_box(page)  # SAM answers and the overlay is redrawn
         wait_status(page, "SAM box: done", 30000)
-        assert int(page.locator("#view").get_attribute("data-mask-pixels")) > 0
+        first = int(page.locator("#view").get_attribute("data-mask-pixels"))
+        assert first > 0
+        drag_box(page, (0.75, 0.75), (0.95, 0.95), shift=True)  # another piece: the first one stays
+        wait_status(page, "SAM box, another piece: done", 30000)
+        assert int(page.locator("#view").get_attribute("data-mask-pixels")) >= first
         page.select_option("#support", "Dataset950_Support")
         page.click("#incontext")
         wait_status(page, "example set: done", 180000)  # four labels, mirrored and refined: ~30 s on 2 busy cores

@@ -62,12 +62,17 @@ def open_page(playwright, url: str):
     return browser, page
 
 
-def drag_box(page, frac0=(0.3, 0.3), frac1=(0.7, 0.7)) -> None:
+def drag_box(page, frac0=(0.3, 0.3), frac1=(0.7, 0.7), shift: bool = False) -> None:
+    """Drag a box over the slice between two fractions of its size; ``shift`` holds Shift (another piece)."""
     box = page.locator("#view").bounding_box()
     page.mouse.move(box["x"] + box["width"] * frac0[0], box["y"] + box["height"] * frac0[1])
+    if shift:
+        page.keyboard.down("Shift")
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * frac1[0], box["y"] + box["height"] * frac1[1], steps=5)
     page.mouse.up()
+    if shift:
+        page.keyboard.up("Shift")
 
 
 def screenshot_example_set(workdir: Path, study: Path, support: Path, out_png: Path, support_size: int = 8) -> Path:
