@@ -75,6 +75,13 @@ def test_sam_train_resume_export_and_segment(dataset, tmp_path):
     pieces = (tmp_path / "p.csv").read_text().splitlines()
     assert len(pieces) == 1 + 7 and set(lines) < set(pieces)
     assert any(p.startswith("box per piece,") for p in pieces) and any(p.startswith("box per piece (inscribed") for p in pieces)
+    # sagittal slices of the same volumes: every prompt scored there too; a fourth axis is refused
+    r = run_cli("sam", "evaluate", "--model", run, "--dataset", dataset, "--out", tmp_path / "s.csv", "--axis", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 1 + 5
+    assert (tmp_path / "s.csv").read_text() != (tmp_path / "e.csv").read_text()
+    r = run_cli("sam", "evaluate", "--model", run, "--dataset", dataset, "--out", tmp_path / "b.csv", "--axis", "3")
+    assert r.returncode == 2 and "--axis" in r.stderr and not (tmp_path / "b.csv").exists()
 
 
 def test_sam_train_ddp_two_cpu_processes(dataset, tmp_path):

@@ -167,7 +167,9 @@ def finetune_summary(d: Data) -> str:
         f"\n\nIn-context beats the fine-tuned U-Net on {wins} of {cells} structure × size cells."
 
 
-SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics"),
+SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 AAL, coronal slices", "MNI152_AAL_coronal"),
+                ("MNI152 AAL, sagittal slices", "MNI152_AAL_sagittal"),
+                ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics"),
                 ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"),
                 ("phantoms of 5 modalities (synthetic)", "Phantoms"),
                 ("validation: non-held-out AAL, never trained on", "validation"))

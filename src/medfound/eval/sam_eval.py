@@ -12,6 +12,7 @@ import torch
 from medfound.data.labeled import case_slices, label_lut, training_classes
 from medfound.data.nnunet import NnUNetDataset
 from medfound.data.prompts import jittered_box, sample_points
+from medfound.errors import InputError
 from medfound.eval.metrics import summarise
 from medfound.io.atomic import write_csv
 from medfound.models.sam import decode, sam_view, to_sam_input
@@ -94,9 +95,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str], labels: dict[int, str],
                           seed: int = 0, max_slices: int = 12, min_pixels: int = 20, propagate: bool = True,
-                          per_piece: bool = False) -> list[dict]:
+                          per_piece: bool = False, axis: int = 2) -> list[dict]:
     """Per (case, structure, prompt) Dice through the same session a user drives (full-resolution
-    axial slices, box zoom as the model's config says). Prompts: a box drawn around the structure
+    slices across ``axis`` of the RAS-oriented volume: 2 axial, 1 coronal, 0 sagittal; box zoom as the
+    model's config says). Prompts: a box drawn around the structure
     (each side off by up to 2 px), one click at its most interior pixel, the box plus one corrective
     click, and the box on the largest slice propagated through the volume (3D Dice). The inscribed
     ellipse of the box is the baseline row. ``per_piece`` adds one box per connected piece of the
@@ -118,8 +120,10 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
         if image.ndim == 3:
             image, _ = to_canonical(image)
             label, _ = to_canonical(label)
-        session = SamSession.for_model(sam, config, image, axis=2)
-        lab = label.array if label.ndim == 3 else label.array[..., None]
+        if image.ndim == 2 and axis != 2:
+            raise InputError(ds.image_path(case), "a 2D image has one slice plane: --axis 2")
+        session = SamSession.for_model(sam, config, image, axis=axis)
+        lab = np.moveaxis(label.array, axis, -1) if label.ndim == 3 else label.array[..., None]  # slices last
         for value, name in labels.items():
             truth3 = lab == value
             area = truth3.sum((0, 1))
@@ -157,7 +161,7 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
             if label.ndim == 3 and propagate:
                 k = int(np.argmax(area))
                 box = jittered_box(truth3[..., k], np.random.default_rng([seed, ci, int(value), k, 1]), max_shift=2)
-                vol = session.propagate(k, tuple(box))
+                vol = np.moveaxis(session.propagate(k, tuple(box)), axis, -1)
                 rows.append({"case": case, "structure": name, "prompt": "box on one slice, propagated (3D)",
                              "dice": _dice(vol, truth3), "slices": int(vol.any((0, 1)).sum())})
     return rows
