@@ -81,6 +81,7 @@ def run_demo_and_check(out, skip: tuple[str, ...] = ()) -> str:
         assert "shipped small SAM on held-out structures" in html and (report / "img/sam_shipped.png").is_file()
     if "adaptation" not in skip:
         assert "Adaptation with few labels" in html and (report / "img/label_efficiency.png").is_file()
+        assert "follow 2 conventions" in html  # why one seed can rank two labeled brains below one
     else:
         assert "Adaptation with few labels" not in html and "adaptation: left out (--skip)" in r.stdout
     if (out / "data" / "Dataset021_Colin27_AAL").is_dir():  # needs Debian mricron-data

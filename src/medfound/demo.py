@@ -155,6 +155,16 @@ def adaptation_stage(out: Path, report: Report, steps: int) -> None:
                 f"(validation and labeled cases drawn from these by case), tested on {', '.join(meta['test_cases'])}, "
                 "a brain never used for training or model selection. One seed: read the numbers as a smoke "
                 "test of the pipeline, not as evidence for or against pretraining (DESIGN.md: gaps need >= 5 seeds).")
+    sources = json.loads((out / "data" / "Dataset001_BrainTissue" / "dataset.json").read_text()).get(
+        "medfound", {}).get("label_sources", {})
+    conventions: dict[str, list[str]] = {}
+    for case, how in sources.items():
+        conventions.setdefault(how, []).append(case)
+    if len(conventions) > 1:  # more labeled brains can then score lower, which would look like a bug
+        report.text(f"The brains' tissue labels follow {len(conventions)} conventions: "
+                    + " | ".join(f"[{', '.join(cases)}] {how}" for how, cases in conventions.items())
+                    + ". A model learns the convention of the brains it is given, so a second labeled brain "
+                    "need not raise the test Dice.")
     rows = list(csv.DictReader(open(exp / "summary.csv")))
     report.table(["arm", "label fraction", "labeled cases", "test Dice"],
                  [[r["arm"], r["fraction"], r["labeled_cases"], f"{float(r['test_dice_mean']):.3f}"] for r in rows])
