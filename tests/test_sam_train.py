@@ -82,6 +82,13 @@ def test_sam_train_resume_export_and_segment(dataset, tmp_path):
     assert (tmp_path / "s.csv").read_text() != (tmp_path / "e.csv").read_text()
     r = run_cli("sam", "evaluate", "--model", run, "--dataset", dataset, "--out", tmp_path / "b.csv", "--axis", "3")
     assert r.returncode == 2 and "--axis" in r.stderr and not (tmp_path / "b.csv").exists()
+    r = run_cli("sam", "evaluate", "--model", run, "--dataset", dataset, "--out", tmp_path / "l.csv", "--box-shift", "6",
+                "--no-propagate")  # looser boxes: their ellipses move too
+    assert r.returncode == 0, r.stderr[-2000:]
+    loose = (tmp_path / "l.csv").read_text().splitlines()
+    assert loose[1].startswith("box (inscribed ellipse),") and loose[1] != lines[1]
+    r = run_cli("sam", "evaluate", "--model", run, "--dataset", dataset, "--out", tmp_path / "b.csv", "--box-shift", "-1")
+    assert r.returncode == 2 and "--box-shift" in r.stderr and not (tmp_path / "b.csv").exists()
 
 
 def test_sam_train_ddp_two_cpu_processes(dataset, tmp_path):

@@ -246,6 +246,7 @@ def sam_evaluate(
     per_structure: Annotated[bool, typer.Option(help="Evaluate a LoRA run per structure like any SAM (instead of base vs adapted on its validation cases).")] = False,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Also score a box propagated through the volume (the slowest prompt).")] = True,
     axis: Annotated[int, typer.Option(help="Slice plane of the RAS-oriented volumes a plain model is prompted on: 2 axial, 1 coronal, 0 sagittal.")] = 2,
+    box_shift: Annotated[int, typer.Option(help="Each side of a simulated box is off the structure's own box by up to this many pixels, in or out (a hurried user's box: 5 or more).")] = 2,
     box_per_piece: Annotated[bool, typer.Option("--box-per-piece", help="Also score one box per connected piece of a structure on a slice, answered alone and united (as `sam segment --box B1 --box B2`), against their inscribed ellipses.")] = False,
     precision: SamPrecisionOpt = None,
     flip: SamFlipOpt = None,
@@ -260,6 +261,8 @@ def sam_evaluate(
 
     if axis not in (0, 1, 2):
         raise InputError(None, f"--axis must be 0, 1 or 2, got {axis}")
+    if box_shift < 0:
+        raise InputError(None, f"--box-shift is a number of pixels, 0 or more; got {box_shift}")
     adapted, cfg = load_sam_model(model, base)
     overrides = {k: v for k, v in (("precision", precision), ("flip", flip)) if v is not None}
     cfg = {**cfg, "inference": {**cfg.get("inference", {}), **overrides}}
@@ -277,7 +280,7 @@ def sam_evaluate(
             raise InputError(ds.root, f"no {structures} structures in this dataset")
         cases = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()] or ds.cases()
         rows = structure_prompt_dice(adapted, cfg, ds, cases, {v: n for n, v in chosen.items()}, seed, propagate=propagate,
-                                     per_piece=box_per_piece, axis=axis)
+                                     per_piece=box_per_piece, axis=axis, box_shift=box_shift)
         if not rows:
             raise InputError(ds.root, "none of the chosen structures is present on any slice")
         summary = summarise_prompts(rows)
@@ -287,8 +290,9 @@ def sam_evaluate(
             print(f"{r['prompt']:36s} Dice {r['dice_mean']:.3f} (95 % CI {r['ci95_low']:.3f}-{r['ci95_high']:.3f}, n={r['n']})")
         print(out)
         return
-    if box_per_piece or axis != 2:
-        raise InputError(None, "--box-per-piece and --axis score structures one by one: add --per-structure for a LoRA run")
+    if box_per_piece or axis != 2 or box_shift != 2:
+        raise InputError(None, "--box-per-piece, --axis and --box-shift score structures one by one: add --per-structure "
+                               "for a LoRA run")
     cases = [c for c in ds.cases("Ts") if ds.label_path(c, "Ts").exists()] or cfg["data"]["val_cases"]
     base_model, _ = load_sam(base or cfg["base"]["base"], cfg["image_size"])
     rows = compare({"base": base_model.eval(), "lora": adapted}, ds, cases, cfg["image_size"], out, seed)

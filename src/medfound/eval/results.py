@@ -169,6 +169,7 @@ def finetune_summary(d: Data) -> str:
 
 SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 AAL, coronal slices", "MNI152_AAL_coronal"),
                 ("MNI152 AAL, sagittal slices", "MNI152_AAL_sagittal"),
+                ("MNI152 AAL, box sides off by up to 5 px", "MNI152_AAL_box_shift_5"),
                 ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics"),
                 ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"),
                 ("phantoms of 5 modalities (synthetic)", "Phantoms"),

@@ -76,7 +76,8 @@ def _box_ellipse(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
     return ((i - ci) / ri) ** 2 + ((j - cj) / rj) ** 2 <= 1
 
 
-def _piece_boxes(truth: np.ndarray, rng: np.random.Generator, min_pixels: int) -> list[np.ndarray] | None:
+def _piece_boxes(truth: np.ndarray, rng: np.random.Generator, min_pixels: int,
+                 max_shift: int = 2) -> list[np.ndarray] | None:
     """One jittered box per connected piece of at least ``min_pixels`` (how a user boxes both kidneys);
     None where the structure is in one piece (its box is then the whole structure's) or no piece is
     that large."""
@@ -85,7 +86,7 @@ def _piece_boxes(truth: np.ndarray, rng: np.random.Generator, min_pixels: int) -
     pieces, n = ndimage.label(truth)
     sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
     big = [i + 1 for i in np.flatnonzero(sizes >= min_pixels)]
-    return [jittered_box(pieces == i, rng, max_shift=2) for i in big] if n > 1 and big else None
+    return [jittered_box(pieces == i, rng, max_shift) for i in big] if n > 1 and big else None
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,11 +96,11 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str], labels: dict[int, str],
                           seed: int = 0, max_slices: int = 12, min_pixels: int = 20, propagate: bool = True,
-                          per_piece: bool = False, axis: int = 2) -> list[dict]:
+                          per_piece: bool = False, axis: int = 2, box_shift: int = 2) -> list[dict]:
     """Per (case, structure, prompt) Dice through the same session a user drives (full-resolution
     slices across ``axis`` of the RAS-oriented volume: 2 axial, 1 coronal, 0 sagittal; box zoom as the
     model's config says). Prompts: a box drawn around the structure
-    (each side off by up to 2 px), one click at its most interior pixel, the box plus one corrective
+    (each side off by up to ``box_shift`` px, in or out), one click at its most interior pixel, the box plus one corrective
     click, and the box on the largest slice propagated through the volume (3D Dice). The inscribed
     ellipse of the box is the baseline row. ``per_piece`` adds one box per connected piece of the
     structure on the slice (at least ``min_pixels``), each answered alone and the masks united, with
@@ -136,7 +137,7 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
             for k in np.unique(present[np.linspace(0, len(present) - 1, min(max_slices, len(present))).round().astype(int)]):
                 truth = truth3[..., k]
                 rng = np.random.default_rng([seed, ci, int(value), int(k), 0])
-                box = jittered_box(truth, rng, max_shift=2)
+                box = jittered_box(truth, rng, box_shift)
                 scores["box (inscribed ellipse)"].append(_dice(_box_ellipse(truth.shape, box), truth))
                 m = session.segment(int(k), box=tuple(box))
                 scores["box"].append(_dice(m, truth))
@@ -147,7 +148,8 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
                     m = session.segment(int(k), box=tuple(box), points=[tuple(click[0])], labels=[click[1]])
                 scores["box + 1 click"].append(_dice(m, truth))
                 if per_piece:
-                    boxes = _piece_boxes(truth, np.random.default_rng([seed, ci, int(value), int(k), 2]), min_pixels)
+                    boxes = _piece_boxes(truth, np.random.default_rng([seed, ci, int(value), int(k), 2]), min_pixels,
+                                          box_shift)
                     if boxes is None:
                         scores["box per piece (inscribed ellipses)"].append(scores["box (inscribed ellipse)"][-1])
                         scores["box per piece"].append(scores["box"][-1])
@@ -160,7 +162,7 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
                 rows.append({"case": case, "structure": name, "prompt": prompt, "dice": float(np.mean(v)), "slices": len(v)})
             if label.ndim == 3 and propagate:
                 k = int(np.argmax(area))
-                box = jittered_box(truth3[..., k], np.random.default_rng([seed, ci, int(value), k, 1]), max_shift=2)
+                box = jittered_box(truth3[..., k], np.random.default_rng([seed, ci, int(value), k, 1]), box_shift)
                 vol = np.moveaxis(session.propagate(k, tuple(box)), axis, -1)
                 rows.append({"case": case, "structure": name, "prompt": "box on one slice, propagated (3D)",
                              "dice": _dice(vol, truth3), "slices": int(vol.any((0, 1)).sum())})
