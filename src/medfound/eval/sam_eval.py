@@ -99,8 +99,8 @@ def structure_prompt_dice(sam, config: dict, ds: NnUNetDataset, cases: list[str]
                           per_piece: bool = False, axis: int = 2, box_shift: int = 2) -> list[dict]:
     """Per (case, structure, prompt) Dice through the same session a user drives (full-resolution
     slices across ``axis`` of the RAS-oriented volume: 2 axial, 1 coronal, 0 sagittal; box zoom as the
-    model's config says). Prompts: a box drawn around the structure
-    (each side off by up to ``box_shift`` px, in or out), one click at its most interior pixel, the box plus one corrective
+    model's config says). Prompts: a box drawn around the structure (each side off by up to
+    ``box_shift`` px, in or out), one click at its most interior pixel, the box plus one corrective
     click, and the box on the largest slice propagated through the volume (3D Dice). The inscribed
     ellipse of the box is the baseline row. ``per_piece`` adds one box per connected piece of the
     structure on the slice (at least ``min_pixels``), each answered alone and the masks united, with
