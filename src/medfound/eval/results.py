@@ -173,7 +173,9 @@ SAM_DATASETS = (("MNI152 AAL", "MNI152_AAL"), ("MNI152 AAL, coronal slices", "MN
                 ("MNI152 Neuromorphometrics", "MNI152_Neuromorphometrics"),
                 ("Colin27 AAL", "Colin27_AAL"), ("lesions", "Lesions"),
                 ("phantoms of 5 modalities (synthetic)", "Phantoms"),
-                ("validation: non-held-out AAL, never trained on", "validation"))
+                ("validation: non-held-out AAL, never trained on by the LiteMedSAMs (the small SAM was)", "validation"),
+                ("validation, coronal slices", "validation_coronal"),
+                ("validation, box sides off by up to 5 px", "validation_box_shift_5"))
 SAM_MODELS = (("small SAM (default)", "smallsam"), ("`litemedsam` (zero-shot)", "litemedsam"),
               ("`litemedsam-adapted` (decoder trained on box crops)", "litemedsam_decoder"),
               ("`litemedsam-lora` (LoRA on stages 2-3 + decoder, on box crops)", "litemedsam_lora"))
