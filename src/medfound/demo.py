@@ -139,13 +139,15 @@ def adaptation_stage(out: Path, report: Report, steps: int) -> None:
     import json
     import shutil
 
+    from medfound.data.nnunet import NnUNetDataset
     from medfound.eval.experiments import label_efficiency
     from medfound.train.finetune import FinetuneConfig
 
+    tissue = out / "data" / "Dataset001_BrainTissue"
     exp = out / "label_efficiency"
     if exp.exists():
         shutil.rmtree(exp)
-    label_efficiency(out / "data" / "Dataset001_BrainTissue", str(out / "pretrain"), [0.1, 1.0], 1, exp,
+    label_efficiency(tissue, str(out / "pretrain"), [0.1, 1.0], 1, exp,
                      ["full"], steps, base=FinetuneConfig(image_size=128, batch_size=8, lr=1e-3, num_workers=0),
                      log=_log)
     meta = json.loads((exp / "experiment.json").read_text())
@@ -155,8 +157,7 @@ def adaptation_stage(out: Path, report: Report, steps: int) -> None:
                 f"(validation and labeled cases drawn from these by case), tested on {', '.join(meta['test_cases'])}, "
                 "a brain never used for training or model selection. One seed: read the numbers as a smoke "
                 "test of the pipeline, not as evidence for or against pretraining (DESIGN.md: gaps need >= 5 seeds).")
-    sources = json.loads((out / "data" / "Dataset001_BrainTissue" / "dataset.json").read_text()).get(
-        "medfound", {}).get("label_sources", {})
+    sources = NnUNetDataset.open(tissue).info.get("medfound", {}).get("label_sources", {})
     conventions: dict[str, list[str]] = {}
     for case, how in sources.items():
         conventions.setdefault(how, []).append(case)

@@ -188,10 +188,10 @@ def sam_segment(
     dev = inference_device(device)
     sam, cfg = load_sam_model(model, base, image_size)
     session = SamSession.for_model(sam.to(dev), cfg, image, axis=axis, precision=precision, flip=flip)
+    vol = np.zeros(image.shape, bool)
     if propagate:
         from medfound.progress import Progress
 
-        vol = np.zeros(image.shape, bool)
         for n, b in enumerate(boxes, start=1):
             what = "propagating the box" + (f" ({n} of {len(boxes)})" if len(boxes) > 1 else "")
             with Progress(what, session.n_slices, enabled=True) as bar:
@@ -202,7 +202,6 @@ def sam_segment(
                                  labels=[int(p[2]) for p in pts])
         else:  # one structure in as many pieces as boxes: each answered alone, then united
             m2 = np.logical_or.reduce([session.segment(slice_index, box=b) for b in boxes])
-        vol = np.zeros(image.shape, bool)
         if image.ndim == 2:
             vol = m2
         else:

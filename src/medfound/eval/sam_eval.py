@@ -77,7 +77,7 @@ def _box_ellipse(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
 
 
 def _piece_boxes(truth: np.ndarray, rng: np.random.Generator, min_pixels: int,
-                 max_shift: int = 2) -> list[np.ndarray] | None:
+                 max_shift: int) -> list[np.ndarray] | None:
     """One jittered box per connected piece of at least ``min_pixels`` (how a user boxes both kidneys);
     None where the structure is in one piece (its box is then the whole structure's) or no piece is
     that large."""
